@@ -1,0 +1,3 @@
+from forgetdiag.cli import main
+
+main()

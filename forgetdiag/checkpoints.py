@@ -1,0 +1,355 @@
+"""Find checkpoints on disk and read their tensors lazily, one name at a time.
+
+A user points forgetdiag at what training wrote:
+
+* a model directory (``config.json`` + ``model.safetensors``, or sharded safetensors with
+  ``model.safetensors.index.json``);
+* a Hugging Face Trainer output directory, whose ``checkpoint-N`` subdirectories form a sequence
+  ordered by N as a number. The Trainer's own pickles there (``optimizer.pt``,
+  ``scheduler.pt``, ``rng_state.pth``, ``training_args.bin``) are ignored and never loaded;
+* a PEFT LoRA adapter directory over a base model (see :mod:`forgetdiag.lora`);
+* ``pytorch_model.bin`` only with ``allow_pickle=True``, then via ``torch.load(weights_only=True)``.
+
+Nothing is ever written into a checkpoint directory. Tensors are read with safetensors one at a
+time (the file is memory-mapped while a tensor is read and unmapped afterwards), so memory holds
+a few tensors, not whole models.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from forgetdiag.architectures import Family, TensorName, config_int, family_for, parse_name
+from forgetdiag.errors import CheckpointError
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TRAINER_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+EXPECTED = ("expected a model directory (config.json + model.safetensors or a sharded "
+            "model.safetensors.index.json), a Trainer output directory with checkpoint-N "
+            "subdirectories, or a PEFT adapter directory (adapter_config.json)")
+
+_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape and dtype of a stored tensor, read from the file header without loading data."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    file: Path | None
+
+
+class SafetensorsSource:
+    """Tensors of one or several safetensors files; headers are read once, data per call."""
+
+    def __init__(self, files_by_name: dict[str, Path]) -> None:
+        self.files = sorted(set(files_by_name.values()))
+        self.meta: dict[str, TensorMeta] = {}
+        for file in self.files:
+            with _open_safetensors(file) as handle:
+                for name in handle.keys():
+                    if files_by_name.get(name, file) != file:
+                        continue
+                    view = handle.get_slice(name)
+                    dtype = view.get_dtype()
+                    self.meta[name] = TensorMeta(tuple(view.get_shape()),
+                                                 _DTYPE_NAMES.get(dtype, dtype.lower()), file)
+        missing = sorted(set(files_by_name) - set(self.meta))
+        if missing:
+            raise CheckpointError(f"{self.files[0].parent}: the index names {len(missing)} tensors "
+                                  f"that its shards do not hold (first: {missing[0]})")
+
+    def get(self, name: str) -> torch.Tensor:
+        # Open per call: the mapping is released as soon as the tensor is copied out, so
+        # resident memory stays at the tensors in flight, not the files touched so far.
+        file = self.meta[name].file
+        with _open_safetensors(file) as handle:
+            try:
+                return handle.get_tensor(name)
+            except SafetensorError as exc:  # pragma: no cover - header was validated on open
+                raise CheckpointError(f"{file}: cannot read tensor {name}: {exc}") from None
+
+
+class PickleSource:
+    """Tensors of ``pytorch_model.bin`` files, loaded only with ``weights_only=True``."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self.tensors: dict[str, torch.Tensor] = {}
+        for file in files:
+            self.tensors.update(load_pickle_weights(file))
+        self.meta = {name: TensorMeta(tuple(t.shape), str(t.dtype).removeprefix("torch."), None)
+                     for name, t in self.tensors.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a pickle file, refusing anything but tensors (never runs code)."""
+    try:
+        # weights_only=True: the unpickler only rebuilds tensors and plain containers.
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a plain state dict"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{file}: refused to load: torch.load(weights_only=True) failed "
+                              f"({first[:200]}); expected a plain state dict of tensors") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file}: expected a state dict of tensors, found {type(state).__name__}")
+    return state
+
+
+class Checkpoint:
+    """One checkpoint: its config, tensor names, shapes and dtypes, and lazy tensor reads.
+
+    Use :func:`find_checkpoints` to build them. ``get`` returns a tensor in the requested dtype
+    (float32 by default: the math never runs in bf16). For a LoRA adapter, ``get`` returns the
+    merged weight base + dW, computed in memory, and ``delta`` the update alone.
+    """
+
+    def __init__(self, path: Path, *, config: dict[str, Any], source: Any, fmt: str,
+                 label: str | None = None, step: int | None = None) -> None:
+        self.path = path
+        self.config = config
+        self.source = source
+        self.format = fmt
+        self.label = label or path.name
+        self.step = step
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, format={self.format!r})"
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        return archs[0] if archs else (self.model_type or "unknown")
+
+    @cached_property
+    def family(self) -> Family:
+        return family_for(self.model_type)
+
+    @property
+    def n_layers(self) -> int | None:
+        return config_int(self.config, "num_hidden_layers")
+
+    @property
+    def hidden_size(self) -> int | None:
+        return config_int(self.config, "hidden_size")
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", True))
+
+    @property
+    def meta(self) -> dict[str, TensorMeta]:
+        return self.source.meta
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.source.meta)
+
+    def parse(self, name: str) -> TensorName:
+        return parse_name(name, self.family)
+
+    def get(self, name: str, *, dtype: torch.dtype = torch.float32,
+            device: str | torch.device = "cpu") -> torch.Tensor:
+        """The tensor ``name`` as ``dtype`` on ``device``."""
+        if name not in self.source.meta:
+            raise CheckpointError(f"{self.path}: no tensor named {name}")
+        return self.source.get(name).to(device=device, dtype=dtype)
+
+    def delta(self, name: str, *, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu") -> torch.Tensor | None:
+        """For adapters, the update of ``name`` over the base (None if untouched)."""
+        return None
+
+    @property
+    def base(self) -> "Checkpoint | None":
+        return None
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return list(self.source.files)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.weight_files)
+
+    @property
+    def n_params(self) -> int:
+        return sum(_numel(m.shape) for m in self.meta.values())
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({m.dtype for m in self.meta.values()})
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return self.path if any((self.path / f).is_file() for f in TOKENIZER_FILES) else None
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); expected a complete "
+                              "safetensors file as written by save_pretrained") from None
+
+
+def read_json(file: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``file``, or a CheckpointError naming the file and the problem."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file}: invalid JSON in {what} (line {exc.lineno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot read {what} ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object in {what}, found {type(data).__name__}")
+    return data
+
+
+def load_model_dir(path: Path, *, allow_pickle: bool = False, label: str | None = None,
+                   step: int | None = None) -> Checkpoint:
+    """A :class:`Checkpoint` for a model directory (config.json + weights)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no config.json; {EXPECTED}")
+    config = read_json(config_file, "config.json")
+    if (path / SAFETENSORS_INDEX).is_file():
+        index = read_json(path / SAFETENSORS_INDEX, SAFETENSORS_INDEX)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{path / SAFETENSORS_INDEX}: expected a non-empty 'weight_map'")
+        files = {name: path / shard for name, shard in weight_map.items()}
+        absent = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        if absent:
+            raise CheckpointError(f"{path}: shard {absent[0]} named in {SAFETENSORS_INDEX} is missing")
+        return Checkpoint(path, config=config, source=SafetensorsSource(files), fmt="safetensors",
+                          label=label, step=step)
+    if (path / SAFETENSORS_FILE).is_file():
+        source = SafetensorsSource(safetensors_names(path / SAFETENSORS_FILE))
+        return Checkpoint(path, config=config, source=source, fmt="safetensors", label=label, step=step)
+    pickles = _pickle_files(path)
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(f"{path}: holds only pickle weights ({pickles[0].name}); refusing "
+                                  "to unpickle by default: convert to safetensors, or pass "
+                                  "--allow-pickle to load them with torch.load(weights_only=True)")
+        return Checkpoint(path, config=config, source=PickleSource(pickles), fmt="pickle",
+                          label=label, step=step)
+    raise CheckpointError(f"{path}: found config.json but no weights; expected {SAFETENSORS_FILE} "
+                          f"or {SAFETENSORS_INDEX}")
+
+
+def safetensors_names(file: Path) -> dict[str, Path]:
+    """Every tensor name in one safetensors file, mapped to that file."""
+    with _open_safetensors(file) as handle:
+        return {name: file for name in handle.keys()}
+
+
+def _pickle_files(path: Path) -> list[Path]:
+    if (path / PICKLE_INDEX).is_file():
+        index = read_json(path / PICKLE_INDEX, PICKLE_INDEX)
+        shards = sorted(set((index.get("weight_map") or {}).values()))
+        return [path / s for s in shards]
+    return [path / PICKLE_FILE] if (path / PICKLE_FILE).is_file() else []
+
+
+def trainer_checkpoints(path: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-N`` subdirectories of a Trainer output directory, ordered by N as a number."""
+    found = []
+    for child in path.iterdir():
+        match = TRAINER_CHECKPOINT.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def find_checkpoints(path: str | Path, *, allow_pickle: bool = False,
+                     base: str | Path | None = None) -> list[Checkpoint]:
+    """The checkpoints at ``path``: one for a model or adapter directory, several for a run.
+
+    Args:
+        path: a model directory, a Trainer output directory, or a PEFT adapter directory.
+        allow_pickle: read ``pytorch_model.bin`` with ``torch.load(weights_only=True)``.
+        base: the base model directory of a LoRA adapter (overrides adapter_config.json).
+
+    Returns:
+        Checkpoints in training order. A Trainer directory that also holds a final model at
+        its top level lists it last, labelled ``final``.
+
+    Example:
+        >>> [c.label for c in find_checkpoints("runs/sft")]  # doctest: +SKIP
+        ['checkpoint-50', 'checkpoint-100', 'final']
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory; {EXPECTED}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: is a file; {EXPECTED}")
+    if (path / ADAPTER_CONFIG).is_file():
+        from forgetdiag.lora import load_adapter  # here: lora imports this module
+
+        return [load_adapter(path, base=base, allow_pickle=allow_pickle)]
+    steps = trainer_checkpoints(path)
+    if steps:
+        found = [_load_any(child, allow_pickle=allow_pickle, base=base, label=child.name, step=n)
+                 for n, child in steps]
+        if (path / "config.json").is_file():
+            found.append(load_model_dir(path, allow_pickle=allow_pickle, label="final"))
+        return found
+    if not any(path.iterdir()):
+        raise CheckpointError(f"{path}: empty directory; {EXPECTED}")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json, checkpoint-N subdirectory or "
+                              f"adapter_config.json here; {EXPECTED}")
+    return [load_model_dir(path, allow_pickle=allow_pickle)]
+
+
+def _load_any(path: Path, *, allow_pickle: bool, base, label: str, step: int) -> Checkpoint:
+    if (path / ADAPTER_CONFIG).is_file():
+        from forgetdiag.lora import load_adapter
+
+        return load_adapter(path, base=base, allow_pickle=allow_pickle, label=label, step=step)
+    return load_model_dir(path, allow_pickle=allow_pickle, label=label, step=step)
+
+
+def find_sequence(paths: Iterable[str | Path], *, allow_pickle: bool = False,
+                  base: str | Path | None = None) -> list[Checkpoint]:
+    """All checkpoints of ``paths`` in the order given (a run directory expands in place)."""
+    found: list[Checkpoint] = []
+    for p in paths:
+        found.extend(find_checkpoints(p, allow_pickle=allow_pickle, base=base))
+    labels = [c.label for c in found]
+    if len(set(labels)) != len(labels):  # e.g. two runs' checkpoint-100: label by path
+        for c in found:
+            c.label = str(c.path)
+    return found

@@ -1,0 +1,12 @@
+"""Command-line interface: parse arguments, call an analysis, render its result; nothing else."""
+
+from forgetdiag.cli.app import app
+from forgetdiag.cli import inspect  # noqa: F401  (registers its command)
+
+
+def main() -> None:
+    """Entry point of the ``forgetdiag`` console script."""
+    app(prog_name="forgetdiag")
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,106 @@
+"""What every command shares: error handling, common options, progress bars, output."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Iterator, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from forgetdiag.errors import EXIT_INTERNAL, ForgetdiagError
+
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print ``forgetdiag: error: message`` as one line on stderr; return the Exit to raise."""
+    print(f"forgetdiag: error: {message}", file=sys.stderr, flush=True)
+    return typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr."""
+    print(f"forgetdiag: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
+    """``app.command`` that turns errors into one stderr line and a documented exit code.
+
+    ForgetdiagError -> its message and ``exit_code`` (2 for bad input); any other exception ->
+    exit 1 with a one-line "internal error" (set FORGETDIAG_DEBUG=1 for the traceback).
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            try:
+                return fn(*args, **kw)
+            except ForgetdiagError as exc:
+                raise fail(exc.message, exc.exit_code) from None
+            except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+                raise
+            except KeyboardInterrupt:
+                raise fail("interrupted", 130) from None
+            except Exception as exc:  # noqa: BLE001 - the last line of defence
+                if os.environ.get("FORGETDIAG_DEBUG"):
+                    raise
+                text = " ".join(str(exc).split())[:300]
+                raise fail(f"internal error: {type(exc).__name__}: {text} (a bug in forgetdiag; "
+                           "rerun with FORGETDIAG_DEBUG=1 for the traceback and report it)",
+                           EXIT_INTERNAL) from None
+
+        return app.command(name, **kwargs)(wrapper)
+
+    return decorate
+
+
+# Options shared by commands (Annotated aliases keep signatures short).
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON to this path ('-' for stdout).", show_default=False)]
+HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML page (plots work offline).", show_default=False)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, mps, or auto (CUDA when available).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype for forward passes: float32, bfloat16 or float16.")]
+AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model.bin files (with torch.load(weights_only=True)). Off: safetensors only.")]
+TrustCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a checkpoint's own Python code (transformers trust_remote_code). Off by default.")]
+BaseOpt = Annotated[Optional[Path], typer.Option("--base", help="Base model directory of LoRA adapters (default: from adapter_config.json).", show_default=False)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (same seed, same numbers).")]
+
+
+def show_progress(quiet: bool) -> bool:
+    """Progress bars only on an interactive stderr and without --quiet."""
+    return not quiet and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def progress_bar(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A ``progress(description, done, total)`` callback drawing a rich bar on stderr.
+
+    Yields None (no callback) when quiet or when stderr is not a terminal.
+    """
+    if not show_progress(quiet):
+        yield None
+        return
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(description: str, done: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = bar.add_task(description, total=total)
+            bar.update(tasks[description], completed=done, total=total)
+
+        yield update
+
+
+def print_renderable(renderable, *, json_to_stdout: bool) -> None:
+    """Print a rich renderable to stdout, unless stdout carries JSON (then to stderr)."""
+    (stderr if json_to_stdout else stdout).print(renderable)

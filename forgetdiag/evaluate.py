@@ -1,0 +1,264 @@
+"""How well a model answers probe items: exact match, first-token accuracy, answer-token loss.
+
+Every analysis scores a model the same way, here. An item is a prompt and its *completion*: the
+answer's tokens followed by the end-of-sequence token (the model must say the answer and stop).
+
+Greedy decoding produces exactly the completion if and only if, in ONE teacher-forced forward
+pass over prompt + completion, the argmax at every completion position equals the completion
+token: each greedy step sees exactly the prefix the teacher-forced pass saw. So exact match
+needs no autoregressive loop; :func:`score` computes it batched, and :func:`generate_greedy`
+(the slow path) is kept to show what a model says instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from forgetdiag.errors import ProbeError
+from forgetdiag.probes import Probe, ProbeItem
+
+IGNORE = -100  # target value for positions that are not scored
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one item: ``prompt_ids`` then ``completion_ids`` (answer, then EOS)."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+
+
+def model_context(model_or_config) -> int | None:
+    """The model's maximum sequence length from its config, if it has one."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None) if not isinstance(config, dict) else config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def encode(tokenizer, items: Probe | Sequence[ProbeItem], *, max_length: int | None = None,
+           truncate: bool = False, add_eos: bool = True,
+           warn: Callable[[str], None] | None = None) -> list[Encoded]:
+    """Tokenize items into prompt and completion ids.
+
+    The answer's tokens are those that prompt + answer adds after the prompt's own tokens (so
+    tokenizers that merge across the boundary are handled); the EOS token ends the completion.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        items: a :class:`Probe` or its items.
+        max_length: the model's context; longer items are an error unless ``truncate``.
+        truncate: drop the oldest prompt tokens of items that do not fit (and ``warn`` once).
+        add_eos: end each completion with ``tokenizer.eos_token_id`` (when it has one).
+
+    Raises:
+        ProbeError: an answer that tokenizes to nothing, or an item longer than the context.
+    """
+    items = items.items if isinstance(items, Probe) else items
+    eos = tokenizer.eos_token_id if add_eos else None
+    encoded, truncated = [], 0
+    for row, item in enumerate(items, start=1):
+        prompt = tokenizer(item.prompt, add_special_tokens=True)["input_ids"]
+        full = tokenizer(item.prompt + item.answer, add_special_tokens=True)["input_ids"]
+        if full[:len(prompt)] == prompt:
+            answer = full[len(prompt):]
+        else:  # the boundary merged: fall back to tokenizing the answer alone
+            answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"]
+        if eos is not None and answer and answer[-1] == eos:
+            answer = answer[:-1]  # tokenizers that append EOS themselves
+        if not answer:
+            raise ProbeError(f"probe row {row}: the answer {item.answer!r} tokenizes to nothing; "
+                             "expected an answer of at least one token")
+        completion = [*answer, eos] if eos is not None else answer
+        if max_length is not None and len(prompt) + len(completion) > max_length:
+            if not truncate or len(completion) >= max_length:
+                raise ProbeError(f"probe row {row}: prompt + answer is {len(prompt) + len(completion)} "
+                                 f"tokens, more than the model's context of {max_length}; shorten "
+                                 "it or pass --truncate-prompts to drop the prompt's oldest tokens")
+            prompt = prompt[len(prompt) + len(completion) - max_length:]
+            truncated += 1
+        encoded.append(Encoded(tuple(prompt), tuple(completion)))
+    if truncated and warn is not None:
+        warn(f"{truncated} prompts were longer than the model's context of {max_length} tokens "
+             "and lost their oldest tokens")
+    return encoded
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Left-padded prompt + completion: the completion of every row ends at the last position."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    targets: torch.Tensor  # (B, C) completion tokens right-aligned, IGNORE elsewhere
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids}
+
+
+def collate(items: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    """Left-pad a batch so that every completion ends at the last position.
+
+    The logits predicting the completion then sit at the same trailing positions for every
+    row: ``logits[:, -C-1:-1]`` with ``C = targets.shape[1]``.
+    """
+    width = max(len(e.completion_ids) for e in items)
+    # one position before the widest completion must exist: it predicts its first token
+    length = max(width + 1, max(len(e.prompt_ids) + len(e.completion_ids) for e in items))
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.long)
+    targets = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for b, e in enumerate(items):
+        seq = e.prompt_ids + e.completion_ids
+        ids[b, length - len(seq):] = torch.tensor(seq)
+        mask[b, length - len(seq):] = 1
+        targets[b, width - len(e.completion_ids):] = torch.tensor(e.completion_ids)
+        if not e.prompt_ids:  # nothing precedes the first token: it cannot be predicted
+            targets[b, width - len(e.completion_ids)] = IGNORE
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions restart after padding
+    return Batch(ids.to(device), mask.to(device), positions.to(device), targets.to(device))
+
+
+def completion_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits predicting each completion token: (B, C, vocab), aligned with ``batch.targets``."""
+    width = batch.targets.shape[1]
+    kwargs = batch.model_inputs()
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = width + 1  # only the trailing positions are needed
+    logits = model(**kwargs, use_cache=False).logits  # (B, T' , vocab)
+    return logits[:, -width - 1:-1]
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    forward = getattr(model, "forward", None)
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-item results of :func:`score`, with the summary numbers as properties.
+
+    Attributes:
+        exact: (n,) greedy exact match (answer then EOS).
+        first_token: (n,) argmax of the first answer token is right.
+        nll: (n,) summed negative log-likelihood of the completion tokens.
+        n_tokens: (n,) completion tokens per item.
+    """
+
+    exact: np.ndarray
+    first_token: np.ndarray
+    nll: np.ndarray
+    n_tokens: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.exact.shape[0])
+
+    @property
+    def exact_match(self) -> float:
+        return float(self.exact.mean()) if self.n else float("nan")
+
+    @property
+    def first_token_accuracy(self) -> float:
+        return float(self.first_token.mean()) if self.n else float("nan")
+
+    @property
+    def answer_loss(self) -> float:
+        """Mean completion-token cross-entropy over all tokens of all items (nats)."""
+        return float(self.nll.sum() / self.n_tokens.sum()) if self.n else float("nan")
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"n": self.n, "exact_match": self.exact_match,
+                "first_token_accuracy": self.first_token_accuracy, "answer_loss": self.answer_loss}
+
+
+def batches_by_length(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+    """Index batches of similar total length (less padding); order is deterministic."""
+    order = sorted(range(len(encoded)),
+                   key=lambda k: (len(encoded[k].prompt_ids) + len(encoded[k].completion_ids), k))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def score(model, encoded: Sequence[Encoded], *, pad_id: int = 0, batch_size: int = 32,
+          progress: Callable[[str, int, int], None] | None = None) -> Scores:
+    """Score items with one teacher-forced forward pass per batch.
+
+    Args:
+        model: a causal LM (its device is used).
+        encoded: items from :func:`encode`.
+        pad_id: any valid token id (padding is masked).
+        batch_size: items per forward pass.
+
+    Returns:
+        :class:`Scores` in the order of ``encoded``.
+    """
+    n = len(encoded)
+    exact, first = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+    nll, n_tokens = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64)
+    device = next(model.parameters()).device
+    groups = batches_by_length(encoded, batch_size)
+    for done, idx in enumerate(groups):
+        batch = collate([encoded[k] for k in idx], pad_id, device)
+        logits = completion_logits(model, batch).float()  # (B, C, V)
+        targets = batch.targets  # (B, C)
+        valid = targets != IGNORE
+        logp = torch.log_softmax(logits, dim=-1)
+        token_nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, C)
+        hit = (logits.argmax(-1) == targets) | ~valid
+        first_col = valid.float().argmax(-1)  # (B,) first scored column of each row
+        rows = torch.arange(len(idx), device=device)
+        exact[idx] = hit.all(-1).cpu().numpy()
+        first[idx] = hit[rows, first_col].cpu().numpy()
+        nll[idx] = (token_nll * valid).sum(-1).double().cpu().numpy()
+        n_tokens[idx] = valid.sum(-1).cpu().numpy()
+        if progress is not None:
+            progress("scoring", done + 1, len(groups))
+    return Scores(exact, first, nll, n_tokens)
+
+
+@torch.inference_mode()
+def generate_greedy(model, encoded: Sequence[Encoded], *, pad_id: int, eos_id: int | None,
+                    batch_size: int = 32, max_new_tokens: int | None = None) -> list[tuple[int, ...]]:
+    """What the model says: greedy ``generate()`` after each prompt, cut at EOS (kept).
+
+    ``batch_size=1`` generates one prompt at a time. Slow next to :func:`score`; use it to show
+    answers, not to count them.
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    out: list[tuple[int, ...]] = [()] * len(encoded)
+    for idx in batches_by_length(encoded, batch_size):
+        prompts = [Encoded(encoded[k].prompt_ids, ()) for k in idx]
+        batch = collate(prompts, pad_id, device)
+        budget = max_new_tokens or max(len(encoded[k].completion_ids) for k in idx)
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=budget,
+                                  min_new_tokens=0, eos_token_id=eos_id, pad_token_id=pad_id)
+        generated = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                   generation_config=config)[:, batch.input_ids.shape[1]:]
+        for row, k in enumerate(idx):
+            tokens = generated[row].tolist()
+            if eos_id is not None and eos_id in tokens:
+                tokens = tokens[:tokens.index(eos_id) + 1]
+            out[k] = tuple(tokens)
+    return out
+
+
+def exact_by_generation(model, encoded: Sequence[Encoded], *, pad_id: int, eos_id: int | None,
+                        batch_size: int = 32) -> np.ndarray:
+    """Greedy exact match the slow way, by generating: (n,) bool. For checks and benchmarks."""
+    said = generate_greedy(model, encoded, pad_id=pad_id, eos_id=eos_id, batch_size=batch_size)
+    return np.array([s == e.completion_ids for s, e in zip(said, encoded)], dtype=bool)

@@ -1,0 +1,469 @@
+"""Linear algebra behind the angle and feature analyses: tensors in, tensors out.
+
+Everything that feeds an angle is done in float64, because 0 and 90 degrees are exactly the
+values the analyses care about and float32 rounding alone moves a singular subspace by ~0.1 deg.
+
+* :func:`update_basis`: the kept left singular subspace of a weight update dW (energy rule of the
+  Spurious Forgetting paper, or a fixed top-k).
+* :func:`principal_angles` (Knyazev & Argentati 2002) and :func:`direction_angles` (the paper's
+  "latter to former" angle of each singular vector of dB to the subspace of dA).
+* :func:`baseline_direction_angle`, :func:`baseline_principal_angles`: what unrelated (uniformly
+  random) subspaces already give, to report next to every measured angle.
+* :func:`pca`, :func:`axis_angle`, :func:`vector_angle`, :func:`linear_cka`: feature analysis.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import integrate
+
+# Randomized SVD is used for a fixed top-k only when k + oversample is at most this share of
+# min(d, n); above it the float64 Gram eigendecomposition is about as fast and exact.
+_RANDOMIZED_MAX_SHARE = 0.25
+# Columns of dW converted to float64 at a time while forming the Gram matrix (bounds memory for
+# embeddings with a vocabulary-sized side).
+_GRAM_CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class Basis:
+    """Orthonormal basis of the kept left singular subspace of an update dW (d, n).
+
+    Attributes:
+        q: (d, r) float64, orthonormal columns; column i is the i-th left singular vector.
+        singular_values: (r,) float64, descending, of the kept directions.
+        rank: r, the number of kept directions.
+        energy: share of ||dW||_F^2 held by the kept directions, in [0, 1].
+        total_energy: ||dW||_F^2.
+        method: 'exact' (float64 Gram eigendecomposition) or 'randomized' (torch.svd_lowrank).
+    """
+
+    q: torch.Tensor
+    singular_values: torch.Tensor
+    rank: int
+    energy: float
+    total_energy: float
+    method: str
+
+
+def update_basis(
+    delta: torch.Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    rtol: float = 1e-4,
+    seed: int = 0,
+    oversample: int = 10,
+    niter: int = 4,
+) -> Basis | None:
+    """Left singular basis of a weight update, by energy share or fixed rank.
+
+    Exact mode forms the smaller Gram matrix (dW dW^T or dW^T dW) in float64 and takes its
+    eigendecomposition: on a (2048, 5632) update this is ~3x faster than a float32 SVD and its
+    subspaces agree with a float64 SVD to ~1e-6 deg, where the float32 SVD is off by ~0.1 deg.
+    Squaring the singular values in the Gram matrix is harmless in float64: s_i stays
+    accurate to ~1e-8 * s_max, far below ``rtol``.
+
+    Args:
+        delta: (d, n) update whose columns are hidden-size vectors; any float dtype and device.
+        rank: keep the top ``rank`` directions. Uses the randomized SVD (float32, or float64
+            for float64 input) when rank + oversample <= 1/4 of min(d, n), exact otherwise. The
+            randomized subspace is accurate when the spectrum has a gap at ``rank``.
+        energy: keep the smallest r whose top-r singular values hold >= ``energy`` of
+            ||dW||_F^2 (the paper uses 0.99). Always exact. Give exactly one of rank/energy.
+        rtol: directions with s <= rtol * s_max are dropped, so a rank-3 update gives a rank-3
+            basis even with rank=64. Rounding a float32 update leaves spurious singular values
+            of ~1e-7 * s_max (bf16 weights: ~1e-3, so raise rtol for bf16 differences).
+        seed: seed of the randomized SVD; the caller's global RNG state is left untouched.
+        oversample: extra columns of the randomized range finder.
+        niter: power iterations of the randomized range finder.
+
+    Returns:
+        The :class:`Basis` (float64, on delta's device), or None if delta is all zeros.
+
+    Raises:
+        ValueError: delta is not a 2-D float tensor, holds NaN/Inf, or the options are invalid.
+    """
+    if delta.ndim != 2 or not delta.is_floating_point():
+        raise ValueError(f"delta must be a 2-D float tensor, got {delta.ndim}-D {delta.dtype}")
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank= or energy=")
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    if not bool(torch.isfinite(delta).all()):
+        raise ValueError("delta holds NaN or Inf values")
+    total_energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+    if total_energy == 0.0:
+        return None
+
+    d, n = delta.shape
+    if rank is not None and rank + oversample <= _RANDOMIZED_MAX_SHARE * min(d, n):
+        u, s = _randomized_svd(delta, rank=rank, oversample=oversample, niter=niter, seed=seed)
+        method, r, full_energy = "randomized", rank, total_energy
+    else:
+        u, s = _exact_svd(delta)  # all min(d, n) directions
+        method, full_energy = "exact", float((s**2).sum())
+        r = min(rank, s.numel()) if rank is not None else _energy_rank(s, energy)
+    r = min(r, int((s > rtol * s[0]).sum()))  # s is descending, so the kept set is a prefix
+    kept_energy = float((s[:r] ** 2).sum()) / full_energy
+    return Basis(
+        q=_orthonormalize(u[:, :r].to(torch.float64)),  # (d, r)
+        singular_values=s[:r].to(torch.float64),
+        rank=r,
+        energy=min(kept_energy, 1.0),
+        total_energy=total_energy,
+        method=method,
+    )
+
+
+def _energy_rank(s: torch.Tensor, energy: float) -> int:
+    """Smallest r whose top-r singular values hold >= energy of sum(s^2) (s descending)."""
+    cum = torch.cumsum(s**2, dim=0)  # (m,) energy held by the top-r directions
+    # cum[-1] is the total of the same numbers, so energy=1.0 always finds the last index
+    return min(int(torch.searchsorted(cum, energy * cum[-1])) + 1, s.numel())
+
+
+def _exact_svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors (d, m) and values (m,), m = min(d, n), via a float64 Gram matrix."""
+    d, n = delta.shape
+    if d <= n:
+        lam, u = torch.linalg.eigh(_gram(delta))  # ascending eigenvalues of dW dW^T
+        lam, u = lam.flip(0), u.flip(1)  # (d,), (d, d) descending
+        return u, lam.clamp_min(0.0).sqrt()
+    lam, v = torch.linalg.eigh(_gram(delta.mT))  # eigen of dW^T dW: right singular vectors
+    lam, v = lam.flip(0), v.flip(1)  # (n,), (n, n)
+    s = lam.clamp_min(0.0).sqrt()
+    # u_i = dW v_i / s_i; columns with s_i == 0 are junk but are always dropped by rtol.
+    u = (delta.to(torch.float64) @ v) / s.clamp_min(torch.finfo(torch.float64).tiny)  # (d, n)
+    return u, s
+
+
+def _gram(a: torch.Tensor) -> torch.Tensor:
+    """a @ a^T in float64 for a (m, N), converting N-chunks so memory stays O(m * chunk)."""
+    m, big_n = a.shape
+    g = torch.zeros(m, m, dtype=torch.float64, device=a.device)  # (m, m)
+    for j in range(0, big_n, _GRAM_CHUNK):
+        block = a[:, j : j + _GRAM_CHUNK].to(torch.float64)  # (m, chunk)
+        g.addmm_(block, block.mT)
+    return g
+
+
+def _randomized_svd(
+    delta: torch.Tensor, *, rank: int, oversample: int, niter: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top singular vectors (d, rank + oversample) and values by torch.svd_lowrank, seeded."""
+    work = delta if delta.dtype == torch.float64 else delta.to(torch.float32)
+    scale = work.abs().max()  # work at unit scale so float32 products cannot underflow
+    with _seeded_rng(delta.device, seed):
+        u, s, _ = torch.svd_lowrank(work / scale, q=rank + oversample, niter=niter)
+    return u, s.to(torch.float64) * float(scale)
+
+
+@contextmanager
+def _seeded_rng(device: torch.device, seed: int):
+    """Seed only the generator of ``device`` and restore the caller's RNG state afterwards."""
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else module.current_device()
+    with torch.random.fork_rng(devices=[index], device_type=device.type):
+        with module.device(index):
+            module.manual_seed(seed)  # seeds the current device only, unlike torch.manual_seed
+        yield
+
+
+def _orthonormalize(u: torch.Tensor) -> torch.Tensor:
+    """Re-orthonormalize nearly orthonormal columns to float64 precision, keeping their order.
+
+    QR with a positive diagonal of R leaves each column pointing (almost) where it did, so
+    column i stays the i-th singular vector.
+    """
+    q, r = torch.linalg.qr(u)  # (d, r), (r, r)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return q * signs
+
+
+def _as_basis(q: torch.Tensor, name: str, *, check: bool = True) -> torch.Tensor:
+    """q as float64 (d, r); with check, its columns must be orthonormal to 1e-5."""
+    if q.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (d, r) tensor, got shape {tuple(q.shape)}")
+    q = q.to(torch.float64)
+    if check and q.shape[1] > 0:
+        eye = torch.eye(q.shape[1], dtype=torch.float64, device=q.device)
+        err = float((q.mT @ q - eye).abs().max())
+        if err > 1e-5:
+            raise ValueError(f"{name} must have orthonormal columns (max |Q^T Q - I| = {err:.2e})")
+    return q
+
+
+def principal_angles(qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+    """Principal angles between span(qa) and span(qb) (Knyazev & Argentati 2002).
+
+    Cosines come from the SVD of qa^T qb, sines from the SVD of the part of the smaller basis
+    outside the larger one's span; atan2(sin, cos) keeps both ~0 and ~90 deg accurate
+    (arccos alone loses half the digits near 0, arcsin near 90).
+
+    Args:
+        qa: (d, ra) orthonormal columns.
+        qb: (d, rb) orthonormal columns.
+
+    Returns:
+        (min(ra, rb),) float64 angles in degrees, ascending.
+    """
+    qa, qb = _as_basis(qa, "qa"), _as_basis(qb, "qb")
+    if qa.shape[0] != qb.shape[0]:
+        raise ValueError(f"qa and qb live in different spaces: d={qa.shape[0]} vs {qb.shape[0]}")
+    if qa.shape[1] < qb.shape[1]:
+        qa, qb = qb, qa  # angles are symmetric; make qb the smaller basis
+    if qb.shape[1] == 0:
+        return torch.zeros(0, dtype=torch.float64, device=qa.device)
+    m = qa.mT @ qb  # (ra, rb)
+    cos = torch.linalg.svdvals(m)  # (rb,) descending
+    residual = qb - qa @ m  # (d, rb) component of span(qb) orthogonal to span(qa)
+    sin = torch.linalg.svdvals(residual).flip(0)  # (rb,) ascending, pairs with descending cos
+    return torch.rad2deg(torch.atan2(sin, cos))
+
+
+def direction_angles(qa: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    """Angle of each column of ub to the whole subspace span(qa): the paper's "latter to former".
+
+    theta_i = atan2(||(I - P_A) u_i||, ||P_A u_i||) with P_A = qa qa^T. The ratio does not
+    depend on the length of u_i, so columns need only be nonzero (singular vectors are unit).
+
+    Args:
+        qa: (d, ra) orthonormal columns (ra = 0 gives 90 deg everywhere).
+        ub: (d, rb) directions, e.g. the kept singular vectors of the later update.
+
+    Returns:
+        (rb,) float64 angles in degrees, in the column order of ub.
+    """
+    qa = _as_basis(qa, "qa")
+    ub = _as_basis(ub, "ub", check=False)
+    if qa.shape[0] != ub.shape[0]:
+        raise ValueError(f"qa and ub live in different spaces: d={qa.shape[0]} vs {ub.shape[0]}")
+    if bool((torch.linalg.vector_norm(ub, dim=0) == 0).any()):
+        raise ValueError("ub has a zero column; a direction needs a nonzero vector")
+    coords = qa.mT @ ub  # (ra, rb) coordinates of P_A u_i in the basis qa
+    residual = ub - qa @ coords  # (d, rb) = (I - P_A) u_i
+    sin_part = torch.linalg.vector_norm(residual, dim=0)  # (rb,)
+    cos_part = torch.linalg.vector_norm(coords, dim=0)  # (rb,) = ||P_A u_i|| as qa is orthonormal
+    return torch.rad2deg(torch.atan2(sin_part, cos_part))
+
+
+def summarize(angles: torch.Tensor) -> dict[str, float]:
+    """Mean, median, quartiles (linear interpolation, as numpy), min and max of some angles.
+
+    Args:
+        angles: any shape, degrees.
+
+    Returns:
+        dict with keys mean, median, q1, q3, min, max (degrees).
+    """
+    a = angles.detach().to(torch.float64).flatten().cpu()
+    if a.numel() == 0:
+        raise ValueError("no angles to summarize")
+    q1, median, q3 = torch.quantile(a, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return {
+        "mean": float(a.mean()),
+        "median": float(median),
+        "q1": float(q1),
+        "q3": float(q3),
+        "min": float(a.min()),
+        "max": float(a.max()),
+    }
+
+
+@functools.lru_cache(maxsize=4096)
+def baseline_direction_angle(ra: int, d: int) -> float:
+    """Expected angle (deg) of a uniformly random unit vector in R^d to a fixed ra-dim subspace.
+
+    ||P u||^2 ~ Beta(ra/2, (d - ra)/2), so theta = arccos(||P u||) has density proportional to
+    cos^(ra-1) sin^(d-ra-1) on [0, pi/2]; E[theta] is integrated numerically around the peak of
+    that density. SCIENCE.md's approximation arccos(sqrt(ra/d)) is within ~0.2 deg for d >= 1000
+    (it is the angle at the typical ||P u||^2 = ra/d, not the mean angle).
+
+    Args:
+        ra: dimension of the fixed subspace (0 gives 90 deg, >= d gives 0 deg).
+        d: dimension of the space.
+
+    Returns:
+        The mean angle in degrees.
+    """
+    if d < 1 or ra < 0:
+        raise ValueError(f"need d >= 1 and ra >= 0, got ra={ra}, d={d}")
+    if ra >= d:
+        return 0.0
+    if ra == 0:
+        return 90.0
+    a, b = ra - 1, d - ra - 1  # exponents of cos and sin
+
+    def log_density(t: float) -> float:  # unnormalized; skip 0 * log(0) at the ends
+        return (a * math.log(math.cos(t)) if a else 0.0) + (b * math.log(math.sin(t)) if b else 0.0)
+
+    mode = math.atan2(math.sqrt(b), math.sqrt(a))
+    # log density is concave with |second derivative| >= a + b everywhere, so its mass lies
+    # within a few 1/sqrt(a + b) of the mode; quad would miss so narrow a peak on all of [0, pi/2].
+    width = 20.0 / math.sqrt(a + b) if a + b else math.pi
+    lo, hi = max(0.0, mode - width), min(math.pi / 2, mode + width)
+    peak = log_density(mode)
+    points = [mode] if lo < mode < hi else None
+    mass = integrate.quad(lambda t: math.exp(log_density(t) - peak), lo, hi, points=points)[0]
+    first = integrate.quad(lambda t: t * math.exp(log_density(t) - peak), lo, hi, points=points)[0]
+    return math.degrees(first / mass)
+
+
+def baseline_principal_angles(
+    ra: int, rb: int, d: int, *, samples: int = 16, seed: int = 0
+) -> torch.Tensor:
+    """Mean sorted principal angles between two independent uniformly random subspaces.
+
+    Seeded Monte Carlo. By rotation invariance one subspace is span(e_1..e_p), p = max(ra, rb),
+    and the other is col(G) for a Gaussian G (d, k), k = min(ra, rb). The angles depend on G only
+    through the R factors of its two row blocks G[:p], G[p:], and those are sampled directly
+    (Bartlett: chi diagonal, standard normal above it), so a sample costs O(k^3) whatever d is.
+
+    Args:
+        ra, rb: dimensions of the two subspaces.
+        d: dimension of the space.
+        samples: Monte Carlo samples averaged.
+        seed: seed of a local numpy generator; same arguments, same numbers.
+
+    Returns:
+        (min(ra, rb),) float64 mean angles in degrees, ascending (a fresh tensor each call).
+    """
+    if d < 1 or ra < 0 or rb < 0 or ra > d or rb > d or samples < 1:
+        raise ValueError(f"need 0 <= ra, rb <= d and samples >= 1, got {ra=}, {rb=}, {d=}, {samples=}")
+    p, k = max(ra, rb), min(ra, rb)
+    return torch.tensor(_baseline_principal_angles(p, k, d, samples, seed), dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=1024)
+def _baseline_principal_angles(p: int, k: int, d: int, samples: int, seed: int) -> tuple[float, ...]:
+    if k == 0:
+        return ()
+    if p == d:
+        return (0.0,) * k  # one subspace is all of R^d
+    rng = np.random.default_rng(seed)
+    total = np.zeros(k)
+    for _ in range(samples):
+        s = np.vstack([_gaussian_r_factor(rng, p, k), _gaussian_r_factor(rng, d - p, k)])
+        q = np.linalg.qr(s)[0]  # (k + min(d - p, k), k) basis of the random subspace
+        cos = np.linalg.svd(q[:k], compute_uv=False)  # (k,) descending
+        sin = np.linalg.svd(q[k:], compute_uv=False)  # (min(d - p, k),) descending
+        # when p + k > d the subspaces share p + k - d dimensions: those sines are exactly 0
+        sin = np.pad(sin, (0, k - sin.size))[::-1]  # (k,) ascending
+        total += np.arctan2(sin, cos)
+    return tuple(np.degrees(total / samples).tolist())
+
+
+def _gaussian_r_factor(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
+    """R factor (min(m, k), k) of the QR of an (m, k) standard Gaussian matrix."""
+    rows = min(m, k)
+    r = np.triu(rng.standard_normal((rows, k)), 1)
+    r[np.arange(rows), np.arange(rows)] = np.sqrt(rng.chisquare(m - np.arange(rows)))
+    return r
+
+
+def pca(x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact PCA of the rows of x by SVD of the centred matrix, in float64.
+
+    Each component's sign is fixed so that its largest-magnitude entry is positive (SVD signs
+    are arbitrary; comparisons should still use :func:`axis_angle`).
+
+    Args:
+        x: (n, d) one sample per row.
+        k: components to keep; default min(n - 1, d), the rank of a centred n-row matrix.
+
+    Returns:
+        (mean (d,), components (k, d) with unit rows, explained_variance (k,) = s^2 / (n - 1)).
+    """
+    if x.ndim != 2:
+        raise ValueError(f"x must be a 2-D (n, d) tensor, got shape {tuple(x.shape)}")
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"PCA needs at least 2 samples (rows), got {n}")
+    k = min(n - 1, d) if k is None else k
+    if not 1 <= k <= min(n, d):
+        raise ValueError(f"k must be in [1, min(n, d)] = [1, {min(n, d)}], got {k}")
+    x = x.to(torch.float64)
+    mean = x.mean(dim=0)  # (d,)
+    _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)  # vh (min(n, d), d)
+    components = vh[:k]  # (k, d)
+    idx = components.abs().argmax(dim=1, keepdim=True)  # (k, 1)
+    signs = torch.sign(torch.gather(components, 1, idx))  # (k, 1)
+    signs[signs == 0] = 1.0
+    return mean, components * signs, s[:k] ** 2 / (n - 1)
+
+
+def _unit_pair(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u, v = u.to(torch.float64).flatten(), v.to(torch.float64).flatten()
+    if u.shape != v.shape:
+        raise ValueError(f"vectors differ in size: {u.numel()} vs {v.numel()}")
+    nu, nv = torch.linalg.vector_norm(u), torch.linalg.vector_norm(v)
+    if nu == 0 or nv == 0:
+        raise ValueError("the angle to a zero vector is undefined")
+    return u / nu, v / nv
+
+
+def axis_angle(u: torch.Tensor, v: torch.Tensor) -> float:
+    """Angle (deg, 0..90) between the lines spanned by u and v: a flipped sign gives 0, not 180.
+
+    Use it for principal components, whose sign is arbitrary. atan2 of the orthogonal part
+    and |dot| stays accurate near 0 where arccos(|cos|) does not.
+    """
+    u, v = _unit_pair(u, v)
+    dot = torch.dot(u, v)
+    orth = torch.linalg.vector_norm(v - dot * u)  # sin of the angle
+    return math.degrees(math.atan2(float(orth), abs(float(dot))))
+
+
+def vector_angle(u: torch.Tensor, v: torch.Tensor) -> float:
+    """Angle (deg, 0..180) between the vectors u and v, keeping their signs.
+
+    For vectors whose sign means something, e.g. two mean shifts: ~180 deg says the shift of the
+    first steps and the shift of the rest cancel out. Not for principal components (use
+    :func:`axis_angle`).
+    """
+    u, v = _unit_pair(u, v)
+    dot = torch.dot(u, v)
+    orth = torch.linalg.vector_norm(v - dot * u)
+    return math.degrees(math.atan2(float(orth), float(dot)))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear CKA between two feature sets for the same n samples.
+
+    Feature-space form ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) in float64: (d, d)
+    products instead of the n x n Gram matrices of the HSIC form, to which it is equal.
+
+    Args:
+        x: (n, d1) features, one sample per row.
+        y: (n, d2) features of the same samples.
+
+    Returns:
+        CKA in [0, 1]; 1 when y is an orthogonal transform and scaling of x.
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must be (n, d) with the same n, got {tuple(x.shape)}, {tuple(y.shape)}")
+    if x.shape[0] < 2:
+        raise ValueError("CKA needs at least 2 samples")
+    x, y = x.to(torch.float64), y.to(torch.float64)
+    xc, yc = x - x.mean(dim=0), y - y.mean(dim=0)  # (n, d1), (n, d2)
+    cross = torch.linalg.matrix_norm(yc.mT @ xc) ** 2  # ||Yc^T Xc||_F^2, (d2, d1) product
+    norm_x = torch.linalg.matrix_norm(xc.mT @ xc)
+    norm_y = torch.linalg.matrix_norm(yc.mT @ yc)
+    if norm_x == 0 or norm_y == 0:
+        raise ValueError("CKA is undefined for constant features (zero variance)")
+    return float(cross / (norm_x * norm_y))

@@ -1,0 +1,126 @@
+"""Load a checkpoint as a runnable model and its tokenizer (offline, no remote code by default).
+
+Models come from ``transformers`` (``AutoModelForCausalLM.from_pretrained`` on the local
+directory, safetensors only unless pickles were allowed). A LoRA adapter is merged in memory:
+the base is loaded and ``scale * B @ A`` added to the targeted weights; nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from forgetdiag.checkpoints import Checkpoint
+from forgetdiag.errors import CheckpointError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """A torch dtype from ``float32``/``bf16``/...; None means float32."""
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise CheckpointError(f"unknown dtype {name!r}; expected one of float32, float16, bfloat16") from None
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:1``, ``mps`` or ``auto`` (CUDA when available)."""
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CheckpointError(f"unknown device {name!r}; expected cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    import transformers
+
+    logging = transformers.utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def load_model(checkpoint: Checkpoint, *, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None, trust_remote_code: bool = False):
+    """The checkpoint as an ``AutoModelForCausalLM`` in eval mode on ``device``.
+
+    Args:
+        checkpoint: from :func:`forgetdiag.find_checkpoints`.
+        device: ``cpu``, ``cuda``... .
+        dtype: compute dtype (default float32; ``bfloat16`` on a GPU halves memory).
+        trust_remote_code: allow the checkpoint's own Python code (never by default).
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = resolve_dtype(dtype)
+    source = checkpoint.base or checkpoint
+    with _quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source.path), dtype=torch_dtype, local_files_only=True,
+                use_safetensors=source.format == "safetensors", trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError) as exc:
+            msg = " ".join(str(exc).split())[:300]
+            hint = " (pass --trust-remote-code if you trust its code)" if "trust_remote_code" in msg else ""
+            raise CheckpointError(f"{source.path}: transformers cannot load this model{hint}: {msg}") from None
+    if checkpoint.base is not None:
+        _merge_adapter(model, checkpoint)
+    return model.to(resolve_device(device)).eval()
+
+
+@torch.no_grad()
+def _merge_adapter(model, checkpoint: Checkpoint) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in checkpoint.names:
+        delta = checkpoint.delta(name)
+        if delta is None:
+            continue
+        param = params.get(name)
+        if param is None:
+            raise CheckpointError(f"{checkpoint.path}: adapter updates {name}, which the loaded "
+                                  "model has no parameter for")
+        # merge in float32, then round once to the compute dtype
+        param.copy_((param.to(torch.float32) + delta).to(param.dtype))
+
+
+def load_tokenizer(checkpoint: Checkpoint, *, path: str | Path | None = None,
+                   trust_remote_code: bool = False):
+    """The tokenizer saved with the checkpoint (or at ``path``), with a pad token set."""
+    from transformers import AutoTokenizer
+
+    where = Path(path) if path is not None else checkpoint.tokenizer_dir
+    if where is None:
+        raise CheckpointError(f"{checkpoint.path}: no tokenizer files (expected tokenizer.json or "
+                              "tokenizer_config.json next to the weights); pass --tokenizer DIR")
+    with _quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True,
+                                                      trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{where}: cannot load the tokenizer: {' '.join(str(exc).split())[:300]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def same_tokenizer(a, b) -> bool:
+    """True when two tokenizers map every token to the same id (vocab and special tokens)."""
+    return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids

@@ -1,0 +1,176 @@
+"""Compare checkpoints of one run and stream their tensors one name at a time.
+
+``stream_tensors`` reads tensor ``name`` from every checkpoint, yields the N tensors, and moves
+on: an analysis over N checkpoints of a 7B model holds N tensors, not N models. ``stream_updates``
+yields the updates C[j] - C[i] for chosen pairs, computed from LoRA factors alone when every
+checkpoint is an adapter over one shared base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from forgetdiag.architectures import TensorName
+from forgetdiag.checkpoints import Checkpoint
+from forgetdiag.errors import CheckpointError
+
+ProgressFn = Callable[[str, int, int], None]  # (description, completed, total)
+
+# Config fields that must agree for two checkpoints to be one architecture.
+_ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "n_head")
+_VOCAB_COMPONENTS = ("embed", "lm_head")
+
+
+@dataclass(frozen=True)
+class SequenceCheck:
+    """What a sequence of checkpoints has in common.
+
+    Attributes:
+        names: tensors present in every checkpoint, in the first checkpoint's order.
+        rows: for vocabulary tensors resized along the run, the common number of rows compared.
+        notes: differences that are handled, in words (vocabulary resized, tensors not shared).
+    """
+
+    names: tuple[str, ...]
+    rows: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def check_sequence(checkpoints: Sequence[Checkpoint]) -> SequenceCheck:
+    """Check that ``checkpoints`` share one architecture and tensor shapes.
+
+    Raises:
+        CheckpointError: the checkpoints are of different architectures, or a shared tensor
+            differs in shape (other than the vocabulary rows of embeddings and lm_head).
+    """
+    if not checkpoints:
+        raise CheckpointError("no checkpoints given; expected at least one")
+    first = checkpoints[0]
+    for other in checkpoints[1:]:
+        _check_architecture(first, other)
+    shared = [n for n in first.names if all(n in c.meta for c in checkpoints[1:])]
+    notes, rows = [], {}
+    only_some = sorted({n for c in checkpoints for n in c.names} - set(shared))
+    if only_some:
+        notes.append(f"{len(only_some)} tensors are not in every checkpoint and are left out "
+                     f"(first: {only_some[0]})")
+    for name in shared:
+        shapes = [c.meta[name].shape for c in checkpoints]
+        if len(set(shapes)) == 1:
+            continue
+        tensor = first.parse(name)
+        if tensor.component in _VOCAB_COMPONENTS and len({s[1:] for s in shapes}) == 1:
+            rows[name] = min(s[0] for s in shapes)
+            notes.append(f"vocabulary resized along the run: {name} has "
+                         f"{'/'.join(str(s[0]) for s in shapes)} rows; the first {rows[name]} "
+                         "rows are compared")
+            continue
+        i = next(k for k, s in enumerate(shapes) if s != shapes[0])
+        raise CheckpointError(f"checkpoints differ in shape: {name} is {shapes[0]} in "
+                              f"{first.label} and {shapes[i]} in {checkpoints[i].label}; "
+                              "expected one architecture throughout")
+    return SequenceCheck(tuple(shared), rows, tuple(notes))
+
+
+def _check_architecture(a: Checkpoint, b: Checkpoint) -> None:
+    for key in _ARCH_FIELDS:
+        va, vb = a.config.get(key), b.config.get(key)
+        if va is not None and vb is not None and va != vb:
+            raise CheckpointError(f"checkpoints of different architectures: {a.label} is "
+                                  f"{_describe(a)} but {b.label} is {_describe(b)} ({key} "
+                                  f"{va} vs {vb}); expected one architecture throughout")
+
+
+def _describe(c: Checkpoint) -> str:
+    return f"{c.architecture} ({c.n_layers} layers, hidden {c.hidden_size})"
+
+
+def require_finite(tensor: torch.Tensor, name: str, checkpoint: Checkpoint) -> torch.Tensor:
+    """``tensor`` unchanged, or a CheckpointError naming the tensor if it holds NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+        raise CheckpointError(f"{checkpoint.label}: tensor {name} holds {kind} values "
+                              f"({checkpoint.path}); expected finite weights")
+    return tensor
+
+
+def stream_tensors(checkpoints: Sequence[Checkpoint], names: Sequence[str] | None = None, *,
+                   check: SequenceCheck | None = None, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu", progress: ProgressFn | None = None,
+                   ) -> Iterator[tuple[TensorName, list[torch.Tensor]]]:
+    """Yield ``(name, [tensor in each checkpoint])`` one tensor name at a time.
+
+    Args:
+        checkpoints: a compatible sequence (see :func:`check_sequence`).
+        names: tensor names to read (default: every shared tensor).
+        check: a precomputed :func:`check_sequence` result.
+        dtype, device: where the tensors are delivered (float32 on CPU by default).
+        progress: called as ``progress("reading tensors", done, total)``.
+
+    Raises:
+        CheckpointError: a tensor holds NaN or Inf (named in the message).
+    """
+    check = check or check_sequence(checkpoints)
+    names = list(check.names if names is None else names)
+    for done, name in enumerate(names):
+        rows = check.rows.get(name)
+        tensors = []
+        for c in checkpoints:
+            t = require_finite(c.get(name, dtype=dtype, device=device), name, c)
+            tensors.append(t if rows is None else t[:rows])
+        yield checkpoints[0].parse(name), tensors
+        if progress is not None:
+            progress("reading tensors", done + 1, len(names))
+
+
+def shared_lora_base(checkpoints: Sequence[Checkpoint]) -> str | None:
+    """The base path if every checkpoint is that base or a LoRA adapter over it, else None."""
+    bases = {str((c.base or c).path.resolve()) for c in checkpoints}
+    if len(bases) == 1 and any(c.base is not None for c in checkpoints):
+        return bases.pop()
+    return None
+
+
+def stream_updates(checkpoints: Sequence[Checkpoint], pairs: Sequence[tuple[int, int]],
+                   names: Sequence[str] | None = None, *, check: SequenceCheck | None = None,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   progress: ProgressFn | None = None,
+                   ) -> Iterator[tuple[TensorName, dict[tuple[int, int], torch.Tensor | None]]]:
+    """Yield ``(name, {(i, j): C[j] - C[i]})`` one tensor name at a time.
+
+    When all checkpoints are LoRA adapters over one base (or that base), updates come from the
+    adapters' ``scale * B @ A`` alone, the base is never read, and an update that no adapter
+    touches is ``None`` (exactly zero). Otherwise each tensor is read once per checkpoint that
+    takes part in a pair.
+    """
+    check = check or check_sequence(checkpoints)
+    names = list(check.names if names is None else names)
+    used = sorted({k for pair in pairs for k in pair})
+    from_deltas = shared_lora_base(checkpoints) is not None
+    for done, name in enumerate(names):
+        rows = check.rows.get(name)
+        values: dict[int, torch.Tensor | None] = {}
+        for k in used:
+            c = checkpoints[k]
+            t = c.delta(name, dtype=dtype, device=device) if from_deltas else c.get(name, dtype=dtype, device=device)
+            if t is not None:
+                t = require_finite(t, name, c)
+                t = t if rows is None else t[:rows]
+            values[k] = t
+        yield checkpoints[0].parse(name), {(i, j): _difference(values[i], values[j]) for i, j in pairs}
+        if progress is not None:
+            progress("reading tensors", done + 1, len(names))
+
+
+def _difference(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None and b is None:
+        return None
+    if a is None:
+        return b
+    if b is None:
+        return -a
+    return b - a
