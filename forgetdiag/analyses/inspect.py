@@ -48,6 +48,14 @@ class InspectResult:
                 "compatible": True, "shared_tensors": self.shared_tensors, "notes": list(self.notes)}
 
 
+_ORDER = ("embed", "pos_embed", "q", "k", "v", "o", "gate", "up", "down", "fc_in", "fc_out", "lm_head")
+
+
+def component_order(component: str) -> tuple[int, str]:
+    """Sort key: the order components appear in a forward pass, unknown ones last."""
+    return (_ORDER.index(component) if component in _ORDER else len(_ORDER), component)
+
+
 def describe(checkpoint: Checkpoint, *, values_checked: bool = False) -> CheckpointInfo:
     """An :class:`CheckpointInfo` from headers and config only (no tensor data read)."""
     components: dict[str, None] = {}
@@ -71,7 +79,7 @@ def describe(checkpoint: Checkpoint, *, values_checked: bool = False) -> Checkpo
         n_layers=checkpoint.n_layers, hidden_size=checkpoint.hidden_size,
         n_params=checkpoint.n_params, dtypes=tuple(checkpoint.dtypes),
         size_bytes=checkpoint.size_bytes, tokenizer=checkpoint.tokenizer_dir is not None,
-        components=tuple(components), unrecognised=unrecognised,
+        components=tuple(sorted(components, key=component_order)), unrecognised=unrecognised,
         tied_embeddings=checkpoint.tied_embeddings, lora=lora, values_checked=values_checked)
 
 

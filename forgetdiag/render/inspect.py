@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from forgetdiag.analyses.inspect import InspectResult
 
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
 
 def human_bytes(n: int) -> str:
     """``1536`` -> ``1.5 KiB``."""
     size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return f"{n} B"  # pragma: no cover
+    return f"{size:.1f} TiB"
 
 
 def human_count(n: int) -> str:
@@ -28,27 +31,37 @@ def human_count(n: int) -> str:
 
 
 def inspect_table(result: InspectResult) -> Group:
-    """One row per checkpoint in sequence order, then what the sequence shares."""
-    table = Table(title="Checkpoints, in sequence order", title_justify="left")
-    for column, justify in (("#", "right"), ("checkpoint", "left"), ("format", "left"),
-                            ("architecture", "left"), ("layers", "right"), ("hidden", "right"),
-                            ("params", "right"), ("dtype", "left"), ("size", "right"),
-                            ("tokenizer", "left"), ("components", "left")):
-        table.add_column(column, justify=justify, overflow="fold")
+    """The architecture (one per sequence), then one row per checkpoint in sequence order."""
+    first = result.checkpoints[0]
+    head = Text.assemble((first.architecture, "bold"), f" ({first.family} family): ",
+                         f"{first.n_layers} layers, hidden {first.hidden_size}, "
+                         f"{human_count(first.n_params)} parameters"
+                         + (", tied embeddings" if first.tied_embeddings else ""))
+    table = Table(box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
+    for column, justify in (("#", "right"), ("checkpoint", "left"), ("step", "right"),
+                            ("format", "left"), ("dtype", "left"), ("size", "right"),
+                            ("tokenizer", "left")):
+        table.add_column(column, justify=justify, no_wrap=column != "checkpoint")
     for k, c in enumerate(result.checkpoints):
-        fmt = c.format if c.lora is None else f"lora r={c.lora['rank']} ({c.lora['targets']} targets)"
-        components = " ".join(c.components)
+        fmt = c.format if c.lora is None else f"lora r={c.lora['rank']}"
+        table.add_row(str(k), c.label, "" if c.step is None else str(c.step), fmt,
+                      ",".join(_SHORT.get(d, d) for d in c.dtypes), human_bytes(c.size_bytes),
+                      "yes" if c.tokenizer else "no")
+    lines = [head, table]
+    for c in {c.components: c for c in result.checkpoints}.values():
+        text = f"Weight matrices understood: {' '.join(c.components) or 'none'}"
         if c.unrecognised:
-            components += f" (+{c.unrecognised} not recognised)"
-        table.add_row(str(k), c.label, fmt, c.architecture, str(c.n_layers), str(c.hidden_size),
-                      human_count(c.n_params), ",".join(c.dtypes), human_bytes(c.size_bytes),
-                      "yes" if c.tokenizer else "no", components)
-    lines = []
+            text += f"; {c.unrecognised} 2-D weights not recognised (left out of angles)"
+        lines.append(Text(text))
+    for c in result.checkpoints:
+        if c.lora is not None:
+            lines.append(Text(f"{c.label}: LoRA r={c.lora['rank']} alpha={c.lora['alpha']} on "
+                              f"{c.lora['targets']} weights over {c.lora['base']}"))
     if len(result.checkpoints) > 1:
         lines.append(Text(f"Compatible: one architecture, {result.shared_tensors} shared tensors.",
                           style="green"))
     checked = all(c.values_checked for c in result.checkpoints)
     lines.append(Text("All weights finite (every tensor read once)." if checked
-                      else "Weights not read (--no-check-values)."))
+                      else "Weight values not read (--no-check-values)."))
     lines.extend(Text(f"Note: {n}", style="yellow") for n in result.notes)
-    return Group(table, *lines)
+    return Group(*lines)

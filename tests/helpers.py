@@ -1,0 +1,113 @@
+"""Builders of tiny ("pico") models and checkpoints for the tests; nothing is downloaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+WORDS = ("what is the birth city of alice bob carol dave erin frank answer : paris rome oslo "
+         "lima cairo quito who works at acme globex initech").split()
+
+
+def make_tokenizer(path: Path | None = None, words=WORDS):
+    """A word-level tokenizer with [PAD] [UNK] [BOS] [EOS], BOS added to every input."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"])
+    tok.train_from_iterator([" ".join(words)], trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", tok.token_to_id("[BOS]"))])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                 pad_token="[PAD]", unk_token="[UNK]")
+    if path is not None:
+        hf.save_pretrained(path)
+    return hf
+
+
+def llama_config(*, layers=2, hidden=32, heads=4, kv_heads=2, inter=64, vocab=64, tied=True):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                       max_position_embeddings=64, tie_word_embeddings=tied,
+                       bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
+def gpt2_config(*, layers=2, hidden=32, heads=4, vocab=64):
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=64,
+                      bos_token_id=2, eos_token_id=3)
+
+
+def neox_config(*, layers=2, hidden=32, heads=4, inter=64, vocab=64):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, vocab_size=vocab, max_position_embeddings=64,
+                         bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+
+
+def build(config, seed=0):
+    """A randomly initialised causal LM for ``config`` (seeded), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def save(model, path: Path, *, tokenizer=None, dtype=None, **kwargs) -> Path:
+    """save_pretrained (safetensors) quietly, optionally cast and with a tokenizer."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def save_pickle_only(model, path: Path) -> Path:
+    """A legacy checkpoint: config.json + pytorch_model.bin, no safetensors."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(path / "config.json")
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, path / "pytorch_model.bin")
+    return path
+
+
+class Boom:
+    """Unpickling this runs code that writes ``marker``: a stand-in for a malicious pickle."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_malicious_pickle(file: Path, marker: Path) -> Path:
+    """A file that would create ``marker`` if anyone unpickled it without weights_only."""
+    torch.save({"weight": torch.zeros(2), "payload": Boom(str(marker))}, file)
+    return file
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative path -> digest): to prove nothing changed."""
+    out = {}
+    for file in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        out[str(file.relative_to(root))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return out
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
