@@ -59,7 +59,10 @@ def low_rank_matrix(d: int, n: int, singular_values: list[float], *, seed: int =
 # --- principal angles ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("d,ra,rb", [(50, 3, 3), (50, 5, 2), (50, 2, 7), (200, 20, 30), (10, 10, 4)])
+SHAPES = [(50, 3, 3), (50, 5, 2), (50, 2, 7), (200, 20, 30), (10, 10, 4)]
+
+
+@pytest.mark.parametrize("d,ra,rb", SHAPES)
 def test_principal_angles_match_scipy(d, ra, rb):
     qa, qb = random_orthonormal(d, ra, 1), random_orthonormal(d, rb, 2)
     ours = principal_angles(qa, qb)
@@ -141,7 +144,8 @@ def test_direction_angles_planted_and_edges():
     qa, qb = planted_pair(thetas, extra_a=2, seed=9)
     np.testing.assert_allclose(direction_angles(qa, qb).numpy(), thetas, rtol=1e-8, atol=1e-10)
     # the length of a direction does not matter; an empty subspace is orthogonal to everything
-    np.testing.assert_allclose(direction_angles(qa, 3.0 * qb).numpy(), thetas, rtol=1e-8, atol=1e-10)
+    longer = direction_angles(qa, 3.0 * qb).numpy()
+    np.testing.assert_allclose(longer, thetas, rtol=1e-8, atol=1e-10)
     assert torch.all(direction_angles(qa[:, :0], qb) == 90.0)
     with pytest.raises(ValueError, match="zero column"):
         direction_angles(qa, torch.zeros(40, 1, dtype=torch.float64))
@@ -152,7 +156,8 @@ def test_summarize_matches_numpy():
     s = summarize(a)
     assert list(s) == ["mean", "median", "q1", "q3", "min", "max"]
     x = a.numpy()
-    expected = [x.mean(), np.median(x), np.percentile(x, 25), np.percentile(x, 75), x.min(), x.max()]
+    q1, q3 = np.percentile(x, [25, 75])
+    expected = [x.mean(), np.median(x), q1, q3, x.min(), x.max()]
     np.testing.assert_allclose(list(s.values()), expected)
     with pytest.raises(ValueError):
         summarize(torch.zeros(0))
@@ -212,7 +217,7 @@ def test_update_basis_randomized_agrees_with_exact_on_gapped_spectrum():
     assert fast.rank == exact.rank == 16
     assert principal_angles(fast.q, exact.q).max() < 1e-3
     assert direction_angles(exact.q, fast.q).max() < 1e-3
-    np.testing.assert_allclose(fast.singular_values.numpy(), exact.singular_values.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(fast.singular_values, exact.singular_values, rtol=1e-5)
     assert fast.energy == pytest.approx(exact.energy, abs=1e-6)
 
 
@@ -272,7 +277,9 @@ def test_baseline_direction_angle_closed_forms():
     assert baseline_direction_angle(10, 10) == 0.0
 
 
-@pytest.mark.parametrize("ra,d", [(1, 10), (3, 10), (9, 10), (7, 100), (50, 100), (1, 8192), (256, 4096)])
+@pytest.mark.parametrize(
+    "ra,d", [(1, 10), (3, 10), (9, 10), (7, 100), (50, 100), (1, 8192), (256, 4096)]
+)
 def test_baseline_direction_angle_monte_carlo(ra, d):
     rng = np.random.default_rng(0)
     if d <= 100:  # literal random unit vectors against the first ra coordinates
@@ -308,10 +315,10 @@ def direct_monte_carlo_angles(ra: int, rb: int, d: int, samples: int, seed: int)
 def test_baseline_principal_angles_against_direct_monte_carlo():
     ours = baseline_principal_angles(5, 8, 30, samples=3000, seed=1)
     assert ours.dtype == torch.float64 and ours.shape == (5,)
-    direct = direct_monte_carlo_angles(5, 8, 30, samples=3000, seed=2)
+    direct = direct_monte_carlo_angles(5, 8, 30, samples=1500, seed=2)
     np.testing.assert_allclose(ours.numpy(), direct, atol=1.0)
     # a single random direction against a subspace is the per-direction baseline
-    line = baseline_principal_angles(6, 1, 20, samples=5000, seed=3).item()
+    line = baseline_principal_angles(6, 1, 20, samples=2000, seed=3).item()
     assert line == pytest.approx(baseline_direction_angle(6, 20), abs=0.7)
 
 
