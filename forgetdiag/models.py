@@ -8,6 +8,7 @@ the base is loaded and ``scale * B @ A`` added to the targeted weights; nothing 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -124,3 +125,58 @@ def load_tokenizer(checkpoint: Checkpoint, *, path: str | Path | None = None,
 def same_tokenizer(a, b) -> bool:
     """True when two tokenizers map every token to the same id (vocab and special tokens)."""
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How checkpoints are read and models run; shared by every analysis that runs a model.
+
+    Attributes:
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
+        dtype: compute dtype of forward passes and fine-tuning (float32, bfloat16, float16).
+        allow_pickle: read ``pytorch_model.bin`` (with ``weights_only=True``).
+        base: base model directory of LoRA adapters.
+        trust_remote_code: allow a checkpoint's own Python code.
+        tokenizer: tokenizer directory (default: the one saved with each checkpoint).
+        chat_template: wrap probe prompts in the tokenizer's chat template.
+        truncate_prompts: drop the oldest prompt tokens of items longer than the context.
+        batch_size: items per forward pass when scoring.
+        threads: torch CPU threads (None: chosen by model size, see :func:`auto_threads`).
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    allow_pickle: bool = False
+    base: str | None = None
+    trust_remote_code: bool = False
+    tokenizer: str | None = None
+    chat_template: bool = False
+    truncate_prompts: bool = False
+    batch_size: int = 64
+    threads: int | None = None
+
+
+# Below this many parameters a forward pass is too small to gain from a second CPU thread
+# (measured in bench/recover_speed.py on the samples: one thread was faster than two).
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+def auto_threads(n_params: int, device: torch.device) -> int | None:
+    """Torch CPU threads for a model of ``n_params`` (None: leave torch's default)."""
+    if device.type == "cpu" and n_params < SMALL_MODEL_PARAMS:
+        return 1
+    return None
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run a block with ``n`` torch CPU threads (None: unchanged), restoring the count after."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -13,7 +13,7 @@ from forgetdiag import CheckpointError, check_sequence, find_checkpoints, find_s
 from forgetdiag.architectures import matrix_parts, parse_name, family_for
 from forgetdiag.streaming import stream_tensors, stream_updates
 
-from helpers import build, llama_config, save
+from helpers import build, save
 
 
 def _state(path):

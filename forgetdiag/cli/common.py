@@ -57,6 +57,9 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
                            "rerun with FORGETDIAG_DEBUG=1 for the traceback and report it)",
                            EXIT_INTERNAL) from None
 
+        if fn.__doc__ and "help" not in kwargs:  # one line per paragraph in --help
+            paragraphs = fn.__doc__.strip().split("\n\n")
+            kwargs["help"] = "\n\n".join(" ".join(p.split()) for p in paragraphs)
         return app.command(name, **kwargs)(wrapper)
 
     return decorate
@@ -104,3 +107,20 @@ def progress_bar(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None
 def print_renderable(renderable, *, json_to_stdout: bool) -> None:
     """Print a rich renderable to stdout, unless stdout carries JSON (then to stderr)."""
     (stderr if json_to_stdout else stdout).print(renderable)
+
+# Probe and model-running options (recover, landscape, features, report...).
+PromptFieldOpt = Annotated[str, typer.Option("--prompt-field", help="Probe field holding the prompt.")]
+AnswerFieldOpt = Annotated[str, typer.Option("--answer-field", help="Probe field holding the answer.")]
+GroupFieldOpt = Annotated[str, typer.Option("--group-field", help="Probe field naming the entity a row is about (rows of one group never straddle a split).")]
+ChatTemplateOpt = Annotated[bool, typer.Option("--chat-template", help="Wrap probe prompts in the tokenizer's chat template (instruct models).")]
+TruncateOpt = Annotated[bool, typer.Option("--truncate-prompts", help="Drop the oldest tokens of prompts too long for the model's context (default: error).")]
+TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer directory (default: the one saved with each checkpoint).", show_default=False)]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads (default: 1 for models under 20M parameters, else torch's default).", show_default=False)]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Probe items per forward pass.")]
+
+
+def runtime_from(**options):
+    """A :class:`forgetdiag.models.Runtime` from CLI options (paths become strings)."""
+    from forgetdiag.models import Runtime
+
+    return Runtime(**{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()})

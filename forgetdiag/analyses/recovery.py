@@ -1,0 +1,391 @@
+"""Few-shot recovery probes: is the forgetting spurious or real? (SCIENCE.md section 1)
+
+Split the old task's probe by group into a recovery part R and a disjoint evaluation part E.
+Score BEFORE and AFTER on E; fine-tune an in-memory copy of AFTER on R only (loss on answer
+tokens) for a small fixed budget and score it again; do the same to a CONTROL that never held
+the old knowledge, to measure what the budget teaches by itself. The accuracies go to
+:func:`forgetdiag.analyses.verdict.decide`. Checkpoints on disk are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from forgetdiag.analyses.verdict import Decision, Thresholds, decide, wilson_interval
+from forgetdiag.checkpoints import Checkpoint, find_checkpoints
+from forgetdiag.errors import CheckpointError, ProbeError
+from forgetdiag.evaluate import Encoded, encode, generate_greedy, model_context, score
+from forgetdiag.models import (Runtime, auto_threads, load_model, load_tokenizer, resolve_device,
+                               same_tokenizer, torch_threads)
+from forgetdiag.probes import Probe, split_probe, with_chat_template
+from forgetdiag.streaming import ProgressFn, check_sequence
+from forgetdiag.training import TrainConfig, train
+
+Warn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    """The recovery budget and the split (CLI options of the same names).
+
+    Attributes:
+        shots: rows in the recovery part, taken as whole groups (default: half of the groups).
+        n_eval: cap on the rows of the evaluation part (default: all the rest).
+        epochs: passes over the recovery part.
+        min_steps: at least this many optimiser steps (a few shots need several passes).
+        lr: learning rate (default: by model size, see :func:`default_lr`).
+        batch_size: recovery examples per step.
+        lora: recover through a LoRA adapter (peft) instead of full fine-tuning.
+        lora_rank: rank of that adapter (alpha = 2 x rank, all linear layers).
+        seed: split and training seed.
+        metric: what the verdict uses: ``exact_match`` (the paper's) or ``first_token``.
+        examples: evaluation items whose greedy answers are shown.
+    """
+
+    shots: int | None = None
+    n_eval: int | None = None
+    epochs: int = 1
+    min_steps: int = 20
+    lr: float | None = None
+    batch_size: int = 32
+    lora: bool = False
+    lora_rank: int = 16
+    seed: int = 0
+    metric: str = "exact_match"
+    examples: int = 5
+
+
+def default_lr(n_params: int, *, lora: bool = False) -> float:
+    """Recovery learning rate by model size: small enough that a control learns little."""
+    if lora:
+        return 2e-4 if n_params < 1_000_000_000 else 1e-4
+    for limit, lr in ((20e6, 1e-4), (300e6, 3e-5), (3e9, 1e-5)):
+        if n_params < limit:
+            return lr
+    return 5e-6
+
+
+@dataclass(frozen=True)
+class Score:
+    """Accuracy of one model on the evaluation part, with its Wilson interval."""
+
+    exact_match: float
+    first_token: float
+    answer_loss: float
+    n: int
+    ci_low: float
+    ci_high: float
+
+    def value(self, metric: str) -> float:
+        return self.exact_match if metric == "exact_match" else self.first_token
+
+
+@dataclass(frozen=True)
+class Example:
+    """What a model says on one evaluation item, next to the expected answer."""
+
+    prompt: str
+    answer: str
+    after_says: str
+    recovered_says: str
+
+
+@dataclass(frozen=True)
+class PointResult:
+    """One after-checkpoint: its score and its score after recovery."""
+
+    label: str
+    step: int | None
+    after: Score
+    recovered: Score
+    decision: Decision
+    train_loss: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class RecoveryResult:
+    """Everything ``forgetdiag recover`` computed; ``to_dict()`` is its JSON."""
+
+    before: str
+    after: str
+    control: str | None
+    probe: str
+    n_recovery: int
+    n_eval: int
+    metric: str
+    scores: dict[str, Score | None]
+    decision: Decision
+    settings: RecoverySettings
+    thresholds: Thresholds
+    lr: float
+    steps: int
+    sequence: tuple[PointResult, ...] = ()
+    examples: tuple[Example, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def verdict(self) -> str:
+        return self.decision.verdict
+
+    def accuracy(self) -> dict[str, float | None]:
+        """The verdict metric per model: before, after, recovered, control, control_recovered."""
+        return {k: (s.value(self.metric) if s is not None else None) for k, s in self.scores.items()}
+
+    def to_dict(self) -> dict:
+        d = self.decision
+        return {
+            "verdict": d.verdict, "supported": d.supported, "reason": d.reason,
+            "summary": summary_text(self), "metric": self.metric, "accuracy": self.accuracy(),
+            "forgetting": d.forgetting, "alignment_loss": d.alignment_loss,
+            "knowledge_loss": d.knowledge_loss, "control_gain": d.control_gain,
+            "spurious_fraction": d.spurious_fraction, "noise_floor": d.noise_floor,
+            "scores": {k: (asdict(s) if s else None) for k, s in self.scores.items()},
+            "checkpoints": {"before": self.before, "after": self.after, "control": self.control},
+            "probe": self.probe, "n_recovery": self.n_recovery, "n_eval": self.n_eval,
+            "recovery": {**asdict(self.settings), "lr": self.lr, "steps": self.steps},
+            "thresholds": asdict(self.thresholds),
+            "sequence": [{"checkpoint": p.label, "step": p.step,
+                          "accuracy": p.after.value(self.metric),
+                          "recovered": p.recovered.value(self.metric), "verdict": p.decision.verdict,
+                          "spurious_fraction": p.decision.spurious_fraction,
+                          "after": asdict(p.after), "recovered_scores": asdict(p.recovered)}
+                         for p in self.sequence],
+            "examples": [asdict(e) for e in self.examples],
+            "timings_s": self.timings, "notes": list(self.notes),
+        }
+
+
+def summary_text(result: RecoveryResult) -> str:
+    """The verdict in words a user understands, with the numbers behind it."""
+    acc, d = result.accuracy(), result.decision
+    pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    control = (f"; the control reaches {pct(acc['control_recovered'])}"
+               if acc["control_recovered"] is not None else "; no control was given, so the "
+               "recovery budget's own effect is unknown")
+    shots = f"{result.n_recovery} examples bring accuracy back from {pct(acc['after'])} to {pct(acc['recovered'])}"
+    if d.verdict == "none":
+        text = (f"no forgetting: accuracy went from {pct(acc['before'])} to {pct(acc['after'])}, "
+                f"within the noise floor of {d.noise_floor:.3f} for {result.n_eval} items")
+    elif d.verdict == "spurious":
+        text = f"spurious forgetting: the old knowledge is intact; {shots} (before: {pct(acc['before'])}){control}"
+    elif d.verdict == "real":
+        text = (f"real forgetting: the old knowledge is gone; {shots} only (before: "
+                f"{pct(acc['before'])}){control}")
+    else:
+        text = (f"mixed forgetting: part alignment, part knowledge; {shots} (before: "
+                f"{pct(acc['before'])}){control}")
+    return text if d.supported else f"{text} ({d.reason})"
+
+
+def _summarise(scores, metric: str, confidence: float) -> Score:
+    acc = scores.exact_match if metric == "exact_match" else scores.first_token_accuracy
+    low, high = wilson_interval(acc, scores.n, confidence)
+    return Score(scores.exact_match, scores.first_token_accuracy, scores.answer_loss, scores.n, low, high)
+
+
+@dataclass
+class _Context:
+    """What every model run of one recovery needs (built once)."""
+
+    runtime: Runtime
+    settings: RecoverySettings
+    thresholds: Thresholds
+    tokenizer: object
+    recovery: list[Encoded]
+    evaluation: list[Encoded]
+    eval_items: tuple
+    pad_id: int
+    progress: ProgressFn | None
+    lr: float = 0.0
+    steps: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, key: str, start: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def _load(checkpoint: Checkpoint, ctx: _Context):
+    return load_model(checkpoint, device=ctx.runtime.device, dtype=ctx.runtime.dtype,
+                      trust_remote_code=ctx.runtime.trust_remote_code)
+
+
+def _score(model, ctx: _Context) -> Score:
+    scores = score(model, ctx.evaluation, pad_id=ctx.pad_id, batch_size=ctx.runtime.batch_size,
+                   progress=ctx.progress)
+    return _summarise(scores, ctx.settings.metric, ctx.thresholds.confidence)
+
+
+def _fine_tune(model, ctx: _Context) -> tuple[object, list[float]]:
+    """Recover ``model`` (an in-memory copy) on the recovery part; returns it and its losses."""
+    if ctx.settings.lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise CheckpointError("--lora needs peft: pip install 'forgetdiag[peft]'") from None
+        r = ctx.settings.lora_rank
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                 target_modules="all-linear"))
+    config = TrainConfig(max_steps=ctx.steps, lr=ctx.lr, seed=ctx.settings.seed,
+                         batch_size=min(ctx.settings.batch_size, len(ctx.recovery)))
+    losses = train(model, ctx.recovery, config, pad_id=ctx.pad_id, progress=ctx.progress)
+    return model, losses
+
+
+def _says(model, ctx: _Context, k: int) -> list[str]:
+    items = ctx.evaluation[:k]
+    said = generate_greedy(model, items, pad_id=ctx.pad_id, eos_id=ctx.tokenizer.eos_token_id,
+                           batch_size=ctx.runtime.batch_size)
+    return [ctx.tokenizer.decode(s, skip_special_tokens=True) for s in said]
+
+
+def _after_point(checkpoint: Checkpoint, ctx: _Context, before: Score,
+                 control: Score | None, control_recovered: Score | None,
+                 want_examples: bool) -> tuple[PointResult, tuple[Example, ...]]:
+    start = time.perf_counter()
+    model = _load(checkpoint, ctx)
+    after = _score(model, ctx)
+    said = _says(model, ctx, ctx.settings.examples) if want_examples else []
+    ctx.timed("evaluation", start)
+    start = time.perf_counter()
+    model, losses = _fine_tune(model, ctx)
+    recovered = _score(model, ctx)
+    redo = _says(model, ctx, ctx.settings.examples) if want_examples else []
+    ctx.timed("recovery", start)
+    metric = ctx.settings.metric
+    decision = decide(before=before.value(metric), after=after.value(metric),
+                      recovered=recovered.value(metric), n_eval=after.n,
+                      control=control.value(metric) if control else None,
+                      control_recovered=control_recovered.value(metric) if control_recovered else None,
+                      thresholds=ctx.thresholds)
+    examples = tuple(Example(i.prompt, i.answer, a, r) for i, a, r in zip(ctx.eval_items, said, redo))
+    return (PointResult(checkpoint.label, checkpoint.step, after, recovered, decision, tuple(losses)),
+            examples)
+
+
+def _one(value, runtime: Runtime, what: str) -> Checkpoint:
+    found = _many(value, runtime)
+    if len(found) != 1:
+        raise CheckpointError(f"{what} must be one checkpoint; {value} holds {len(found)} "
+                              "(pass one checkpoint-N directory)")
+    return found[0]
+
+
+def _many(value, runtime: Runtime) -> list[Checkpoint]:
+    if isinstance(value, Checkpoint):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [c for v in value for c in _many(v, runtime)]
+    return find_checkpoints(value, allow_pickle=runtime.allow_pickle, base=runtime.base)
+
+
+def _prepare(before: Checkpoint, others: Sequence[Checkpoint], probe: Probe,
+             recovery_probe: Probe | None, settings: RecoverySettings, runtime: Runtime,
+             warn: Warn | None) -> tuple[object, Probe, Probe, list[Encoded], list[Encoded]]:
+    tokenizer = load_tokenizer(before, path=runtime.tokenizer, trust_remote_code=runtime.trust_remote_code)
+    for other in others:
+        theirs = load_tokenizer(other, path=runtime.tokenizer, trust_remote_code=runtime.trust_remote_code)
+        if not same_tokenizer(tokenizer, theirs):
+            raise CheckpointError(f"{before.label} and {other.label} use different tokenizers; "
+                                  "expected one tokenizer for every checkpoint compared")
+    if runtime.chat_template:
+        probe = with_chat_template(probe, tokenizer)
+        recovery_probe = with_chat_template(recovery_probe, tokenizer) if recovery_probe else None
+    if recovery_probe is None:
+        rec, ev = split_probe(probe, n_recovery=settings.shots, n_eval=settings.n_eval, seed=settings.seed)
+    else:
+        ev = split_probe(probe, n_recovery=0, n_eval=settings.n_eval, seed=settings.seed)[1]
+        shared = {i.group for i in ev.items if i.group is not None} & {i.group for i in recovery_probe.items}
+        if shared:
+            raise ProbeError(f"the recovery probe shares {len(shared)} groups with the evaluation "
+                             f"probe (e.g. {sorted(shared)[0]!r}); expected disjoint entities")
+        rec = recovery_probe if settings.shots is None else split_probe(
+            recovery_probe, n_recovery=settings.shots, seed=settings.seed)[0]
+    if not len(rec) or not len(ev):
+        raise ProbeError(f"probe {probe.name}: {len(probe)} rows in {len(probe.groups)} groups leave "
+                         f"{len(rec)} for recovery and {len(ev)} for evaluation; expected both non-empty")
+    context = model_context(before.config)
+    enc = lambda p: encode(tokenizer, p, max_length=context, truncate=runtime.truncate_prompts, warn=warn)  # noqa: E731
+    return tokenizer, rec, ev, enc(rec), enc(ev)
+
+
+def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
+            control: str | Path | Checkpoint | None = None, recovery_probe: Probe | None = None,
+            settings: RecoverySettings = RecoverySettings(), thresholds: Thresholds = Thresholds(),
+            runtime: Runtime = Runtime(), progress: ProgressFn | None = None,
+            warn: Warn | None = None) -> RecoveryResult:
+    """Is the forgetting from BEFORE to AFTER spurious or real?
+
+    Args:
+        before: a checkpoint that knew the old task.
+        after: one checkpoint trained on something else since, or several (a Trainer run
+            directory, a list): then every one is scored and recovered (sequence mode) and the
+            verdict is the last one's.
+        probe: the old task's probe; split by group into recovery and evaluation parts unless
+            ``recovery_probe`` gives the recovery examples (then all of ``probe`` is evaluated).
+        control: a checkpoint that never held the old knowledge (strongly recommended).
+        settings, thresholds, runtime: the budget, the verdict thresholds, how models run.
+        progress: ``progress(description, done, total)`` callback.
+        warn: receives warnings (a control equal to AFTER, truncated prompts).
+
+    Returns:
+        A :class:`RecoveryResult`; its ``verdict`` is none, spurious, real or mixed.
+
+    Example:
+        >>> from forgetdiag import load_probe, recover
+        >>> r = recover("runs/task0", "runs/task1/checkpoint-50",
+        ...             load_probe("old.jsonl"), control="base")  # doctest: +SKIP
+        >>> r.verdict, r.accuracy()  # doctest: +SKIP
+    """
+    warn = warn or (lambda message: None)
+    before_ckpt = _one(before, runtime, "BEFORE")
+    afters = _many(after, runtime)
+    control_ckpt = _one(control, runtime, "CONTROL") if control is not None else None
+    everything = [before_ckpt, *afters, *([control_ckpt] if control_ckpt else [])]
+    check_sequence(everything)
+    notes = []
+    if control_ckpt is not None and any(control_ckpt.path.resolve() == a.path.resolve() for a in afters):
+        notes.append("the control is the same checkpoint as AFTER: it cannot measure what the "
+                     "recovery budget teaches by itself")
+        warn(notes[-1])
+    tokenizer, rec, ev, rec_enc, ev_enc = _prepare(before_ckpt, everything[1:], probe,
+                                                   recovery_probe, settings, runtime, warn)
+    n_params = before_ckpt.n_params
+    ctx = _Context(runtime, settings, thresholds, tokenizer, rec_enc, ev_enc, ev.items,
+                   tokenizer.pad_token_id, progress,
+                   lr=settings.lr or default_lr(n_params, lora=settings.lora))
+    ctx.steps = max(settings.epochs * math.ceil(len(rec_enc) / min(settings.batch_size, len(rec_enc))),
+                    settings.min_steps)
+    device = resolve_device(runtime.device)
+    with torch_threads(runtime.threads or auto_threads(n_params, device)):
+        start = time.perf_counter()
+        before_score = _score(_load(before_ckpt, ctx), ctx)
+        ctx.timed("evaluation", start)
+        control_score = control_rec = None
+        if control_ckpt is not None:
+            start = time.perf_counter()
+            model = _load(control_ckpt, ctx)
+            control_score = _score(model, ctx)
+            control_rec = _score(_fine_tune(model, ctx)[0], ctx)
+            del model
+            ctx.timed("control", start)
+        points, examples = [], ()
+        for k, ckpt in enumerate(afters):
+            point, ex = _after_point(ckpt, ctx, before_score, control_score, control_rec,
+                                     want_examples=k == len(afters) - 1)
+            points.append(point)
+            examples = ex or examples
+    last = points[-1]
+    scores = {"before": before_score, "after": last.after, "recovered": last.recovered,
+              "control": control_score, "control_recovered": control_rec}
+    return RecoveryResult(
+        before=before_ckpt.label, after=afters[-1].label,
+        control=control_ckpt.label if control_ckpt else None, probe=probe.name,
+        n_recovery=len(rec), n_eval=len(ev), metric=settings.metric, scores=scores,
+        decision=last.decision, settings=settings, thresholds=thresholds, lr=ctx.lr,
+        steps=ctx.steps, sequence=tuple(points) if len(points) > 1 else (),
+        examples=examples, timings=dict(ctx.timings), notes=tuple(notes))

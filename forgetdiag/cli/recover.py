@@ -1,0 +1,94 @@
+"""``forgetdiag recover``: is the forgetting spurious or real?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, List, Optional
+
+import typer
+
+from forgetdiag.analyses.recovery import RecoverySettings, recover
+from forgetdiag.analyses.verdict import Thresholds
+from forgetdiag.cli.app import app
+from forgetdiag.cli.common import (AllowPickleOpt, AnswerFieldOpt, BaseOpt, BatchOpt, ChatTemplateOpt,
+                                   DeviceOpt, DtypeOpt, GroupFieldOpt, HtmlOpt, JsonOpt,
+                                   PromptFieldOpt, QuietOpt, SeedOpt, ThreadsOpt, TokenizerOpt,
+                                   TruncateOpt, TrustCodeOpt, command, print_renderable,
+                                   progress_bar, runtime_from, warn)
+from forgetdiag.errors import ForgetdiagError
+from forgetdiag.probes import load_probe
+from forgetdiag.render.output import STDOUT, guard_outputs, write_json
+from forgetdiag.render.recover import recover_table, write_recover_html
+
+Opt = typer.Option
+
+
+@command(app, "recover")
+def recover_cmd(
+    before: Annotated[Path, typer.Argument(help="Checkpoint that knew the old task.", show_default=False)],
+    after: Annotated[List[Path], typer.Argument(help="Checkpoint(s) trained on something else since; a Trainer run directory or several checkpoints give the curve along the run.", show_default=False)],
+    probe: Annotated[Path, Opt("--probe", help="The old task's probe (JSONL, JSON or CSV with prompt, answer[, group]).", show_default=False)],
+    control: Annotated[Optional[Path], Opt("--control", help="A checkpoint that never held the old task's knowledge (a base model or random init). Strongly recommended: it measures what the recovery budget teaches by itself.", show_default=False)] = None,
+    recovery_probe: Annotated[Optional[Path], Opt("--recovery-probe", help="Recovery examples in their own file (then all of --probe is evaluated).", show_default=False)] = None,
+    shots: Annotated[Optional[int], Opt("--shots", min=1, help="Recovery examples (whole groups). Default: half of the probe's groups.", show_default=False)] = None,
+    n_eval: Annotated[Optional[int], Opt("--eval", min=1, help="Cap on evaluation items. Default: all not used for recovery.", show_default=False)] = None,
+    epochs: Annotated[int, Opt("--epochs", min=1, help="Passes over the recovery examples.")] = 1,
+    min_steps: Annotated[int, Opt("--min-steps", min=1, help="At least this many recovery steps.")] = 20,
+    lr: Annotated[Optional[float], Opt("--lr", help="Recovery learning rate. Default by model size: 1e-4 under 20M parameters, 3e-5 under 300M, 1e-5 under 3B, else 5e-6 (LoRA: 2e-4, 1e-4 from 1B).", show_default=False)] = None,
+    batch: Annotated[int, Opt("--recovery-batch", min=1, help="Recovery examples per step (AdamW).")] = 32,
+    lora: Annotated[bool, Opt("--lora", help="Recover through a LoRA adapter (peft) so a 7B model fits one GPU.")] = False,
+    lora_rank: Annotated[int, Opt("--lora-rank", min=1, help="Rank of the recovery adapter.")] = 16,
+    metric: Annotated[str, Opt("--metric", help="What decides: exact_match (greedy answer then stop, as in the paper) or first_token.")] = "exact_match",
+    spurious_min: Annotated[float, Opt("--spurious-min", help="Spurious fraction at or above which forgetting is spurious.")] = 0.75,
+    real_max: Annotated[float, Opt("--real-max", help="Spurious fraction at or below which forgetting is real.")] = 0.25,
+    min_eval: Annotated[int, Opt("--min-eval", help="Fewest evaluation items that can support a verdict.")] = 30,
+    seed: SeedOpt = 0,
+    json_path: JsonOpt = None,
+    html_path: HtmlOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    batch_size: BatchOpt = 64,
+    tokenizer: TokenizerOpt = None,
+    chat_template: ChatTemplateOpt = False,
+    truncate_prompts: TruncateOpt = False,
+    prompt_field: PromptFieldOpt = "prompt",
+    answer_field: AnswerFieldOpt = "answer",
+    group_field: GroupFieldOpt = "group",
+    allow_pickle: AllowPickleOpt = False,
+    base: BaseOpt = None,
+    trust_remote_code: TrustCodeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Is the old task's knowledge gone, or only its alignment? Few-shot recovery probe.
+
+    Scores BEFORE and AFTER on held-out probe items, fine-tunes an in-memory copy of AFTER
+    (and of CONTROL) on a few other items, scores again, and gives a verdict: none, spurious,
+    real or mixed. Checkpoints on disk are never modified.
+    """
+    if metric not in ("exact_match", "first_token"):
+        raise ForgetdiagError(f"--metric must be exact_match or first_token, not {metric!r}")
+    guard_outputs([json_path, html_path], [before, *after, *([control] if control else [])])
+    fields = dict(prompt_field=prompt_field, answer_field=answer_field, group_field=group_field)
+    old = load_probe(probe, **fields)
+    rec = load_probe(recovery_probe, **fields) if recovery_probe else None
+    settings = RecoverySettings(shots=shots, n_eval=n_eval, epochs=epochs, min_steps=min_steps, lr=lr,
+                                batch_size=batch, lora=lora, lora_rank=lora_rank, seed=seed, metric=metric)
+    try:
+        thresholds = Thresholds(spurious_min=spurious_min, real_max=real_max, min_eval=min_eval)
+    except ValueError as exc:
+        raise ForgetdiagError(str(exc)) from None
+    runtime = runtime_from(device=device, dtype=dtype, threads=threads, batch_size=batch_size,
+                           tokenizer=tokenizer, chat_template=chat_template,
+                           truncate_prompts=truncate_prompts, allow_pickle=allow_pickle, base=base,
+                           trust_remote_code=trust_remote_code)
+    with progress_bar(quiet) as progress:
+        result = recover(before, after, old, control=control, recovery_probe=rec, settings=settings,
+                         thresholds=thresholds, runtime=runtime, progress=progress, warn=warn)
+    if not result.decision.supported:
+        warn(result.decision.reason)
+    if json_path is not None:
+        write_json(json_path, result.to_dict())
+    if html_path is not None:
+        write_recover_html(html_path, result)
+    print_renderable(recover_table(result), json_to_stdout=str(json_path) == STDOUT)

@@ -1,0 +1,217 @@
+"""`recover`: verdict arithmetic worked by hand, and planted models whose truth is known."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+import forgetdiag.analyses.recovery as recovery_module
+from forgetdiag.analyses.recovery import RecoverySettings, recover
+from forgetdiag.analyses.verdict import Thresholds, decide, noise_floor, wilson_interval
+from forgetdiag.cli import app
+from forgetdiag.evaluate import encode, exact_by_generation
+from forgetdiag.probes import Probe, ProbeItem
+from forgetdiag.training import TrainConfig, train
+
+from helpers import build, llama_config, make_tokenizer, save, tree_digest, write_jsonl
+
+NAMES = [f"n{k}" for k in range(64)]
+CITIES = [f"c{k}" for k in range(8)]
+FACTS = {n: CITIES[(3 * k) % 8] for k, n in enumerate(NAMES)}
+ITEMS = tuple(ProbeItem(f"what is the birth city of {n} answer :", f" {FACTS[n]}", n) for n in NAMES)
+PROBE = Probe("old", ITEMS)
+FAST = RecoverySettings(lr=1e-3, min_steps=20)
+
+
+# --- verdict arithmetic, worked by hand -------------------------------------------------------
+
+def _wilson_by_hand(p, n, z=1.959963984540054):
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+@pytest.mark.parametrize("p, n", [(0.9, 20), (0.5, 200), (0.0, 50), (1.0, 2000)])
+def test_wilson_interval_matches_the_formula(p, n):
+    assert wilson_interval(p, n) == pytest.approx(_wilson_by_hand(p, n), abs=1e-9)
+
+
+def test_noise_floor_shrinks_with_the_evaluation_set():
+    small, large = noise_floor(0.9, 0.8, 20), noise_floor(0.9, 0.8, 2000)
+    lo_b, hi_b = _wilson_by_hand(0.9, 2000)
+    lo_a, hi_a = _wilson_by_hand(0.8, 2000)
+    assert large == pytest.approx(math.hypot((hi_b - lo_b) / 2, (hi_a - lo_a) / 2), rel=1e-6)
+    assert small > 0.2 and large < 0.025
+
+
+def test_spurious_fraction_by_hand():
+    d = decide(before=0.98, after=0.12, recovered=0.91, n_eval=500, control=0.0, control_recovered=0.02)
+    assert d.forgetting == pytest.approx(0.86) and d.alignment_loss == pytest.approx(0.79)
+    assert d.knowledge_loss == pytest.approx(0.07) and d.control_gain == pytest.approx(0.02)
+    assert d.spurious_fraction == pytest.approx((0.79 - 0.02) / 0.86)
+    assert d.verdict == "spurious" and d.supported
+
+
+@pytest.mark.parametrize("recovered, verdict", [(0.95, "spurious"), (0.55, "mixed"), (0.15, "real")])
+def test_verdict_thresholds(recovered, verdict):
+    # forgetting 0.9; fraction = (recovered - 0.05 - control gain 0.05) / 0.9
+    d = decide(before=0.95, after=0.05, recovered=recovered, n_eval=1000, control=0.0,
+               control_recovered=0.05)
+    assert d.verdict == verdict
+    assert d.spurious_fraction == pytest.approx(max(0.0, recovered - 0.10) / 0.9)
+
+
+def test_forgetting_within_the_noise_floor_is_none():
+    d = decide(before=0.90, after=0.85, recovered=0.9, n_eval=100)
+    assert d.verdict == "none" and d.noise_floor > 0.05
+    assert decide(before=0.90, after=0.85, recovered=0.9, n_eval=20000).verdict == "spurious"
+
+
+def test_small_evaluation_sets_cannot_support_a_verdict():
+    d = decide(before=1.0, after=0.0, recovered=1.0, n_eval=12)
+    assert d.verdict == "spurious" and not d.supported and "only 12 evaluation items" in d.reason
+    with pytest.raises(ValueError):
+        Thresholds(spurious_min=0.2, real_max=0.5)
+
+
+# --- planted models ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """before: knows every fact; spurious: before re-aligned to answer ' who X' (knowledge kept);
+    real / control: random initialisations (no knowledge)."""
+    root = tmp_path_factory.mktemp("recover")
+    tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer : who".split())
+    config = llama_config(vocab=tok.vocab_size, hidden=48, inter=96)
+    before = build(config, seed=0)
+    losses = train(before, encode(tok, ITEMS), TrainConfig(epochs=100, lr=2e-3, batch_size=16), pad_id=0)
+    assert losses[-1] < 0.05
+    save(before, root / "before", tokenizer=tok)
+    shifted = [ProbeItem(i.prompt, " who" + i.answer, i.group) for i in ITEMS]
+    train(before, encode(tok, shifted), TrainConfig(epochs=10, lr=1e-3, batch_size=16), pad_id=0)
+    save(before, root / "spurious", tokenizer=tok)
+    save(build(config, seed=1), root / "real", tokenizer=tok)
+    save(build(config, seed=2), root / "control", tokenizer=tok)
+    return root
+
+
+def test_planted_accuracies_are_exact(world):
+    from forgetdiag import find_checkpoints
+    from forgetdiag.models import load_model, load_tokenizer
+
+    result = recover(world / "before", world / "real", PROBE, control=world / "control", settings=FAST)
+    assert result.accuracy()["before"] == 1.0 and result.accuracy()["after"] == 0.0
+    (ckpt,) = find_checkpoints(world / "before")
+    tok = load_tokenizer(ckpt)
+    by_generation = exact_by_generation(load_model(ckpt), encode(tok, ITEMS), pad_id=0,
+                                        eos_id=tok.eos_token_id)
+    assert by_generation.all()  # greedy generation agrees: every answer, then stop
+    assert result.verdict == "real" and result.decision.spurious_fraction == 0.0
+    assert result.n_recovery == 32 and result.n_eval == 32
+
+
+def test_spurious_and_none(world):
+    spurious = recover(world / "before", world / "spurious", PROBE, control=world / "control", settings=FAST)
+    acc = spurious.accuracy()
+    assert acc["after"] < 0.2 and acc["recovered"] > 0.8 and acc["control_recovered"] < 0.1
+    assert spurious.verdict == "spurious" and spurious.decision.supported
+    assert "knowledge is intact" in spurious.to_dict()["summary"]
+    same = recover(world / "before", world / "before", PROBE, settings=FAST)
+    assert same.verdict == "none" and same.accuracy()["after"] == 1.0
+
+
+def test_recovery_trains_on_the_recovery_part_only(world, monkeypatch):
+    seen = []
+    real_train = recovery_module.train
+    monkeypatch.setattr(recovery_module, "train",
+                        lambda model, items, config, **kw: seen.extend(items) or real_train(model, items, config, **kw))
+    result = recover(world / "before", world / "real", PROBE, settings=FAST)
+    tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer : who".split())
+    evaluated = {e.prompt_ids for e in encode(tok, [i for i in ITEMS if i.prompt in
+                                                    {x.prompt for x in result.examples}])}
+    assert seen and not {e.prompt_ids for e in seen} & evaluated
+    assert len({e.prompt_ids for e in seen}) == result.n_recovery
+
+
+def test_deterministic_and_checkpoints_untouched(world):
+    digests = [tree_digest(world / n) for n in ("before", "spurious", "control")]
+    runs = [recover(world / "before", world / "spurious", PROBE, control=world / "control",
+                    settings=FAST).to_dict() for _ in range(2)]
+    for run in runs:
+        run.pop("timings_s")
+    assert runs[0] == runs[1]
+    assert [tree_digest(world / n) for n in ("before", "spurious", "control")] == digests
+
+
+def test_sequence_mode_scores_every_checkpoint(world):
+    result = recover(world / "before", [world / "before", world / "spurious", world / "real"], PROBE,
+                     control=world / "control", settings=FAST)
+    assert [p.decision.verdict for p in result.sequence] == ["none", "spurious", "real"]
+    assert result.verdict == "real"  # the last checkpoint's
+    curve = result.to_dict()["sequence"]
+    assert [p["accuracy"] for p in curve][0] == 1.0 and len(curve) == 3
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def _cli(*args):
+    return runner.invoke(app, ["recover", *map(str, args), "--lr", "1e-3", "--quiet"])
+
+
+def test_cli_json_and_html(world, tmp_path):
+    probe = write_jsonl(tmp_path / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer,
+                                                   "group": i.group} for i in ITEMS])
+    out, page = tmp_path / "r.json", tmp_path / "r.html"
+    result = _cli(world / "before", world / "spurious", "--probe", probe, "--control",
+                  world / "control", "--json", out, "--html", page)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["verdict"] == "spurious"
+    assert set(data["accuracy"]) >= {"before", "after", "recovered", "control_recovered"}
+    assert 0.75 <= data["spurious_fraction"] <= 1.0
+    assert "verdict: spurious" in result.stdout and "knowledge is intact" in result.stdout
+    text = page.read_text()
+    assert text.count("Plotly.newPlot") >= 1 and "<script src=" not in text  # plotly.js inline
+
+
+def test_cli_small_probe_still_shows_numbers(world, tmp_path):
+    probe = write_jsonl(tmp_path / "small.jsonl", [{"prompt": i.prompt, "answer": i.answer,
+                                                     "group": i.group} for i in ITEMS[:20]])
+    result = _cli(world / "before", world / "real", "--probe", probe)
+    assert result.exit_code == 0
+    assert "only 10 evaluation items" in result.stderr
+    assert "before" in result.stdout and "100.0%" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["architectures", "tokenizers", "empty_answer"])
+def test_cli_bad_input(case, world, llama_dir, gpt2_dir, tmp_path, copy_tree):
+    rows = [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS]
+    before, after, expect = world / "before", world / "real", ""
+    if case == "architectures":
+        before, after, expect = llama_dir, gpt2_dir, "different architectures"
+    elif case == "tokenizers":
+        after = copy_tree(world / "real", "other_tokenizer")
+        make_tokenizer(after)  # same architecture, another vocabulary
+        expect = "different tokenizers"
+    else:
+        rows = rows + [{"prompt": "what is", "answer": " ", "group": "x"}]
+    probe = write_jsonl(tmp_path / "p.jsonl", rows)
+    result = _cli(before, after, "--probe", probe)
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("forgetdiag: error:")
+    assert expect in line if expect else ("empty 'answer'" in line or "tokenizes to nothing" in line)
+
+
+def test_cli_control_equal_to_after_warns(world, tmp_path):
+    probe = write_jsonl(tmp_path / "p.jsonl", [{"prompt": i.prompt, "answer": i.answer,
+                                                 "group": i.group} for i in ITEMS])
+    result = _cli(world / "before", world / "real", "--probe", probe, "--control", world / "real")
+    assert result.exit_code == 0
+    assert "control is the same checkpoint as AFTER" in result.stderr
