@@ -2,6 +2,7 @@
 
 from forgetdiag.cli.app import app
 from forgetdiag.cli import inspect  # noqa: F401  (registers its command)
+from forgetdiag.cli import recover  # noqa: F401
 
 
 def main() -> None:
