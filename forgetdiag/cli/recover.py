@@ -7,7 +7,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from forgetdiag.analyses.recovery import RecoverySettings, recover
+from forgetdiag.analyses.recovery import RecoveryResult, RecoverySettings, recover
 from forgetdiag.analyses.verdict import Thresholds
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (AllowPickleOpt, AnswerFieldOpt, BaseOpt, BatchOpt, ChatTemplateOpt,
@@ -21,6 +21,39 @@ from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 from forgetdiag.render.recover import recover_table, write_recover_html
 
 Opt = typer.Option
+# Options shared with `gate`, which runs the same recovery probe.
+ControlOpt = Annotated[Optional[Path], Opt("--control", help="A checkpoint that never held the old task's knowledge (a base model or random init). Strongly recommended: it measures what the recovery budget teaches by itself.", show_default=False)]
+RecoveryProbeOpt = Annotated[Optional[Path], Opt("--recovery-probe", help="Recovery examples in their own file (then all of --probe is evaluated).", show_default=False)]
+ShotsOpt = Annotated[Optional[int], Opt("--shots", min=1, help="Recovery examples (whole groups). Default: half of the probe's groups.", show_default=False)]
+EvalOpt = Annotated[Optional[int], Opt("--eval", min=1, help="Cap on evaluation items. Default: all not used for recovery.", show_default=False)]
+EpochsOpt = Annotated[int, Opt("--epochs", min=1, help="Passes over the recovery examples.")]
+MinStepsOpt = Annotated[int, Opt("--min-steps", min=1, help="At least this many recovery steps.")]
+LrOpt = Annotated[Optional[float], Opt("--lr", help="Recovery learning rate. Default by model size: 1e-4 under 20M parameters, 3e-5 under 300M, 1e-5 under 3B, else 5e-6 (LoRA: 2e-4, 1e-4 from 1B).", show_default=False)]
+RecBatchOpt = Annotated[int, Opt("--recovery-batch", min=1, help="Recovery examples per step (AdamW).")]
+LoraOpt = Annotated[bool, Opt("--lora", help="Recover through a LoRA adapter (peft) so a 7B model fits one GPU.")]
+LoraRankOpt = Annotated[int, Opt("--lora-rank", min=1, help="Rank of the recovery adapter.")]
+MetricOpt = Annotated[str, Opt("--metric", help="What decides: exact_match (greedy answer then stop, as in the paper) or first_token.")]
+
+
+def run_recover(before: Path, after: list[Path], probe: Path, *, control: Path | None,
+                recovery_probe: Path | None, settings: dict, thresholds: dict, runtime: dict,
+                fields: dict, quiet: bool) -> RecoveryResult:
+    """Load the probes, build the settings, run :func:`recover` with a progress bar."""
+    if settings["metric"] not in ("exact_match", "first_token"):
+        raise ForgetdiagError(f"--metric must be exact_match or first_token, not {settings['metric']!r}")
+    old = load_probe(probe, **fields)
+    rec = load_probe(recovery_probe, **fields) if recovery_probe else None
+    try:
+        limits = Thresholds(**thresholds)
+    except ValueError as exc:
+        raise ForgetdiagError(str(exc)) from None
+    with progress_bar(quiet) as progress:
+        result = recover(before, after, old, control=control, recovery_probe=rec,
+                         settings=RecoverySettings(**settings), thresholds=limits,
+                         runtime=runtime_from(**runtime), progress=progress, warn=warn)
+    if not result.decision.supported:
+        warn(result.decision.reason)
+    return result
 
 
 @command(app, "recover")
@@ -28,17 +61,17 @@ def recover_cmd(
     before: Annotated[Path, typer.Argument(help="Checkpoint that knew the old task.", show_default=False)],
     after: Annotated[List[Path], typer.Argument(help="Checkpoint(s) trained on something else since; a Trainer run directory or several checkpoints give the curve along the run.", show_default=False)],
     probe: Annotated[Path, Opt("--probe", help="The old task's probe (JSONL, JSON or CSV with prompt, answer[, group]).", show_default=False)],
-    control: Annotated[Optional[Path], Opt("--control", help="A checkpoint that never held the old task's knowledge (a base model or random init). Strongly recommended: it measures what the recovery budget teaches by itself.", show_default=False)] = None,
-    recovery_probe: Annotated[Optional[Path], Opt("--recovery-probe", help="Recovery examples in their own file (then all of --probe is evaluated).", show_default=False)] = None,
-    shots: Annotated[Optional[int], Opt("--shots", min=1, help="Recovery examples (whole groups). Default: half of the probe's groups.", show_default=False)] = None,
-    n_eval: Annotated[Optional[int], Opt("--eval", min=1, help="Cap on evaluation items. Default: all not used for recovery.", show_default=False)] = None,
-    epochs: Annotated[int, Opt("--epochs", min=1, help="Passes over the recovery examples.")] = 1,
-    min_steps: Annotated[int, Opt("--min-steps", min=1, help="At least this many recovery steps.")] = 20,
-    lr: Annotated[Optional[float], Opt("--lr", help="Recovery learning rate. Default by model size: 1e-4 under 20M parameters, 3e-5 under 300M, 1e-5 under 3B, else 5e-6 (LoRA: 2e-4, 1e-4 from 1B).", show_default=False)] = None,
-    batch: Annotated[int, Opt("--recovery-batch", min=1, help="Recovery examples per step (AdamW).")] = 32,
-    lora: Annotated[bool, Opt("--lora", help="Recover through a LoRA adapter (peft) so a 7B model fits one GPU.")] = False,
-    lora_rank: Annotated[int, Opt("--lora-rank", min=1, help="Rank of the recovery adapter.")] = 16,
-    metric: Annotated[str, Opt("--metric", help="What decides: exact_match (greedy answer then stop, as in the paper) or first_token.")] = "exact_match",
+    control: ControlOpt = None,
+    recovery_probe: RecoveryProbeOpt = None,
+    shots: ShotsOpt = None,
+    n_eval: EvalOpt = None,
+    epochs: EpochsOpt = 1,
+    min_steps: MinStepsOpt = 20,
+    lr: LrOpt = None,
+    batch: RecBatchOpt = 32,
+    lora: LoraOpt = False,
+    lora_rank: LoraRankOpt = 16,
+    metric: MetricOpt = "exact_match",
     spurious_min: Annotated[float, Opt("--spurious-min", help="Spurious fraction at or above which forgetting is spurious.")] = 0.75,
     real_max: Annotated[float, Opt("--real-max", help="Spurious fraction at or below which forgetting is real.")] = 0.25,
     min_eval: Annotated[int, Opt("--min-eval", help="Fewest evaluation items that can support a verdict.")] = 30,
@@ -66,27 +99,17 @@ def recover_cmd(
     (and of CONTROL) on a few other items, scores again, and gives a verdict: none, spurious,
     real or mixed. Checkpoints on disk are never modified.
     """
-    if metric not in ("exact_match", "first_token"):
-        raise ForgetdiagError(f"--metric must be exact_match or first_token, not {metric!r}")
     guard_outputs([json_path, html_path], [before, *after, *([control] if control else [])])
-    fields = dict(prompt_field=prompt_field, answer_field=answer_field, group_field=group_field)
-    old = load_probe(probe, **fields)
-    rec = load_probe(recovery_probe, **fields) if recovery_probe else None
-    settings = RecoverySettings(shots=shots, n_eval=n_eval, epochs=epochs, min_steps=min_steps, lr=lr,
-                                batch_size=batch, lora=lora, lora_rank=lora_rank, seed=seed, metric=metric)
-    try:
-        thresholds = Thresholds(spurious_min=spurious_min, real_max=real_max, min_eval=min_eval)
-    except ValueError as exc:
-        raise ForgetdiagError(str(exc)) from None
-    runtime = runtime_from(device=device, dtype=dtype, threads=threads, batch_size=batch_size,
-                           tokenizer=tokenizer, chat_template=chat_template,
-                           truncate_prompts=truncate_prompts, allow_pickle=allow_pickle, base=base,
-                           trust_remote_code=trust_remote_code)
-    with progress_bar(quiet) as progress:
-        result = recover(before, after, old, control=control, recovery_probe=rec, settings=settings,
-                         thresholds=thresholds, runtime=runtime, progress=progress, warn=warn)
-    if not result.decision.supported:
-        warn(result.decision.reason)
+    result = run_recover(
+        before, after, probe, control=control, recovery_probe=recovery_probe, quiet=quiet,
+        settings=dict(shots=shots, n_eval=n_eval, epochs=epochs, min_steps=min_steps, lr=lr,
+                      batch_size=batch, lora=lora, lora_rank=lora_rank, seed=seed, metric=metric),
+        thresholds=dict(spurious_min=spurious_min, real_max=real_max, min_eval=min_eval),
+        runtime=dict(device=device, dtype=dtype, threads=threads, batch_size=batch_size,
+                     tokenizer=tokenizer, chat_template=chat_template,
+                     truncate_prompts=truncate_prompts, allow_pickle=allow_pickle, base=base,
+                     trust_remote_code=trust_remote_code),
+        fields=dict(prompt_field=prompt_field, answer_field=answer_field, group_field=group_field))
     if json_path is not None:
         write_json(json_path, result.to_dict())
     if html_path is not None:
