@@ -153,6 +153,10 @@ def test_sequence_mode_scores_every_checkpoint(world):
     assert result.verdict == "real"  # the last checkpoint's
     curve = result.to_dict()["sequence"]
     assert [p["accuracy"] for p in curve][0] == 1.0 and len(curve) == 3
+    headed = recover(world / "before", [world / "before", world / "spurious"], PROBE,
+                     control=world / "control", settings=FAST, at=world / "spurious")
+    assert headed.verdict == "spurious" and headed.after == "spurious"
+    assert headed.sequence[1].recovered == result.sequence[1].recovered  # same numbers either way
 
 
 # --- the CLI -------------------------------------------------------------------------------

@@ -316,8 +316,8 @@ def _prepare(before: Checkpoint, others: Sequence[Checkpoint], probe: Probe,
 def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
             control: str | Path | Checkpoint | None = None, recovery_probe: Probe | None = None,
             settings: RecoverySettings = RecoverySettings(), thresholds: Thresholds = Thresholds(),
-            runtime: Runtime = Runtime(), progress: ProgressFn | None = None,
-            warn: Warn | None = None) -> RecoveryResult:
+            runtime: Runtime = Runtime(), at: str | Path | Checkpoint | None = None,
+            progress: ProgressFn | None = None, warn: Warn | None = None) -> RecoveryResult:
     """Is the forgetting from BEFORE to AFTER spurious or real?
 
     Args:
@@ -328,6 +328,7 @@ def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
         probe: the old task's probe; split by group into recovery and evaluation parts unless
             ``recovery_probe`` gives the recovery examples (then all of ``probe`` is evaluated).
         control: a checkpoint that never held the old knowledge (strongly recommended).
+        at: in sequence mode, the checkpoint whose verdict heads the result (default: the last).
         settings, thresholds, runtime: the budget, the verdict thresholds, how models run.
         progress: ``progress(description, done, total)`` callback.
         warn: receives warnings (a control equal to AFTER, truncated prompts).
@@ -379,13 +380,26 @@ def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
                                      want_examples=k == len(afters) - 1)
             points.append(point)
             examples = ex or examples
-    last = points[-1]
+    head = _headline(afters, at, runtime)
+    last = points[head]
     scores = {"before": before_score, "after": last.after, "recovered": last.recovered,
               "control": control_score, "control_recovered": control_rec}
     return RecoveryResult(
-        before=before_ckpt.label, after=afters[-1].label,
+        before=before_ckpt.label, after=afters[head].label,
         control=control_ckpt.label if control_ckpt else None, probe=probe.name,
         n_recovery=len(rec), n_eval=len(ev), metric=settings.metric, scores=scores,
         decision=last.decision, settings=settings, thresholds=thresholds, lr=ctx.lr,
         steps=ctx.steps, sequence=tuple(points) if len(points) > 1 else (),
         examples=examples, timings=dict(ctx.timings), notes=tuple(notes))
+
+
+def _headline(afters: Sequence[Checkpoint], at, runtime: Runtime) -> int:
+    """Index of the after-checkpoint whose verdict heads the result."""
+    if at is None:
+        return len(afters) - 1
+    target = _one(at, runtime, "the headline checkpoint").path.resolve()
+    for k, ckpt in enumerate(afters):
+        if ckpt.path.resolve() == target:
+            return k
+    raise CheckpointError(f"{at} is not among the AFTER checkpoints "
+                          f"({', '.join(c.label for c in afters)})")
