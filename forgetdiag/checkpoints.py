@@ -353,3 +353,40 @@ def find_sequence(paths: Iterable[str | Path], *, allow_pickle: bool = False,
         for c in found:
             c.label = str(c.path)
     return found
+
+
+def _header_bytes(file: Path) -> bytes:
+    """The JSON header of a safetensors file (its index of names, dtypes, shapes, offsets)."""
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return handle.read(min(size, 100_000_000))
+
+
+def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
+    """Identify a checkpoint cheaply: weight sizes and sha256 of its config and tensor index.
+
+    The index is ``model.safetensors.index.json`` for sharded checkpoints and the header of each
+    safetensors file otherwise (names, dtypes, shapes and offsets); ``sample_sha256`` hashes the
+    first and last MiB of each weight file, which tells checkpoints of one layout apart.
+    """
+    import hashlib
+
+    digest, sample = hashlib.sha256(), hashlib.sha256()
+    for file in sorted(checkpoint.weight_files):
+        if file.suffix == ".safetensors":
+            digest.update(_header_bytes(file))
+        else:
+            digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        with open(file, "rb") as handle:  # the first and last MiB: tells weights apart cheaply
+            sample.update(handle.read(1 << 20))
+            handle.seek(max(0, file.stat().st_size - (1 << 20)))
+            sample.update(handle.read())
+    index = checkpoint.path / SAFETENSORS_INDEX
+    if index.is_file():
+        digest.update(index.read_bytes())
+    config = checkpoint.path / ("config.json" if checkpoint.base is None else ADAPTER_CONFIG)
+    config_hash = hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else None
+    return {"label": checkpoint.label, "path": str(checkpoint.path), "format": checkpoint.format,
+            "size_bytes": checkpoint.size_bytes, "index_sha256": digest.hexdigest()[:16],
+            "sample_sha256": sample.hexdigest()[:16],
+            "config_sha256": config_hash}

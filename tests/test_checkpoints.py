@@ -305,3 +305,16 @@ def test_resized_vocabulary_compares_common_rows(llama_dir, tmp_path):
     tensors = dict((t.name, v) for t, v in stream_tensors(checkpoints, check=check))
     a, b = tensors["model.embed_tokens.weight"]
     assert a.shape == b.shape == (64, 32) and torch.equal(a, b)
+
+
+def test_fingerprint_changes_with_the_tensors_not_the_path(llama_dir, llama_dir_b, copy_tree):
+    from forgetdiag.checkpoints import fingerprint
+
+    (a,), (b,) = find_checkpoints(llama_dir), find_checkpoints(llama_dir_b)
+    (same,) = find_checkpoints(copy_tree(llama_dir))
+    fa, fb, fs = fingerprint(a), fingerprint(b), fingerprint(same)
+    assert fa["index_sha256"] == fs["index_sha256"] and fa["config_sha256"] == fs["config_sha256"]
+    assert fa["size_bytes"] == (llama_dir / "model.safetensors").stat().st_size
+    assert fa["sample_sha256"] == fs["sample_sha256"]
+    # same layout (so the same index), other values: the sampled bytes tell them apart
+    assert fa["index_sha256"] == fb["index_sha256"] and fa["sample_sha256"] != fb["sample_sha256"]
