@@ -229,6 +229,42 @@ def score(model, encoded: Sequence[Encoded], *, pad_id: int = 0, batch_size: int
     return Scores(exact, first, nll, n_tokens)
 
 
+
+def collate_batches(encoded: Sequence[Encoded], *, pad_id: int, batch_size: int = 32,
+                    device: torch.device | str = "cpu") -> list[Batch]:
+    """Every batch of :func:`batches_by_length`, collated once on ``device``.
+
+    For callers that evaluate the same items many times (a loss surface): collating once
+    keeps the per-evaluation cost at the forward passes.
+    """
+    return [collate([encoded[k] for k in idx], pad_id, device)
+            for idx in batches_by_length(encoded, batch_size)]
+
+
+@torch.inference_mode()
+def answer_loss(model, batches: Sequence[Batch]) -> float:
+    """Mean completion-token cross-entropy over collated batches (nats).
+
+    The same quantity as :attr:`Scores.answer_loss` (token-weighted over all items), without
+    the accuracies: one forward pass per batch, and one host sync per batch.
+
+    Args:
+        model: a causal LM on the batches' device.
+        batches: from :func:`collate_batches`.
+
+    Returns:
+        The loss as a Python float (NaN when no token is scored).
+    """
+    total, count = 0.0, 0
+    for batch in batches:
+        logits = completion_logits(model, batch).float()  # (B, C, V)
+        targets = batch.targets  # (B, C), IGNORE where nothing is scored
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                ignore_index=IGNORE, reduction="sum")
+        total += float(nll)  # accumulated in float64 across batches
+        count += int((targets != IGNORE).sum())
+    return total / count if count else float("nan")
+
 @torch.inference_mode()
 def generate_greedy(model, encoded: Sequence[Encoded], *, pad_id: int, eos_id: int | None,
                     batch_size: int = 32, max_new_tokens: int | None = None) -> list[tuple[int, ...]]:
@@ -262,3 +298,43 @@ def exact_by_generation(model, encoded: Sequence[Encoded], *, pad_id: int, eos_i
     """Greedy exact match the slow way, by generating: (n,) bool. For checks and benchmarks."""
     said = generate_greedy(model, encoded, pad_id=pad_id, eos_id=eos_id, batch_size=batch_size)
     return np.array([s == e.completion_ids for s, e in zip(said, encoded)], dtype=bool)
+
+
+@torch.inference_mode()
+def token_logprobs(model, encoded: Sequence[Encoded], *, pad_id: int = 0, batch_size: int = 32,
+                   progress: Callable[[str, int, int], None] | None = None
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Log-probability of every completion token under ``model`` (teacher forced), per item.
+
+    The same forward pass as :func:`score` (left-padded batches, :func:`completion_logits`);
+    the log-softmax runs in float64.
+
+    Args:
+        model: a causal LM (its device is used).
+        encoded: items from :func:`encode`.
+        pad_id: any valid token id (padding is masked).
+        batch_size: items per forward pass.
+
+    Returns:
+        ``(logprobs, predicted)`` in the order of ``encoded``: for item k, ``logprobs[k]`` is a
+        (C_k,) float64 array of ``log p(completion token | everything before it)`` (NaN for a
+        first token that nothing precedes), and ``predicted[k]`` the (C_k,) int64 argmax token
+        the model puts at each of those positions.
+    """
+    logprobs: list[np.ndarray] = [np.empty(0)] * len(encoded)
+    predicted: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(encoded)
+    device = next(model.parameters()).device
+    groups = batches_by_length(encoded, batch_size)
+    for done, idx in enumerate(groups):
+        batch = collate([encoded[k] for k in idx], pad_id, device)
+        logits = completion_logits(model, batch).double()  # (B, C, V)
+        targets = batch.targets  # (B, C), right-aligned, IGNORE elsewhere
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+        logp = logp.squeeze(-1).masked_fill(targets == IGNORE, float("nan")).cpu().numpy()  # (B, C)
+        top = logits.argmax(-1).cpu().numpy()  # (B, C)
+        for row, k in enumerate(idx):
+            c = len(encoded[k].completion_ids)  # this item's completion: the last c columns
+            logprobs[k], predicted[k] = logp[row, -c:].copy(), top[row, -c:].astype(np.int64)
+        if progress is not None:
+            progress("token log-probabilities", done + 1, len(groups))
+    return logprobs, predicted

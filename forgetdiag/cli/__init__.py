@@ -3,6 +3,7 @@
 from forgetdiag.cli.app import app
 from forgetdiag.cli import inspect  # noqa: F401  (registers its command)
 from forgetdiag.cli import recover  # noqa: F401
+from forgetdiag.cli import landscape  # noqa: F401
 from forgetdiag.cli import gate  # noqa: F401
 
 
