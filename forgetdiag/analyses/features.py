@@ -1,0 +1,450 @@
+"""Per-layer feature shifts and principal-component shifts (SCIENCE.md section 4).
+
+For every hidden-state index (0 = embedding output, l = output of decoder layer l; the last
+index is after the final norm, exactly as transformers' ``output_hidden_states`` numbers them),
+take the hidden state at the LAST PROMPT TOKEN of every probe prompt, for each checkpoint. Then,
+per layer and per checkpoint pair (before, after): exact PCA of each feature set, the angle
+between matching top PCs (|cos|: a PC's sign is arbitrary), principal angles between the top-k PC
+subspaces, the mean-shift vector (its norm relative to the mean feature norm, its angle to the
+before-PC1 and to the before top-k subspace), and linear CKA. A shift nearly orthogonal to the
+old PCs with the PCs nearly unchanged means the old representation is kept and can be re-aligned.
+
+Hidden states come from forward hooks that copy the last position of each decoder layer's output
+(:func:`extract_features`), so memory holds (layers, batch, hidden) numbers, never the
+(layers, batch, tokens, hidden) that ``output_hidden_states`` materialises; statistics run in
+float64 on the CPU whatever the model's device and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from forgetdiag import linalg
+from forgetdiag.checkpoints import Checkpoint, find_checkpoints, find_sequence
+from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
+from forgetdiag.evaluate import Encoded, model_context
+from forgetdiag.models import (Runtime, auto_threads, load_model, load_tokenizer, resolve_device,
+                               same_tokenizer, torch_threads)
+from forgetdiag.probes import Probe, with_chat_template
+from forgetdiag.streaming import ProgressFn, check_sequence
+from forgetdiag.analyses.hidden import (METHODS, decoder_layers, encode_prompts,  # noqa: F401
+                                        extract_features)
+
+Warn = Callable[[str], None]
+# A principal direction whose standard deviation is below this share of the mean feature norm
+# is float32 rounding, not structure (features are stored in float32: ~6e-8 relative error).
+RANK_RTOL = 1e-5
+TIE = 0.9  # PC2 holding >= 90% of PC1's variance: PC1 alone is ill-defined (a note says so)
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """What is compared and where the shift is said to start (CLI options of the same names).
+
+    Attributes:
+        k: top principal components compared per layer (angles of matching PCs, principal
+            angles between the top-k subspaces). The probe needs more than k prompts.
+        pc_shift_min: a layer whose top-k PC subspace turns by at least this many degrees (mean
+            principal angle) has shifted. Not the PC1 angle: PCs of nearly equal variance swap
+            or rotate in their common plane, which turns PC1 while the subspace stays put.
+        cka_drop_min: a layer whose linear CKA falls by at least this much (1 - CKA) has
+            shifted. The shift starts at the lowest layer where either clears its threshold.
+        max_points: prompts shown per checkpoint in the HTML scatter (a seeded sample).
+        seed: seed of that sample.
+        method: ``hooks`` (last token only, the default) or ``output_hidden_states``
+            (transformers' own output: every token of every layer; for checks and benchmarks).
+    """
+
+    k: int = 8
+    pc_shift_min: float = 10.0
+    cka_drop_min: float = 0.05
+    max_points: int = 500
+    seed: int = 0
+    method: str = "hooks"
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.max_points < 0:
+            raise ForgetdiagError(f"need k >= 1 and max_points >= 0, got k={self.k}, "
+                                  f"max_points={self.max_points}")
+        if not 0 < self.pc_shift_min <= 90 or not 0 < self.cka_drop_min <= 1:
+            raise ForgetdiagError(f"need 0 < pc-shift-min <= 90 and 0 < cka-drop-min <= 1, got "
+                                  f"{self.pc_shift_min} and {self.cka_drop_min}")
+        if self.method not in METHODS:
+            raise ForgetdiagError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+
+
+@dataclass(frozen=True)
+class LayerShift:
+    """One hidden-state index of one checkpoint pair. Angles in degrees; NaN where undefined
+    (a layer whose features do not vary across prompts has no PCs; a zero shift no direction)."""
+
+    layer: int  # 0 = embedding output
+    k: int  # PCs compared: min(k, rank before, rank after)
+    pc_angles_deg: tuple[float, ...]  # (k,) matching PCs, 0..90
+    subspace_angles_deg: tuple[float, ...]  # (k,) principal angles, ascending
+    mean_shift_norm: float
+    mean_shift_rel: float  # ||mean after - mean before|| / mean_i ||before_i||
+    mean_shift_pc1_angle_deg: float  # 0..90
+    mean_shift_subspace_angle_deg: float  # to the before top-k subspace, 0..90
+    cka: float
+    rank_before: int
+    rank_after: int
+    explained_before: tuple[float, ...]  # (k,) variance shares of the top PCs
+    explained_after: tuple[float, ...]
+    shift_vs_previous_deg: float = math.nan  # 0..180 to the previous chained pair's shift
+
+    @property
+    def pc1_angle_deg(self) -> float:
+        return self.pc_angles_deg[0] if self.pc_angles_deg else math.nan
+
+    @property
+    def pc_shift_deg(self) -> float:
+        """Mean principal angle between the top-k PC subspaces: the PC shift of the rule."""
+        angles = self.subspace_angles_deg
+        return sum(angles) / len(angles) if angles else math.nan
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Before/after points on (before PC1, mean-shift direction made orthogonal to PC1)."""
+
+    layer: int
+    y_axis: str  # "mean shift" or "before PC2" when the shift is (nearly) along PC1 or zero
+    before: np.ndarray  # (m, 2)
+    after: np.ndarray  # (m, 2)
+
+
+@dataclass(frozen=True)
+class PairShift:
+    """Every layer of one (before, after) pair and where the shift starts."""
+
+    before: str
+    after: str
+    before_step: int | None
+    after_step: int | None
+    layers: tuple[LayerShift, ...]
+    shift_start: int | None
+    projections: tuple[Projection, ...] = ()
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    """Everything ``forgetdiag features`` computed; ``to_dict()`` is its JSON."""
+
+    checkpoints: tuple[str, ...]
+    probe: str
+    n_prompts: int
+    n_layers: int  # decoder layers; hidden-state indices run 0..n_layers
+    hidden_size: int
+    pairs: tuple[PairShift, ...]
+    settings: FeatureSettings
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def records(self) -> list[dict]:
+        """One flat record per (pair, layer): loads straight into pandas."""
+        rows = []
+        for p, pair in enumerate(self.pairs):
+            for s in pair.layers:
+                rows.append({"pair": p, "before": pair.before, "after": pair.after, **asdict(s),
+                             "pc1_angle_deg": s.pc1_angle_deg, "pc_shift_deg": s.pc_shift_deg,
+                             "shift_start": s.layer == pair.shift_start})
+        return rows
+
+    def to_dict(self) -> dict:
+        return {"summary": [summary_text(self, p) for p in self.pairs],
+                "checkpoints": list(self.checkpoints), "probe": self.probe,
+                "n_prompts": self.n_prompts, "n_layers": self.n_layers,
+                "hidden_size": self.hidden_size, "settings": asdict(self.settings),
+                "pairs": [{"before": p.before, "after": p.after, "shift_start": p.shift_start}
+                          for p in self.pairs],
+                "records": self.records(), "timings_s": self.timings, "notes": list(self.notes)}
+
+
+def summary_text(result: FeaturesResult, pair: PairShift) -> str:
+    """Where the shift of one pair starts, in words, with the numbers behind it."""
+    s = result.settings
+    rule = (f"top-{s.k} PC subspace turns >= {s.pc_shift_min:g} deg or CKA drops >= "
+            f"{s.cka_drop_min:g}")
+    if pair.shift_start is None:
+        return f"{pair.before} -> {pair.after}: no layer shifts ({rule} nowhere)"
+    at = pair.layers[pair.shift_start]
+    where = "the embedding output" if at.layer == 0 else f"layer {at.layer} of {result.n_layers}"
+    return (f"{pair.before} -> {pair.after}: shifts start at {where} (PC subspace "
+            f"{at.pc_shift_deg:.1f} deg, PC1 {at.pc1_angle_deg:.1f} deg, CKA {at.cka:.3f}, mean "
+            f"shift {at.mean_shift_rel:.3f} of the feature norm; rule: {rule})")
+
+
+# ---------------------------------------------------------------------------- per-layer numbers
+
+@dataclass(frozen=True)
+class LayerPCA:
+    """What one checkpoint's features at one layer contribute to every pair (float64)."""
+
+    mean: torch.Tensor  # (d,)
+    components: torch.Tensor  # (k, d) unit rows, the top PCs
+    explained: torch.Tensor  # (k,) variance shares
+    rank: int  # principal directions above RANK_RTOL (0: features constant across prompts)
+    mean_norm: float  # mean_i ||x_i||
+
+
+def summarise_layer(x: torch.Tensor, *, k: int) -> LayerPCA:
+    """Exact PCA of one layer's features x (n, d), keeping the top k PCs and the rank."""
+    x = x.to(torch.float64)
+    mean_norm = float(torch.linalg.vector_norm(x, dim=1).mean())
+    try:
+        mean, components, variance = linalg.pca(x)  # all min(n - 1, d) directions
+    except ValueError as exc:
+        raise ProbeError(f"PCA of the features failed: {exc}") from None
+    total = float(variance.sum())
+    rank = int((variance.sqrt() > RANK_RTOL * mean_norm).sum()) if mean_norm > 0 else 0
+    k = min(k, components.shape[0])
+    shares = variance[:k] / total if total > 0 else torch.zeros(k, dtype=torch.float64)
+    return LayerPCA(mean, components[:k].clone(), shares, rank, mean_norm)
+
+
+def compare_layer(layer: int, xb: torch.Tensor, xa: torch.Tensor, pb: LayerPCA,
+                  pa: LayerPCA, *, k: int) -> LayerShift:
+    """The shift of one layer from before (xb, pb) to after (xa, pa); xb, xa are (n, d)."""
+    k = min(k, pb.rank, pa.rank)
+    qb, qa = pb.components[:k].mT, pa.components[:k].mT  # (d, k) orthonormal columns
+    pc_angles = tuple(linalg.axis_angle(qb[:, i], qa[:, i]) for i in range(k))
+    subspace = tuple(linalg.principal_angles(qb, qa).tolist())
+    shift = pa.mean - pb.mean  # (d,)
+    norm = float(torch.linalg.vector_norm(shift))
+    moved = norm > 0 and k > 0
+    return LayerShift(
+        layer=layer, k=k, pc_angles_deg=pc_angles, subspace_angles_deg=subspace,
+        mean_shift_norm=norm, mean_shift_rel=norm / pb.mean_norm if pb.mean_norm > 0 else math.nan,
+        mean_shift_pc1_angle_deg=linalg.axis_angle(shift, qb[:, 0]) if moved else math.nan,
+        mean_shift_subspace_angle_deg=(float(linalg.direction_angles(qb, shift[:, None])[0])
+                                       if moved else math.nan),
+        cka=linalg.linear_cka(xb, xa) if pb.rank and pa.rank else math.nan,
+        rank_before=pb.rank, rank_after=pa.rank,
+        explained_before=tuple(pb.explained[:k].tolist()),
+        explained_after=tuple(pa.explained[:k].tolist()))
+
+
+def project(layer: int, xb: torch.Tensor, xa: torch.Tensor, pb: LayerPCA,
+            pa: LayerPCA) -> Projection | None:
+    """Points (m, d) of both checkpoints on (before PC1, mean shift orthogonal to PC1)."""
+    if pb.rank == 0:
+        return None
+    e1 = pb.components[0]  # (d,)
+    shift = pa.mean - pb.mean
+    e2 = shift - (shift @ e1) * e1  # (d,) the part of the shift that PC1 does not explain
+    y_axis = "mean shift"
+    if float(torch.linalg.vector_norm(e2)) <= 1e-9 * max(pb.mean_norm, 1e-300):
+        if pb.rank < 2:
+            return None
+        e2, y_axis = pb.components[1], "before PC2"
+    basis = torch.stack([e1, e2 / torch.linalg.vector_norm(e2)]).mT  # (d, 2)
+    to_plane = lambda x: ((x.to(torch.float64) - pb.mean) @ basis).numpy()  # noqa: E731
+    return Projection(layer, y_axis, to_plane(xb), to_plane(xa))
+
+
+def shift_start(layers: Sequence[LayerShift], settings: FeatureSettings) -> int | None:
+    """The lowest layer whose PC shift or CKA drop clears its threshold (NaN never does)."""
+    for s in layers:
+        if s.pc_shift_deg >= settings.pc_shift_min or 1.0 - s.cka >= settings.cka_drop_min:
+            return s.layer
+    return None
+
+
+def compare_features(before: torch.Tensor, after: torch.Tensor, *,
+                     settings: FeatureSettings = FeatureSettings()) -> tuple[LayerShift, ...]:
+    """Per-layer shifts between two feature sets of the same prompts (e.g. your own states).
+
+    Args:
+        before, after: (n_layers + 1, n, d) from :func:`extract_features`.
+
+    Returns:
+        One :class:`LayerShift` per hidden-state index.
+    """
+    if before.shape != after.shape or before.ndim != 3:
+        raise ForgetdiagError(f"features must be two (layers, n, d) tensors of one shape, got "
+                              f"{tuple(before.shape)} and {tuple(after.shape)}")
+    _check_k(before.shape[1], before.shape[2], settings.k, "the features")
+    return tuple(compare_layer(l, before[l], after[l], summarise_layer(before[l], k=settings.k),
+                               summarise_layer(after[l], k=settings.k), k=settings.k)
+                 for l in range(before.shape[0]))
+
+
+def _check_k(n: int, d: int | None, k: int, what: str) -> None:
+    if n <= k:
+        raise ProbeError(f"{what} has {n} prompts; --k {k} needs at least {k + 1} (the top {k} "
+                         f"PCs of {n} centred points are not all defined); pass a smaller --k "
+                         "or more prompts")
+    if d is not None and k > d:
+        raise ProbeError(f"--k {k} exceeds the hidden size {d}; expected k <= {d}")
+
+
+# ------------------------------------------------------------------------------ the analysis
+
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    """``"0:1,1:3"`` (or ``0-1``) -> [(0, 1), (1, 3)]: indices into the checkpoint list."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"(\d+)\s*[:-]\s*(\d+)", part)
+        if match is None:
+            raise ForgetdiagError(f"--pairs: cannot read {part!r}; expected I:J pairs of checkpoint "
+                                  "indices separated by commas, e.g. 0:1,1:3")
+        pairs.append((int(match.group(1)), int(match.group(2))))
+    return pairs
+
+
+def check_pairs(pairs: Sequence[tuple[int, int]] | None, n: int) -> list[tuple[int, int]]:
+    """Validated pairs; None means consecutive ones (0:1, 1:2, ...)."""
+    if n < 2:
+        raise CheckpointError(f"features compares checkpoints and needs at least 2, got {n}")
+    pairs = [(k, k + 1) for k in range(n - 1)] if pairs is None else [tuple(p) for p in pairs]
+    if not pairs:
+        raise ForgetdiagError("no pairs given; expected I:J pairs of checkpoint indices")
+    for i, j in pairs:
+        if not (0 <= i < n and 0 <= j < n) or i == j:
+            raise ForgetdiagError(f"pair {i}:{j} is not two different checkpoints among the "
+                                  f"{n} given (indices 0 to {n - 1})")
+    return pairs
+
+
+def _checkpoints(value, runtime: Runtime) -> list[Checkpoint]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not any(isinstance(v, Checkpoint) for v in values):  # paths: labels made unique
+        return find_sequence(values, allow_pickle=runtime.allow_pickle, base=runtime.base)
+    return [c for v in values for c in ([v] if isinstance(v, Checkpoint) else find_checkpoints(
+        v, allow_pickle=runtime.allow_pickle, base=runtime.base))]
+
+
+def _prompts(checkpoints: Sequence[Checkpoint], probe: Probe, runtime: Runtime,
+             warn: Warn | None) -> tuple[list[Encoded], int]:
+    """Encoded prompts and the pad id, after checking that every checkpoint shares a tokenizer."""
+    load = lambda c: load_tokenizer(c, path=runtime.tokenizer,  # noqa: E731
+                                    trust_remote_code=runtime.trust_remote_code)
+    tokenizer = load(checkpoints[0])
+    if runtime.tokenizer is None:
+        for other in checkpoints[1:]:
+            if other.tokenizer_dir is not None and not same_tokenizer(tokenizer, load(other)):
+                raise CheckpointError(f"{checkpoints[0].label} and {other.label} use different "
+                                      "tokenizers; expected one tokenizer for every checkpoint")
+    if runtime.chat_template:
+        probe = with_chat_template(probe, tokenizer)
+    encoded = encode_prompts(tokenizer, probe, max_length=model_context(checkpoints[0].config),
+                             truncate=runtime.truncate_prompts, warn=warn)
+    return encoded, tokenizer.pad_token_id
+
+
+def _extract(checkpoint: Checkpoint, prompts, pad_id: int, runtime: Runtime,
+             settings: FeatureSettings, progress) -> torch.Tensor:
+    model = load_model(checkpoint, device=runtime.device, dtype=runtime.dtype,
+                       trust_remote_code=runtime.trust_remote_code)
+    feats = extract_features(model, prompts, pad_id=pad_id, batch_size=runtime.batch_size,
+                             method=settings.method, progress=progress,
+                             label=f"hidden states {checkpoint.label}")
+    del model
+    bad = ~torch.isfinite(feats).all(dim=2).all(dim=1)  # (L + 1,)
+    if bool(bad.any()):
+        raise CheckpointError(f"{checkpoint.label}: NaN or Inf hidden states from layer "
+                              f"{int(bad.nonzero()[0])} (dtype {runtime.dtype}); expected finite "
+                              "features (try --dtype float32)")
+    return feats
+
+
+def _pair(i: int, j: int, feats: dict, pcas: dict, cks: Sequence[Checkpoint],
+          settings: FeatureSettings, previous: tuple[int, int] | None) -> PairShift:
+    sample = torch.randperm(feats[i].shape[1], generator=torch.Generator().manual_seed(settings.seed))
+    sample = sample[:settings.max_points].sort().values  # (m,) prompts shown in the scatter
+    layers, projections = [], []
+    for l, (pb, pa) in enumerate(zip(pcas[i], pcas[j])):
+        s = compare_layer(l, feats[i][l], feats[j][l], pb, pa, k=settings.k)
+        if previous is not None:  # ~180 deg: this shift undoes the previous one
+            before_shift = pcas[previous[1]][l].mean - pcas[previous[0]][l].mean
+            if s.mean_shift_norm > 0 and float(torch.linalg.vector_norm(before_shift)) > 0:
+                s = replace(s, shift_vs_previous_deg=linalg.vector_angle(pa.mean - pb.mean, before_shift))
+        layers.append(s)
+        if settings.max_points:
+            projections.append(project(l, feats[i][l][sample], feats[j][l][sample], pb, pa))
+    return PairShift(cks[i].label, cks[j].label, cks[i].step, cks[j].step, tuple(layers),
+                     shift_start(layers, settings), tuple(p for p in projections if p is not None))
+
+
+def _layers(layers: set[int]) -> str:
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(map(str, sorted(layers)))
+
+
+def _notes(pairs: Sequence[PairShift], settings: FeatureSettings) -> list[str]:
+    shifts = [s for p in pairs for s in p.layers]
+    flat = {s.layer for s in shifts if s.k == 0}
+    low = {s.layer for s in shifts if 0 < s.k < settings.k}
+    tied = {s.layer for s in shifts if s.k >= 2 and any(
+        e[1] >= TIE * e[0] for e in (s.explained_before, s.explained_after))}
+    notes = []
+    if flat:
+        notes.append(f"{_layers(flat)}: the features do not vary across prompts (e.g. every "
+                     "prompt ends with the same token at the embedding output): no PCs or CKA")
+    if low:
+        notes.append(f"{_layers(low)}: fewer than k={settings.k} principal directions, so "
+                     "fewer PCs are compared (see each record's k)")
+    if tied:
+        notes.append(f"{_layers(tied)}: PC1 and PC2 hold nearly equal variance (within "
+                     f"{100 * (1 - TIE):.0f}%), so PC1 can turn inside their plane; read the "
+                     "PC-subspace angles there, not the PC1 angle")
+    return notes
+
+
+def feature_shifts(checkpoints, probe: Probe, *, pairs: Sequence[tuple[int, int]] | None = None,
+                   settings: FeatureSettings = FeatureSettings(), runtime: Runtime = Runtime(),
+                   progress: ProgressFn | None = None, warn: Warn | None = None) -> FeaturesResult:
+    """Per-layer feature and principal-component shifts between checkpoints.
+
+    Args:
+        checkpoints: two or more checkpoints in training order (paths, a Trainer run
+            directory, or :class:`Checkpoint` objects); the default pairs are consecutive.
+        probe: prompts of the old task (answers are not used).
+        pairs: (i, j) indices into the expanded checkpoint list: before i, after j.
+        settings, runtime: what is compared; how models run (device, dtype, batch size...).
+        progress: ``progress(description, done, total)`` per batch of prompts.
+        warn: receives warnings (truncated prompts).
+
+    Returns:
+        A :class:`FeaturesResult` with one :class:`PairShift` per pair.
+
+    Example:
+        >>> r = feature_shifts(["runs/task0", "runs/task1/checkpoint-50"],
+        ...                    load_probe("old.jsonl"))  # doctest: +SKIP
+        >>> r.pairs[0].shift_start, r.records()[0]["cka"]  # doctest: +SKIP
+    """
+    cks = _checkpoints(checkpoints, runtime)
+    pairs = check_pairs(pairs, len(cks))
+    used = sorted({k for p in pairs for k in p})
+    check_sequence([cks[k] for k in used])
+    prompts, pad_id = _prompts([cks[k] for k in used], probe, runtime, warn)
+    _check_k(len(prompts), cks[used[0]].hidden_size, settings.k, f"probe {probe.name}")
+    device = resolve_device(runtime.device)
+    feats, pcas, done, timings = {}, {}, {}, {"hidden_states": 0.0, "statistics": 0.0}
+    with torch_threads(runtime.threads or auto_threads(cks[used[0]].n_params, device)):
+        for c in used:
+            start = time.perf_counter()
+            feats[c] = _extract(cks[c], prompts, pad_id, runtime, settings, progress)
+            timings["hidden_states"] += time.perf_counter() - start
+            start = time.perf_counter()
+            pcas[c] = [summarise_layer(x, k=settings.k) for x in feats[c]]
+            for p, (i, j) in enumerate(pairs):
+                if i in feats and j in feats and p not in done:
+                    chained = p > 0 and pairs[p - 1][1] == i  # compare with the previous shift
+                    done[p] = _pair(i, j, feats, pcas, cks, settings, pairs[p - 1] if chained else None)
+            waiting = {k for p, pair in enumerate(pairs) if p not in done for k in pair}
+            feats = {k: v for k, v in feats.items() if k in waiting}  # drop what no pair needs
+            timings["statistics"] += time.perf_counter() - start
+    results = tuple(done[p] for p in range(len(pairs)))
+    first = next(iter(pcas.values()))
+    return FeaturesResult(
+        checkpoints=tuple(c.label for c in cks), probe=probe.name, n_prompts=len(prompts),
+        n_layers=len(first) - 1, hidden_size=int(first[0].mean.shape[0]), pairs=results,
+        settings=settings, timings=timings, notes=tuple(_notes(results, settings)))
