@@ -180,3 +180,22 @@ def torch_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def shared_tokenizer(checkpoints, runtime: Runtime):
+    """The tokenizer of ``checkpoints[0]``, after checking that every other one uses the same.
+
+    With ``runtime.tokenizer`` set, that one tokenizer serves all and nothing is compared.
+
+    Raises:
+        CheckpointError: two checkpoints ship different tokenizers.
+    """
+    load = lambda c: load_tokenizer(c, path=runtime.tokenizer,  # noqa: E731
+                                    trust_remote_code=runtime.trust_remote_code)
+    tokenizer = load(checkpoints[0])
+    if runtime.tokenizer is None:
+        for other in checkpoints[1:]:
+            if other.tokenizer_dir is not None and not same_tokenizer(tokenizer, load(other)):
+                raise CheckpointError(f"{checkpoints[0].label} and {other.label} use different "
+                                      "tokenizers; expected one tokenizer for every checkpoint compared")
+    return tokenizer

@@ -30,8 +30,8 @@ from forgetdiag import linalg
 from forgetdiag.checkpoints import Checkpoint, find_checkpoints, find_sequence
 from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
 from forgetdiag.evaluate import Encoded, model_context
-from forgetdiag.models import (Runtime, auto_threads, load_model, load_tokenizer, resolve_device,
-                               same_tokenizer, torch_threads)
+from forgetdiag.models import (shared_tokenizer, Runtime, auto_threads, load_model, resolve_device,
+                               torch_threads)
 from forgetdiag.probes import Probe, with_chat_template
 from forgetdiag.streaming import ProgressFn, check_sequence
 from forgetdiag.analyses.hidden import (METHODS, decoder_layers, encode_prompts,  # noqa: F401
@@ -325,14 +325,7 @@ def _checkpoints(value, runtime: Runtime) -> list[Checkpoint]:
 def _prompts(checkpoints: Sequence[Checkpoint], probe: Probe, runtime: Runtime,
              warn: Warn | None) -> tuple[list[Encoded], int]:
     """Encoded prompts and the pad id, after checking that every checkpoint shares a tokenizer."""
-    load = lambda c: load_tokenizer(c, path=runtime.tokenizer,  # noqa: E731
-                                    trust_remote_code=runtime.trust_remote_code)
-    tokenizer = load(checkpoints[0])
-    if runtime.tokenizer is None:
-        for other in checkpoints[1:]:
-            if other.tokenizer_dir is not None and not same_tokenizer(tokenizer, load(other)):
-                raise CheckpointError(f"{checkpoints[0].label} and {other.label} use different "
-                                      "tokenizers; expected one tokenizer for every checkpoint")
+    tokenizer = shared_tokenizer(checkpoints, runtime)
     if runtime.chat_template:
         probe = with_chat_template(probe, tokenizer)
     encoded = encode_prompts(tokenizer, probe, max_length=model_context(checkpoints[0].config),

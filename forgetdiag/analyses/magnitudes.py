@@ -36,8 +36,8 @@ import torch
 from forgetdiag.checkpoints import Checkpoint, find_sequence
 from forgetdiag.errors import CheckpointError, ForgetdiagError
 from forgetdiag.evaluate import Encoded, _accepts_logits_to_keep, batches_by_length, collate, encode, model_context
-from forgetdiag.models import (Runtime, auto_threads, load_model, load_tokenizer, resolve_device,
-                               same_tokenizer, torch_threads)
+from forgetdiag.models import (shared_tokenizer, Runtime, auto_threads, load_model, resolve_device,
+                               torch_threads)
 from forgetdiag.probes import Probe, split_probe, with_chat_template
 from forgetdiag.streaming import ProgressFn, check_sequence
 
@@ -276,14 +276,7 @@ def _encode_tasks(checkpoints: Sequence[Checkpoint], probes: Sequence[Probe], ru
                   warn: Warn | None) -> tuple[list[list[list[Encoded]]], int]:
     """Per task, its items encoded in two halves split by group (one part for a single group),
     and the pad id, after checking that one tokenizer serves every checkpoint."""
-    load = lambda c: load_tokenizer(c, path=runtime.tokenizer,  # noqa: E731
-                                    trust_remote_code=runtime.trust_remote_code)
-    tokenizer = load(checkpoints[0])
-    if runtime.tokenizer is None:
-        for other in checkpoints[1:]:
-            if other.tokenizer_dir is not None and not same_tokenizer(tokenizer, load(other)):
-                raise CheckpointError(f"{checkpoints[0].label} and {other.label} use different "
-                                      "tokenizers; expected one tokenizer for every checkpoint")
+    tokenizer = shared_tokenizer(checkpoints, runtime)
     if runtime.chat_template:
         probes = [with_chat_template(p, tokenizer) for p in probes]
     context = model_context(checkpoints[0].config)

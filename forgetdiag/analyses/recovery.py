@@ -19,8 +19,8 @@ from forgetdiag.analyses.verdict import Decision, Thresholds, decide, wilson_int
 from forgetdiag.checkpoints import Checkpoint, find_checkpoints
 from forgetdiag.errors import CheckpointError, ProbeError
 from forgetdiag.evaluate import Encoded, encode, generate_greedy, model_context, score
-from forgetdiag.models import (Runtime, auto_threads, load_model, load_tokenizer, resolve_device,
-                               same_tokenizer, torch_threads)
+from forgetdiag.models import (Runtime, auto_threads, load_model, resolve_device, shared_tokenizer,
+                               torch_threads)
 from forgetdiag.probes import Probe, split_probe, with_chat_template
 from forgetdiag.streaming import ProgressFn, check_sequence
 from forgetdiag.training import TrainConfig, train
@@ -286,12 +286,7 @@ def _many(value, runtime: Runtime) -> list[Checkpoint]:
 def _prepare(before: Checkpoint, others: Sequence[Checkpoint], probe: Probe,
              recovery_probe: Probe | None, settings: RecoverySettings, runtime: Runtime,
              warn: Warn | None) -> tuple[object, Probe, Probe, list[Encoded], list[Encoded]]:
-    tokenizer = load_tokenizer(before, path=runtime.tokenizer, trust_remote_code=runtime.trust_remote_code)
-    for other in others:
-        theirs = load_tokenizer(other, path=runtime.tokenizer, trust_remote_code=runtime.trust_remote_code)
-        if not same_tokenizer(tokenizer, theirs):
-            raise CheckpointError(f"{before.label} and {other.label} use different tokenizers; "
-                                  "expected one tokenizer for every checkpoint compared")
+    tokenizer = shared_tokenizer([before, *others], runtime)
     if runtime.chat_template:
         probe = with_chat_template(probe, tokenizer)
         recovery_probe = with_chat_template(recovery_probe, tokenizer) if recovery_probe else None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Optional
 
 import click
 import typer
@@ -15,6 +17,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forgetdiag.errors import EXIT_INTERNAL, ForgetdiagError
+
+if TYPE_CHECKING:
+    from forgetdiag.models import Runtime
 
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
@@ -45,13 +50,13 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
                 return fn(*args, **kw)
             except ForgetdiagError as exc:
                 raise fail(exc.message, exc.exit_code) from None
-            except (typer.Exit, click.exceptions.Exit, click.ClickException, click.Abort):
+            except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort):
                 raise
             except KeyboardInterrupt:
                 raise fail("interrupted", 130) from None
             except Exception as exc:  # noqa: BLE001 - the last line of defence
-                if os.environ.get("FORGETDIAG_DEBUG"):
-                    raise
+                if os.environ.get("FORGETDIAG_DEBUG") or type(exc).__module__.startswith(("typer", "click")):
+                    raise  # usage errors: typer reports them itself (exit 2)
                 text = " ".join(str(exc).split())[:300]
                 raise fail(f"internal error: {type(exc).__name__}: {text} (a bug in forgetdiag; "
                            "rerun with FORGETDIAG_DEBUG=1 for the traceback and report it)",
@@ -124,3 +129,76 @@ def runtime_from(**options):
     from forgetdiag.models import Runtime
 
     return Runtime(**{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()})
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The running command as a shell line, rebuilt from its parsed parameters (non-defaults)."""
+    import shlex
+
+    words = ctx.command_path.split()
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value == param.default or value == () or value == []:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if param.param_type_name == "argument":
+            words += [str(v) for v in values]
+        elif isinstance(value, bool):
+            words.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+        else:
+            for v in values:
+                words += [param.opts[0], str(v)]
+    return shlex.join(words)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """The options every model-running command shares, parsed once (see :func:`model_options`)."""
+
+    runtime: "Runtime"
+    fields: dict
+
+    def probe(self, path: Path):
+        """Load a probe file with the chosen field names."""
+        from forgetdiag.probes import load_probe
+
+        return load_probe(path, **self.fields)
+
+
+_RUNTIME_OPTIONS = (("device", DeviceOpt, "cpu"), ("dtype", DtypeOpt, "float32"),
+                    ("threads", ThreadsOpt, None), ("batch_size", BatchOpt, 64),
+                    ("tokenizer", TokenizerOpt, None), ("chat_template", ChatTemplateOpt, False),
+                    ("truncate_prompts", TruncateOpt, False), ("allow_pickle", AllowPickleOpt, False),
+                    ("base", BaseOpt, None), ("trust_remote_code", TrustCodeOpt, False))
+_FIELD_OPTIONS = (("prompt_field", PromptFieldOpt, "prompt"), ("answer_field", AnswerFieldOpt, "answer"),
+                  ("group_field", GroupFieldOpt, "group"))
+
+
+def model_options(fn: Callable) -> Callable:
+    """Give a command the shared model and probe options; it receives them as ``options``.
+
+    The decorated function declares ``options: ModelOptions``; its command line gets --device,
+    --dtype, --threads, --batch-size, --tokenizer, --chat-template, --truncate-prompts,
+    --allow-pickle, --base, --trust-remote-code and the probe field names instead.
+    """
+    shared = (*_RUNTIME_OPTIONS, *_FIELD_OPTIONS)
+    import typing
+
+    signature = inspect.signature(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)  # resolve string annotations here
+    own = [p.replace(annotation=hints.get(p.name, p.annotation))
+           for p in signature.parameters.values() if p.name != "options"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+             for name, kind, default in shared]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        runtime = runtime_from(**{name: kwargs.pop(name) for name, _, _ in _RUNTIME_OPTIONS})
+        fields = {name: kwargs.pop(name) for name, _, _ in _FIELD_OPTIONS}
+        return fn(*args, options=ModelOptions(runtime, fields), **kwargs)
+
+    keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    wrapper.__signature__ = signature.replace(parameters=[*keyword[:-1], *added, *keyword[-1:]])
+    wrapper.__annotations__ = {**{p.name: p.annotation for p in own},
+                               **{name: kind for name, kind, _ in shared}}
+    return wrapper

@@ -9,12 +9,8 @@ import typer
 
 from forgetdiag.analyses.features import FeatureSettings, feature_shifts, parse_pairs
 from forgetdiag.cli.app import app
-from forgetdiag.cli.common import (AllowPickleOpt, AnswerFieldOpt, BaseOpt, BatchOpt, ChatTemplateOpt,
-                                   DeviceOpt, DtypeOpt, GroupFieldOpt, HtmlOpt, JsonOpt,
-                                   PromptFieldOpt, QuietOpt, SeedOpt, ThreadsOpt, TokenizerOpt,
-                                   TruncateOpt, TrustCodeOpt, command, print_renderable,
-                                   progress_bar, runtime_from, warn)
-from forgetdiag.probes import load_probe
+from forgetdiag.cli.common import (HtmlOpt, JsonOpt, ModelOptions, QuietOpt, SeedOpt, command,
+                                   model_options, print_renderable, progress_bar, warn)
 from forgetdiag.render.features import features_table, write_features_html
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 
@@ -22,6 +18,7 @@ Opt = typer.Option
 
 
 @command(app, "features")
+@model_options
 def features_cmd(
     checkpoints: Annotated[List[Path], typer.Argument(help="BEFORE AFTER [MORE...]: checkpoints in training order (a Trainer run directory expands to its checkpoint-N).", show_default=False)],
     probe: Annotated[Path, Opt("--probe", help="Prompts of the old task (JSONL, JSON or CSV with prompt, answer); answers are not used.", show_default=False)],
@@ -33,19 +30,7 @@ def features_cmd(
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    threads: ThreadsOpt = None,
-    batch_size: BatchOpt = 64,
-    tokenizer: TokenizerOpt = None,
-    chat_template: ChatTemplateOpt = False,
-    truncate_prompts: TruncateOpt = False,
-    prompt_field: PromptFieldOpt = "prompt",
-    answer_field: AnswerFieldOpt = "answer",
-    group_field: GroupFieldOpt = "group",
-    allow_pickle: AllowPickleOpt = False,
-    base: BaseOpt = None,
-    trust_remote_code: TrustCodeOpt = False,
+    options: ModelOptions = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Where do the features shift? Per-layer PC angles, mean shift and CKA at the last prompt token.
@@ -59,15 +44,10 @@ def features_cmd(
     guard_outputs([json_path, html_path], checkpoints)
     settings = FeatureSettings(k=k, pc_shift_min=pc_shift_min, cka_drop_min=cka_drop_min,
                                max_points=max_points, seed=seed)
-    prompts = load_probe(probe, prompt_field=prompt_field, answer_field=answer_field,
-                         group_field=group_field)
-    runtime = runtime_from(device=device, dtype=dtype, threads=threads, batch_size=batch_size,
-                           tokenizer=tokenizer, chat_template=chat_template,
-                           truncate_prompts=truncate_prompts, allow_pickle=allow_pickle, base=base,
-                           trust_remote_code=trust_remote_code)
+    prompts = options.probe(probe)
     with progress_bar(quiet) as progress:
         result = feature_shifts(checkpoints, prompts, pairs=parse_pairs(pairs) if pairs else None,
-                                settings=settings, runtime=runtime, progress=progress, warn=warn)
+                                settings=settings, runtime=options.runtime, progress=progress, warn=warn)
     if json_path is not None:
         write_json(json_path, result.to_dict())
     if html_path is not None:

@@ -10,8 +10,8 @@ import typer
 
 from forgetdiag.analyses.gate import GateThresholds, gate_lm_eval, gate_recovery
 from forgetdiag.cli.app import app
-from forgetdiag.cli.common import (AllowPickleOpt, BaseOpt, DeviceOpt, DtypeOpt, JsonOpt, QuietOpt,
-                                   SeedOpt, ThreadsOpt, command, print_renderable, stderr)
+from forgetdiag.cli.common import (JsonOpt, ModelOptions, QuietOpt, SeedOpt, command, model_options,
+                                   print_renderable, stderr)
 from forgetdiag.cli.recover import (ControlOpt, EvalOpt, LrOpt, LoraOpt, RecoveryProbeOpt,
                                     ShotsOpt, run_recover)
 from forgetdiag.errors import EXIT_THRESHOLD, ForgetdiagError
@@ -32,6 +32,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 @command(app, "gate")
+@model_options
 def gate_cmd(
     checkpoints: Annotated[Optional[List[Path]], typer.Argument(help="BEFORE and AFTER checkpoints (to run the recovery probe).", show_default=False)] = None,
     probe: Annotated[PathOpt, Opt("--probe", help="The old task's probe (with BEFORE AFTER).", show_default=False)] = None,
@@ -55,11 +56,7 @@ def gate_cmd(
     lr: LrOpt = None,
     lora: LoraOpt = False,
     seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    threads: ThreadsOpt = None,
-    allow_pickle: AllowPickleOpt = False,
-    base: BaseOpt = None,
+    options: ModelOptions = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Gate a CI job on the old task: exit 0 when every threshold holds, 1 when one is broken, 2 on bad input.
@@ -87,9 +84,7 @@ def gate_cmd(
                 checkpoints[0], [checkpoints[1]], probe, control=control, recovery_probe=recovery_probe,
                 quiet=quiet, settings=dict(shots=shots, n_eval=n_eval, lr=lr, lora=lora, seed=seed,
                                            metric="exact_match"),
-                thresholds={}, runtime=dict(device=device, dtype=dtype, threads=threads,
-                                            allow_pickle=allow_pickle, base=base),
-                fields={}).to_dict()
+                thresholds={}, options=options).to_dict()
             source = f"recover {checkpoints[0]} -> {checkpoints[1]}"
         else:
             raise ForgetdiagError("expected BEFORE AFTER --probe FILE, --from-json FILE, or "

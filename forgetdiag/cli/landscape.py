@@ -10,12 +10,9 @@ import typer
 
 from forgetdiag.analyses.landscape import LandscapeResult, LandscapeSettings, landscape, read_saved
 from forgetdiag.cli.app import app
-from forgetdiag.cli.common import (AllowPickleOpt, AnswerFieldOpt, BaseOpt, BatchOpt, ChatTemplateOpt,
-                                   DeviceOpt, DtypeOpt, HtmlOpt, JsonOpt, PromptFieldOpt, QuietOpt,
-                                   SeedOpt, ThreadsOpt, TokenizerOpt, TruncateOpt, TrustCodeOpt,
-                                   command, print_renderable, progress_bar, runtime_from, warn)
+from forgetdiag.cli.common import (HtmlOpt, JsonOpt, ModelOptions, QuietOpt, SeedOpt, command,
+                                   model_options, print_renderable, progress_bar, warn)
 from forgetdiag.errors import ForgetdiagError
-from forgetdiag.probes import load_probe
 from forgetdiag.render.landscape import landscape_table, write_landscape_html
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 
@@ -71,6 +68,7 @@ class PartialSaver:
 
 
 @command(app, "landscape")
+@model_options
 def landscape_cmd(
     origin: Annotated[Path, typer.Argument(metavar="ORIGIN", help="ORIGIN: the checkpoint at (0, 0), e.g. the last one of the old task.", show_default=False)],
     x_end: Annotated[Optional[Path], typer.Argument(metavar="X_END", help="X_END: the checkpoint at (1, 0); d_x = X_END - ORIGIN (e.g. the first steps of the new task).", show_default=False)] = None,
@@ -85,18 +83,7 @@ def landscape_cmd(
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    threads: ThreadsOpt = None,
-    batch_size: BatchOpt = 64,
-    tokenizer: TokenizerOpt = None,
-    chat_template: ChatTemplateOpt = False,
-    truncate_prompts: TruncateOpt = False,
-    prompt_field: PromptFieldOpt = "prompt",
-    answer_field: AnswerFieldOpt = "answer",
-    allow_pickle: AllowPickleOpt = False,
-    base: BaseOpt = None,
-    trust_remote_code: TrustCodeOpt = False,
+    options: ModelOptions = None,
     quiet: QuietOpt = False,
 ) -> None:
     """The answer-token loss on the plane ORIGIN + alpha d_x + beta d_y, one surface per probe,
@@ -111,15 +98,12 @@ def landscape_cmd(
     saved = saved_grid(json_path) if resume else None
     settings = LandscapeSettings(directions=directions, seed=seed, grid=parse_grid(grid),
                                  x_range=parse_range(x_range, "--x-range"), y_range=parse_range(y_range, "--y-range"))
-    runtime = runtime_from(device=device, dtype=dtype, threads=threads, batch_size=batch_size, tokenizer=tokenizer,
-                           chat_template=chat_template, truncate_prompts=truncate_prompts,
-                           allow_pickle=allow_pickle, base=base, trust_remote_code=trust_remote_code)
-    probes = [load_probe(p, prompt_field=prompt_field, answer_field=answer_field) for p in probe]
+    probes = [options.probe(p) for p in probe]
     saver = PartialSaver(json_path if json_path is not None and str(json_path) != STDOUT else None)
     with progress_bar(quiet) as progress:
         try:
             result = landscape(origin, x_end, y_end, probes, trajectory=trajectory, settings=settings,
-                               runtime=runtime, resume=saved, on_partial=saver, progress=progress, warn=warn)
+                               runtime=options.runtime, resume=saved, on_partial=saver, progress=progress, warn=warn)
         except BaseException:
             saver.flush()  # interrupted mid-grid: keep what was computed for --resume
             raise

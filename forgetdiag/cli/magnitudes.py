@@ -9,12 +9,8 @@ import typer
 
 from forgetdiag.analyses.magnitudes import magnitude_overlap
 from forgetdiag.cli.app import app
-from forgetdiag.cli.common import (AllowPickleOpt, AnswerFieldOpt, BaseOpt, BatchOpt, ChatTemplateOpt,
-                                   DeviceOpt, DtypeOpt, GroupFieldOpt, HtmlOpt, JsonOpt,
-                                   PromptFieldOpt, QuietOpt, ThreadsOpt, TokenizerOpt, TruncateOpt,
-                                   TrustCodeOpt, command, print_renderable, progress_bar,
-                                   runtime_from, warn)
-from forgetdiag.probes import load_probe
+from forgetdiag.cli.common import (HtmlOpt, JsonOpt, ModelOptions, QuietOpt, command,
+                                   model_options, print_renderable, progress_bar, warn)
 from forgetdiag.render.magnitudes import magnitudes_table, write_magnitudes_html
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 
@@ -22,6 +18,7 @@ Opt = typer.Option
 
 
 @command(app, "magnitudes")
+@model_options
 def magnitudes_cmd(
     checkpoints: Annotated[List[Path], typer.Argument(help="Checkpoint(s) to measure; several, or a Trainer run directory (expands to its checkpoint-N), show how the overlap moves along the run.", show_default=False)],
     probes: Annotated[List[Path], Opt("--probe", help="One probe file per task (JSONL, JSON or CSV with prompt, answer); repeat for every task, at least two. The task's name is the file's stem.", show_default=False)],
@@ -29,19 +26,7 @@ def magnitudes_cmd(
     include_head: Annotated[bool, Opt("--include-head", help="Also measure the output head (lm_head), whose units are vocabulary entries; computes full logits.")] = False,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    threads: ThreadsOpt = None,
-    batch_size: BatchOpt = 64,
-    tokenizer: TokenizerOpt = None,
-    chat_template: ChatTemplateOpt = False,
-    truncate_prompts: TruncateOpt = False,
-    prompt_field: PromptFieldOpt = "prompt",
-    answer_field: AnswerFieldOpt = "answer",
-    group_field: GroupFieldOpt = "group",
-    allow_pickle: AllowPickleOpt = False,
-    base: BaseOpt = None,
-    trust_remote_code: TrustCodeOpt = False,
+    options: ModelOptions = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Do the tasks drive the same units? Per-layer top-unit overlap of activation magnitudes (MIGU).
@@ -52,15 +37,10 @@ def magnitudes_cmd(
     chance level; across checkpoints, how it moves. Checkpoints on disk are never modified.
     """
     guard_outputs([json_path, html_path], checkpoints)
-    fields = dict(prompt_field=prompt_field, answer_field=answer_field, group_field=group_field)
-    tasks = [load_probe(p, **fields) for p in probes]
-    runtime = runtime_from(device=device, dtype=dtype, threads=threads, batch_size=batch_size,
-                           tokenizer=tokenizer, chat_template=chat_template,
-                           truncate_prompts=truncate_prompts, allow_pickle=allow_pickle, base=base,
-                           trust_remote_code=trust_remote_code)
+    tasks = [options.probe(p) for p in probes]
     with progress_bar(quiet) as progress:
         result = magnitude_overlap(checkpoints, tasks, quantile=quantile, include_head=include_head,
-                                   runtime=runtime, progress=progress, warn=warn)
+                                   runtime=options.runtime, progress=progress, warn=warn)
     if json_path is not None:
         write_json(json_path, result.to_dict())
     if html_path is not None:

@@ -10,13 +10,9 @@ import typer
 from forgetdiag.analyses.recovery import RecoveryResult, RecoverySettings, recover
 from forgetdiag.analyses.verdict import Thresholds
 from forgetdiag.cli.app import app
-from forgetdiag.cli.common import (AllowPickleOpt, AnswerFieldOpt, BaseOpt, BatchOpt, ChatTemplateOpt,
-                                   DeviceOpt, DtypeOpt, GroupFieldOpt, HtmlOpt, JsonOpt,
-                                   PromptFieldOpt, QuietOpt, SeedOpt, ThreadsOpt, TokenizerOpt,
-                                   TruncateOpt, TrustCodeOpt, command, print_renderable,
-                                   progress_bar, runtime_from, warn)
+from forgetdiag.cli.common import (HtmlOpt, JsonOpt, ModelOptions, QuietOpt, SeedOpt, command,
+                                   model_options, print_renderable, progress_bar, warn)
 from forgetdiag.errors import ForgetdiagError
-from forgetdiag.probes import load_probe
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 from forgetdiag.render.recover import recover_table, write_recover_html
 
@@ -36,13 +32,13 @@ MetricOpt = Annotated[str, Opt("--metric", help="What decides: exact_match (gree
 
 
 def run_recover(before: Path, after: list[Path], probe: Path, *, control: Path | None,
-                recovery_probe: Path | None, settings: dict, thresholds: dict, runtime: dict,
-                fields: dict, quiet: bool) -> RecoveryResult:
+                recovery_probe: Path | None, settings: dict, thresholds: dict,
+                options: ModelOptions, quiet: bool) -> RecoveryResult:
     """Load the probes, build the settings, run :func:`recover` with a progress bar."""
-    if settings["metric"] not in ("exact_match", "first_token"):
+    if settings.get("metric", "exact_match") not in ("exact_match", "first_token"):
         raise ForgetdiagError(f"--metric must be exact_match or first_token, not {settings['metric']!r}")
-    old = load_probe(probe, **fields)
-    rec = load_probe(recovery_probe, **fields) if recovery_probe else None
+    old = options.probe(probe)
+    rec = options.probe(recovery_probe) if recovery_probe else None
     try:
         limits = Thresholds(**thresholds)
     except ValueError as exc:
@@ -50,13 +46,14 @@ def run_recover(before: Path, after: list[Path], probe: Path, *, control: Path |
     with progress_bar(quiet) as progress:
         result = recover(before, after, old, control=control, recovery_probe=rec,
                          settings=RecoverySettings(**settings), thresholds=limits,
-                         runtime=runtime_from(**runtime), progress=progress, warn=warn)
+                         runtime=options.runtime, progress=progress, warn=warn)
     if not result.decision.supported:
         warn(result.decision.reason)
     return result
 
 
 @command(app, "recover")
+@model_options
 def recover_cmd(
     before: Annotated[Path, typer.Argument(help="Checkpoint that knew the old task.", show_default=False)],
     after: Annotated[List[Path], typer.Argument(help="Checkpoint(s) trained on something else since; a Trainer run directory or several checkpoints give the curve along the run.", show_default=False)],
@@ -78,19 +75,7 @@ def recover_cmd(
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    threads: ThreadsOpt = None,
-    batch_size: BatchOpt = 64,
-    tokenizer: TokenizerOpt = None,
-    chat_template: ChatTemplateOpt = False,
-    truncate_prompts: TruncateOpt = False,
-    prompt_field: PromptFieldOpt = "prompt",
-    answer_field: AnswerFieldOpt = "answer",
-    group_field: GroupFieldOpt = "group",
-    allow_pickle: AllowPickleOpt = False,
-    base: BaseOpt = None,
-    trust_remote_code: TrustCodeOpt = False,
+    options: ModelOptions = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Is the old task's knowledge gone, or only its alignment? Few-shot recovery probe.
@@ -105,11 +90,7 @@ def recover_cmd(
         settings=dict(shots=shots, n_eval=n_eval, epochs=epochs, min_steps=min_steps, lr=lr,
                       batch_size=batch, lora=lora, lora_rank=lora_rank, seed=seed, metric=metric),
         thresholds=dict(spurious_min=spurious_min, real_max=real_max, min_eval=min_eval),
-        runtime=dict(device=device, dtype=dtype, threads=threads, batch_size=batch_size,
-                     tokenizer=tokenizer, chat_template=chat_template,
-                     truncate_prompts=truncate_prompts, allow_pickle=allow_pickle, base=base,
-                     trust_remote_code=trust_remote_code),
-        fields=dict(prompt_field=prompt_field, answer_field=answer_field, group_field=group_field))
+        options=options)
     if json_path is not None:
         write_json(json_path, result.to_dict())
     if html_path is not None:

@@ -9,12 +9,8 @@ import typer
 
 from forgetdiag.analyses.tokens import DEFAULT_THRESHOLD, token_difficulty
 from forgetdiag.cli.app import app
-from forgetdiag.cli.common import (AllowPickleOpt, AnswerFieldOpt, BaseOpt, BatchOpt, ChatTemplateOpt,
-                                   DeviceOpt, DtypeOpt, GroupFieldOpt, HtmlOpt, JsonOpt,
-                                   PromptFieldOpt, QuietOpt, ThreadsOpt, TokenizerOpt, TruncateOpt,
-                                   TrustCodeOpt, command, print_renderable, progress_bar,
-                                   runtime_from, warn)
-from forgetdiag.probes import load_probe
+from forgetdiag.cli.common import (HtmlOpt, JsonOpt, ModelOptions, QuietOpt, command,
+                                   model_options, print_renderable, progress_bar, warn)
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 from forgetdiag.render.tokens import tokens_table, write_mask, write_tokens_html
 
@@ -22,6 +18,7 @@ Opt = typer.Option
 
 
 @command(app, "tokens")
+@model_options
 def tokens_cmd(
     old: Annotated[Path, typer.Argument(help="The model before fine-tuning on the new data (one checkpoint).", show_default=False)],
     data: Annotated[Path, Opt("--data", help="The new task's rows (JSONL, JSON or CSV with prompt, answer); the answers' tokens are scored.", show_default=False)],
@@ -30,19 +27,7 @@ def tokens_cmd(
     mask_path: Annotated[Optional[Path], Opt("--write-mask", help="Write a JSONL with, per row, input_ids, tokens, log-probs, keep flags and ready labels (hard tokens dropped, -100).", show_default=False)] = None,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    threads: ThreadsOpt = None,
-    batch_size: BatchOpt = 64,
-    tokenizer: TokenizerOpt = None,
-    chat_template: ChatTemplateOpt = False,
-    truncate_prompts: TruncateOpt = False,
-    prompt_field: PromptFieldOpt = "prompt",
-    answer_field: AnswerFieldOpt = "answer",
-    group_field: GroupFieldOpt = "group",
-    allow_pickle: AllowPickleOpt = False,
-    base: BaseOpt = None,
-    trust_remote_code: TrustCodeOpt = False,
+    options: ModelOptions = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Which tokens of the new data does the old model find hard? Per-token log-probabilities.
@@ -53,13 +38,9 @@ def tokens_cmd(
     keep/drop mask for training that skips the hardest tokens. Checkpoints are never modified.
     """
     guard_outputs([json_path, html_path, mask_path], [old])
-    rows = load_probe(data, prompt_field=prompt_field, answer_field=answer_field, group_field=group_field)
-    runtime = runtime_from(device=device, dtype=dtype, threads=threads, batch_size=batch_size,
-                           tokenizer=tokenizer, chat_template=chat_template,
-                           truncate_prompts=truncate_prompts, allow_pickle=allow_pickle, base=base,
-                           trust_remote_code=trust_remote_code)
+    rows = options.probe(data)
     with progress_bar(quiet) as progress:
-        result = token_difficulty(old, rows, threshold=threshold, top=top, runtime=runtime,
+        result = token_difficulty(old, rows, threshold=threshold, top=top, runtime=options.runtime,
                                   progress=progress, warn=warn)
     if mask_path is not None:
         write_mask(mask_path, result)
