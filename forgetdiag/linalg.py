@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import integrate
 
 # Randomized SVD is used for a fixed top-k only when k + oversample is at most this share of
 # min(d, n); above it the float64 Gram eigendecomposition is as fast (measured on 2048 x 5632).
@@ -293,6 +292,8 @@ def baseline_direction_angle(ra: int, d: int) -> float:
         return 0.0
     if ra == 0:
         return 90.0
+    from scipy import integrate  # imported here: scipy.integrate is slow to import
+
     a, b = ra - 1, d - ra - 1  # exponents of cos and sin
 
     def log_density(t: float) -> float:  # unnormalized; skip 0 * log(0) at the ends

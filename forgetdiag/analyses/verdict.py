@@ -21,8 +21,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from scipy.stats import binomtest
-
 VERDICTS = ("none", "spurious", "real", "mixed")
 
 
@@ -50,6 +48,8 @@ class Thresholds:
 
 def wilson_interval(accuracy: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval of an accuracy measured on ``n`` items (scipy)."""
+    from scipy.stats import binomtest  # scipy.stats takes a second to import: only when needed
+
     if n <= 0:
         return (0.0, 1.0)
     k = int(round(accuracy * n))
