@@ -1,0 +1,123 @@
+"""One record of ``forgetdiag angles``: the angles between two updates of one matrix.
+
+Given the bases of updates A and B of one matrix part (or None where a matrix did not change),
+:func:`angle_record` computes the paper's per-direction angles (each kept direction of B to the
+whole subspace of A), the principal angles, and their null baselines: what two unrelated
+subspaces of the same dimensions in R^d already give.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from forgetdiag.analyses.angle_pairs import PairSpec
+from forgetdiag.architectures import MatrixPart
+from forgetdiag.linalg import (Basis, baseline_direction_angle, baseline_principal_angles,
+                               direction_angles, principal_angles, summarize)
+
+
+@dataclass(frozen=True)
+class AngleRecord:
+    """One (pair, parameter, part): the angles between updates A and B of one matrix.
+
+    ``status`` is ``ok``, ``no_update_a``, ``no_update_b`` or ``no_update`` (neither changed);
+    unless ``ok``, every angle is None: a matrix that did not change has no subspace.
+    ``method_a``/``method_b`` say how each basis was computed (``randomized`` or ``exact``).
+    Angles are in degrees; ``direction`` summarises ``direction_deg`` (mean, median, q1, q3,
+    min, max), the angle of each kept direction of B to the subspace of A.
+    """
+
+    pair: str
+    update_a: str
+    update_b: str
+    param: str
+    part: str | None
+    layer: int | None
+    component: str
+    d: int
+    status: str
+    rank_a: int | None
+    rank_b: int | None
+    method_a: str | None
+    method_b: str | None
+    energy_a: float | None
+    energy_b: float | None
+    norm_a: float
+    norm_b: float
+    angle_deg: float | None
+    baseline_deg: float | None
+    direction: dict | None
+    direction_deg: tuple[float, ...] | None
+    principal_deg: tuple[float, ...] | None
+    principal_mean_deg: float | None
+    principal_baseline_deg: tuple[float, ...] | None
+    principal_baseline_mean_deg: float | None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def gap_deg(self) -> float | None:
+        """Null baseline minus mean angle: > 0 when A and B share more than chance gives."""
+        return None if not self.ok else self.baseline_deg - self.angle_deg
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for key in ("direction_deg", "principal_deg", "principal_baseline_deg"):
+            out[key] = None if out[key] is None else list(out[key])
+        out["gap_deg"] = self.gap_deg
+        return out
+
+
+
+def angle_record(part: MatrixPart, pair: PairSpec, a: tuple[Basis | None, float],
+                 b: tuple[Basis | None, float], d: int) -> AngleRecord:
+    """The record of ``part`` for ``pair``.
+
+    Args:
+        part: the matrix (or part of a fused one).
+        pair: the two updates compared.
+        a, b: (basis or None for "no update", Frobenius norm of the update) of A and B.
+        d: the hidden size, the dimension of the space the bases live in.
+
+    Returns:
+        An :class:`AngleRecord`; all angles None unless both updates exist.
+    """
+    (basis_a, norm_a), (basis_b, norm_b) = a, b
+    common = dict(pair=pair.label, update_a=pair.a.label, update_b=pair.b.label,
+                  param=part.tensor.name, part=part.part, layer=part.layer,
+                  component=part.component, d=d, norm_a=norm_a, norm_b=norm_b)
+    if basis_a is None or basis_b is None:
+        status = ("no_update" if basis_a is None and basis_b is None
+                  else "no_update_a" if basis_a is None else "no_update_b")
+        return AngleRecord(**common, status=status,
+                           rank_a=basis_a.rank if basis_a else None,
+                           rank_b=basis_b.rank if basis_b else None,
+                           method_a=basis_a.method if basis_a else None,
+                           method_b=basis_b.method if basis_b else None,
+                           energy_a=basis_a.energy if basis_a else None,
+                           energy_b=basis_b.energy if basis_b else None,
+                           angle_deg=None, baseline_deg=None, direction=None, direction_deg=None,
+                           principal_deg=None, principal_mean_deg=None,
+                           principal_baseline_deg=None, principal_baseline_mean_deg=None)
+    ra, rb = basis_a.rank, basis_b.rank
+    directions = direction_angles(basis_a.q, basis_b.q).cpu()  # (rb,) B's directions to span(A)
+    principal = principal_angles(basis_a.q, basis_b.q).cpu()  # (min(ra, rb),)
+    null = baseline_principal_angles(ra, rb, d, samples=baseline_samples(min(ra, rb)))
+    stats = summarize(directions)
+    return AngleRecord(
+        **common, status="ok", rank_a=ra, rank_b=rb, method_a=basis_a.method,
+        method_b=basis_b.method, energy_a=basis_a.energy,
+        energy_b=basis_b.energy, angle_deg=stats["mean"],
+        baseline_deg=baseline_direction_angle(ra, d), direction=stats,
+        direction_deg=tuple(directions.tolist()), principal_deg=tuple(principal.tolist()),
+        principal_mean_deg=float(principal.mean()), principal_baseline_deg=tuple(null.tolist()),
+        principal_baseline_mean_deg=float(null.mean()))
+
+
+def baseline_samples(k: int) -> int:
+    """Monte Carlo samples of the principal-angle baseline: 16 for small subspaces, fewer for
+    large ones (each sample already averages k sorted angles, and costs O(k^3))."""
+    return max(1, min(16, math.ceil(512 / max(k, 1))))

@@ -1,0 +1,353 @@
+"""Weight-update subspace angles, per layer and component: ``forgetdiag angles`` (SCIENCE.md s. 2).
+
+An update is a difference of two checkpoints, dW = C[j] - C[i]. Every weight matrix (true q/k/v
+parts of fused matrices, MLP, input embedding, lm_head unless tied) is oriented so that its
+columns live in the residual stream; each update's kept left singular vectors span its basis.
+For a pair of updates (A, B) this module reports the paper's per-direction angle of every
+direction of B to the whole subspace of A, the principal angles, and next to each the angle that
+unrelated subspaces of the same dimensions already give.
+
+Tensors stream one name at a time (:func:`forgetdiag.streaming.stream_updates`); the bases of a
+name are computed by a small thread pool while the next name is read. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from forgetdiag.analyses.angle_pairs import PairSpec, Update, parse_pairs
+from forgetdiag.analyses.angle_records import AngleRecord, angle_record
+from forgetdiag.analyses.inspect import component_order
+from forgetdiag.architectures import GENERIC, MatrixPart, matrix_parts
+from forgetdiag.checkpoints import Checkpoint, find_sequence
+from forgetdiag.errors import CheckpointError, ForgetdiagError
+from forgetdiag.linalg import Basis, update_basis
+from forgetdiag.models import resolve_device, torch_threads
+from forgetdiag.streaming import ProgressFn, SequenceCheck, check_sequence, stream_updates
+
+DEFAULT_RANK = 32
+# linalg's randomized SVD seeds and draws from torch's global generator, which threads share:
+# two concurrent draws interleave and the numbers then depend on timing. Rank-mode bases are
+# therefore computed one at a time (reading, exact bases and angles still run in parallel).
+_GLOBAL_RNG = threading.Lock()
+_GLOBAL_FIRST = ("embed", "pos_embed")  # global matrices shown before layer 0; others after
+
+
+@dataclass(frozen=True)
+class AngleSettings:
+    """How bases are chosen (CLI options of the same names).
+
+    Attributes:
+        rank: keep the top ``rank`` directions of each update (the fast default, 32; randomized
+            SVD when ``rank + oversample`` is at most 1/8 of the matrix's smaller side).
+        energy: instead keep the fewest directions holding this share of ||dW||_F^2 (the
+            paper's rule, 0.99; exact SVD). Give at most one of rank and energy.
+        rtol: drop directions whose singular value is <= rtol * the largest (float32 rounding
+            leaves ~1e-7), so a rank-3 update gives a rank-3 basis whatever ``rank`` is.
+        min_update: an update whose root-mean-square entry is <= this is "no update" (default
+            0: only a matrix that did not change at all).
+        standardize: subtract each update's scalar mean and divide by its scalar std first,
+            as the paper did (the mean shift adds a rank-one term; off by default).
+        seed: seed of the randomized SVD.
+        oversample: extra range-finder columns of the randomized SVD (default: ``rank``).
+        niter: power iterations of the randomized SVD.
+        far_deg: renderers mark a mean angle further than this from its null baseline.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    rtol: float = 1e-4
+    min_update: float = 0.0
+    standardize: bool = False
+    seed: int = 0
+    oversample: int | None = None
+    niter: int = 3
+    far_deg: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and self.energy is not None:
+            raise ForgetdiagError("give --rank or --energy, not both (rank: fixed top-k, "
+                                  "randomized SVD; energy: the paper's share of ||dW||^2, exact SVD)")
+        if self.rank is not None and self.rank < 1:
+            raise ForgetdiagError(f"--rank must be at least 1, got {self.rank}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise ForgetdiagError(f"--energy must be in (0, 1], e.g. 0.99; got {self.energy}")
+        if not 0.0 <= self.rtol < 1.0 or self.min_update < 0 or self.niter < 0 or self.far_deg < 0:
+            raise ForgetdiagError(f"need 0 <= rtol < 1, min_update >= 0, niter >= 0, far_deg >= 0; "
+                                  f"got {self.rtol}, {self.min_update}, {self.niter}, {self.far_deg}")
+
+    @property
+    def mode(self) -> str:
+        """``"rank"`` or ``"energy"``."""
+        return "energy" if self.energy is not None else "rank"
+
+    @property
+    def top_k(self) -> int | None:
+        """The fixed rank in rank mode (``DEFAULT_RANK`` unless given), else None."""
+        return None if self.energy is not None else (self.rank or DEFAULT_RANK)
+
+
+@dataclass(frozen=True)
+class AnglesResult:
+    """Everything ``forgetdiag angles`` computed; ``to_dict()`` is its JSON."""
+
+    checkpoints: tuple[str, ...]
+    paths: tuple[str, ...]
+    architecture: str
+    family: str
+    n_layers: int | None
+    hidden_size: int | None
+    pairs: tuple[PairSpec, ...]
+    settings: AngleSettings
+    device: str
+    workers: int
+    records: tuple[AngleRecord, ...]
+    notes: tuple[str, ...]
+    seconds: float
+
+    def for_pair(self, pair: PairSpec) -> list[AngleRecord]:
+        """The records of one pair, in forward-pass order."""
+        return [r for r in self.records if r.pair == pair.label]
+
+    def to_dict(self) -> dict:
+        updates = sorted({u for p in self.pairs for u in (p.a, p.b)})
+        return {
+            "checkpoints": [{"index": k, "label": label, "path": path}
+                            for k, (label, path) in enumerate(zip(self.checkpoints, self.paths))],
+            "architecture": self.architecture, "family": self.family,
+            "n_layers": self.n_layers, "hidden_size": self.hidden_size,
+            "updates": [{"update": u.label, "from": self.checkpoints[u.i], "to": self.checkpoints[u.j]}
+                        for u in updates],
+            "pairs": [{"pair": p.label, "a": p.a.label, "b": p.b.label} for p in self.pairs],
+            "settings": {**asdict(self.settings), "mode": self.settings.mode,
+                         "rank": self.settings.top_k, "device": self.device, "workers": self.workers},
+            "records": [r.to_dict() for r in self.records],
+            "notes": list(self.notes), "seconds": self.seconds,
+        }
+
+
+def compute_angles(checkpoints: Sequence[str | Path] | Sequence[Checkpoint], *,
+                   pairs: str | Sequence[PairSpec] | None = None,
+                   settings: AngleSettings | None = None, device: str = "cpu",
+                   workers: int | None = None, allow_pickle: bool = False,
+                   base: str | Path | None = None, progress: ProgressFn | None = None) -> AnglesResult:
+    """Subspace angles between weight updates of one run, per layer and component.
+
+    Args:
+        checkpoints: paths (model, adapter or Trainer run directories; a run expands to its
+            checkpoints) or :class:`Checkpoint` objects, in training order C0, C1, ...
+        pairs: which updates to compare (see :func:`parse_pairs`); default: consecutive
+            updates, (C1 - C0 vs C2 - C1), (C2 - C1 vs C3 - C2), ...
+        settings: how bases are chosen (default :class:`AngleSettings`: top 32, randomized).
+        device: where the SVDs run (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
+        workers: CPU threads to use (default: all cores); see :func:`plan_threads`.
+        allow_pickle, base: passed to :func:`forgetdiag.checkpoints.find_sequence`.
+        progress: called as ``progress("computing angles", done, total)`` per matrix part.
+
+    Returns:
+        :class:`AnglesResult` with one :class:`AngleRecord` per (pair, parameter, part).
+
+    Raises:
+        ForgetdiagError: bad pairs or settings; CheckpointError: unreadable or incompatible
+            checkpoints, NaN/Inf in a weight (named), nothing comparable.
+
+    Example:
+        >>> r = compute_angles(["runs/t0/final", "runs/t1/checkpoint-150", "runs/t1/final"])  # doctest: +SKIP
+        >>> [(x.layer, x.component, round(x.angle_deg)) for x in r.records][:2]  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    settings = settings or AngleSettings()
+    if all(isinstance(c, Checkpoint) for c in checkpoints):
+        found = list(checkpoints)
+    else:
+        found = find_sequence(checkpoints, allow_pickle=allow_pickle, base=base)
+    specs = parse_pairs(pairs, len(found), labels=[c.label for c in found])
+    check = check_sequence(found)
+    targets, notes = comparable_parts(found[0], check)
+    torch_device = resolve_device(device)
+    pool_size, threads = plan_threads(workers, torch_device)
+    with torch_threads(threads):
+        records = _run(found, specs, targets, check, settings, torch_device, pool_size, progress)
+    first = found[0]
+    return AnglesResult(
+        checkpoints=tuple(c.label for c in found), paths=tuple(str(c.path) for c in found),
+        architecture=first.architecture, family=first.family.name, n_layers=first.n_layers,
+        hidden_size=first.hidden_size, pairs=tuple(specs), settings=settings,
+        device=str(torch_device), workers=pool_size * (threads or 1), records=tuple(records),
+        notes=tuple(check.notes) + tuple(notes), seconds=time.perf_counter() - start)
+
+
+def plan_threads(workers: int | None, device: torch.device) -> tuple[int, int | None]:
+    """(matrices processed at once, torch intra-op threads) for ``workers`` CPU threads.
+
+    On CPU each matrix part is one single-threaded job and ``workers`` jobs run at once, while
+    the main thread reads the next tensors. On TinyLlama-sized matrices (2 cores) giving the
+    same work 2 torch intra-op threads instead cost 1.5-2x the CPU time and wall time: its
+    matmuls (2048 x 64 blocks), tall-skinny QRs and element-wise passes are too small to
+    scale across threads. Randomized bases still run one at a time (see ``_GLOBAL_RNG``); the
+    jobs overlap reading, exact bases and angles. On a GPU one job at a time feeds the device.
+    """
+    if workers is not None and workers < 1:
+        raise ForgetdiagError(f"--workers must be at least 1, got {workers}")
+    if device.type != "cpu":
+        return 1, None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (workers or cores or 1), 1
+
+
+def comparable_parts(checkpoint: Checkpoint, check: SequenceCheck,
+                     ) -> tuple[list[tuple[str, list[MatrixPart], tuple[int, ...]]], list[str]]:
+    """The weight matrices to compare, per stored tensor, in forward-pass order.
+
+    Embeddings and lm_head are included, lm_head only when not tied to the input embedding.
+
+    Returns:
+        ([(tensor name, its parts, its shape as compared)], notes).
+
+    Raises:
+        CheckpointError: the checkpoints hold no weight matrix forgetdiag recognises.
+    """
+    guess = checkpoint.family is GENERIC
+    found, notes = [], []
+    for name in check.names:
+        tensor = checkpoint.parse(name)
+        shape = checkpoint.meta[name].shape
+        if name in check.rows:
+            shape = (check.rows[name], *shape[1:])
+        if tensor.component == "lm_head" and checkpoint.tied_embeddings and tensor.kind == "weight":
+            notes.append(f"{name} is tied to the input embedding (tie_word_embeddings): "
+                         "reported once, as embed")
+            continue
+        try:
+            parts = matrix_parts(tensor, shape, checkpoint.config, guess=guess)
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{name}: cannot split into its parts ({exc}); "
+                                  "expected the layout its config describes") from None
+        if parts:
+            found.append((name, parts, shape))
+    if not found:
+        raise CheckpointError(f"{checkpoint.label}: no weight matrix recognised (family "
+                              f"{checkpoint.family.name}); run 'forgetdiag inspect' to see what is read")
+    found.sort(key=lambda item: _forward_key(item[1][0]))
+    return found, notes
+
+
+def _forward_key(part: MatrixPart) -> tuple:
+    if part.layer is not None:
+        return (1, part.layer, component_order(part.component))
+    return (0 if part.component in _GLOBAL_FIRST else 2, 0, component_order(part.component))
+
+
+def _run(checkpoints, specs, targets, check, settings, device, pool_size, progress) -> list[AngleRecord]:
+    """Stream the updates name by name; a pool computes bases and angles while the next is read."""
+    updates = sorted({u for p in specs for u in (p.a, p.b)})
+    parts_of = {name: parts for name, parts, _ in targets}
+    shapes = {name: shape for name, _, shape in targets}
+    total = sum(len(parts) for parts in parts_of.values())
+    stream = stream_updates(checkpoints, [(u.i, u.j) for u in updates], list(parts_of),
+                            check=check, dtype=torch.float32, device=device)
+    records: list[AngleRecord] = []
+    pending: deque[Future] = deque()
+
+    def collect_oldest() -> None:
+        records.extend(pending.popleft().result())
+        if progress is not None:
+            progress("computing angles", len(records) // len(specs), total)
+
+    with ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="angles") as pool:
+        try:
+            for tensor, deltas in stream:
+                by_update = {u: deltas[(u.i, u.j)] for u in updates}
+                for part in parts_of[tensor.name]:
+                    pending.append(pool.submit(part_records, part, shapes[tensor.name], by_update,
+                                               specs, settings))
+                del deltas, by_update  # the jobs hold what they need
+                while len(pending) > 2 * pool_size:  # bounds the updates held in memory
+                    collect_oldest()
+            while pending:
+                collect_oldest()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+    return records
+
+
+def part_records(part: MatrixPart, shape: tuple[int, ...], deltas: dict[Update, torch.Tensor | None],
+                 pairs: Sequence[PairSpec], settings: AngleSettings) -> list[AngleRecord]:
+    """The records of one matrix part for every pair.
+
+    Args:
+        part: which matrix (and which rows of a fused one).
+        shape: the stored tensor's shape (as compared: resized vocabularies cut to common rows).
+        deltas: each update of the stored tensor in its stored layout, None if unchanged.
+        pairs: the pairs to compare.
+        settings: how bases are chosen.
+
+    Returns:
+        One :class:`AngleRecord` per pair.
+    """
+    bases: dict[Update, tuple[Basis | None, float]] = {}
+    for update in sorted({u for p in pairs for u in (p.a, p.b)}):
+        delta = deltas[update]
+        oriented = None if delta is None else part.oriented(delta)  # (d, n) view
+        bases[update] = update_basis_of(oriented, part.name, settings, seed=update_seed(settings.seed, update))
+    d = hidden_dim(part, shape)
+    return [angle_record(part, pair, bases[pair.a], bases[pair.b], d) for pair in pairs]
+
+
+def hidden_dim(part: MatrixPart, shape: tuple[int, ...]) -> int:
+    """d, the residual-stream side of ``part`` of a stored tensor of ``shape``."""
+    return part.oriented(torch.empty(shape, device="meta")).shape[0]
+
+
+def update_seed(seed: int, update: Update) -> int:
+    """The randomized-SVD seed of one update: different for every update of a run.
+
+    The range finder's random test matrix lives on the hidden side; with one seed for both
+    updates of a pair, the directions it picks where a spectrum is flat (noise) coincide and
+    fake shared structure (measured: 6.7 deg too aligned on a TinyLlama lm_head update).
+    """
+    return seed + 1_000_003 * update.i + update.j
+
+
+def update_basis_of(delta: torch.Tensor | None, name: str, settings: AngleSettings, *,
+                    seed: int = 0) -> tuple[Basis | None, float]:
+    """(basis or None for "no update", Frobenius norm) of one oriented update (d, n).
+
+    Args:
+        delta: (d, n) update, hidden side first, or None when unchanged.
+        name: the matrix's name, for errors.
+        settings: how the basis is chosen.
+        seed: seed of the randomized SVD (see :func:`update_seed`).
+    """
+    if delta is None:
+        return None, 0.0
+    norm = float(torch.linalg.vector_norm(delta))
+    if norm == 0.0 or norm / math.sqrt(delta.numel()) <= settings.min_update:
+        return None, norm
+    if settings.standardize:
+        std, mean = torch.std_mean(delta)
+        if float(std) == 0.0:
+            return None, norm  # a constant matrix: nothing left after the mean shift
+        delta = (delta - mean) / std
+    k = settings.top_k
+    try:
+        with _GLOBAL_RNG if k is not None else contextlib.nullcontext():
+            basis = update_basis(delta, rank=k, energy=settings.energy, rtol=settings.rtol,
+                                 seed=seed, niter=settings.niter,
+                                 oversample=None if k is None else (settings.oversample or k))
+    except ValueError as exc:
+        raise CheckpointError(f"update of {name}: {exc}") from None
+    return basis, norm
