@@ -1,0 +1,235 @@
+"""One run, every analysis: the evidence behind ``forgetdiag report``.
+
+A run description (:mod:`forgetdiag.runfile`) names the checkpoints and probes. The report runs:
+
+* ``recover`` over the run's checkpoints (the paper's Fig. 2a curve), headed by the named
+  after-checkpoint's verdict;
+* ``angles`` between the early and the late update of the landscape triple (origin, x end,
+  y end): the paper finds them nearly orthogonal in the bottom layers;
+* ``landscape`` in the plane of those two updates, with the run's trajectory;
+* ``features`` between the three checkpoints of the triple, on the old task's prompts.
+
+An analysis whose inputs are missing is skipped with a note, never a crash; each is timed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from forgetdiag import __version__
+from forgetdiag.analyses.recovery import RecoveryResult, RecoverySettings, recover, summary_text
+from forgetdiag.analyses.verdict import Thresholds
+from forgetdiag.checkpoints import Checkpoint, find_checkpoints, fingerprint
+from forgetdiag.models import Runtime
+from forgetdiag.probes import Probe, load_probe, split_probe
+from forgetdiag.runfile import RunSpec
+from forgetdiag.streaming import ProgressFn
+
+Warn = Callable[[str], None]
+ANALYSES = ("recover", "angles", "landscape", "features")
+
+ADVICE = {
+    "spurious": "Cheap to fix: a few old-task examples re-align the model; during the next "
+                "task, freeze the input embedding and the bottom layers where the angles and "
+                "feature shifts below concentrate (forgetdiag advise).",
+    "real": "The old knowledge itself is gone: replay old-task data or retrain; re-alignment "
+            "alone will not bring it back.",
+    "mixed": "Part alignment, part knowledge: re-align with a few examples, and replay "
+             "old-task data for what does not come back.",
+    "none": "No forgetting beyond the noise floor of the probe.",
+}
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What the report computes (CLI options of ``report``).
+
+    Attributes:
+        recovery, thresholds: the recovery probe's budget and verdict thresholds.
+        grid: points per side of the loss surface.
+        landscape_items: probe items per loss surface (a seeded sample, whole groups).
+        feature_items: probe prompts for the feature shifts (a seeded sample).
+        rank: top-k directions per update in the angles (randomized SVD).
+        skip: analyses not to run.
+        seed: seed of the samples.
+    """
+
+    recovery: RecoverySettings = RecoverySettings()
+    thresholds: Thresholds = Thresholds()
+    grid: int = 11
+    landscape_items: int = 300
+    feature_items: int = 500
+    rank: int = 16
+    skip: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """Every analysis of one run (None where skipped), with provenance."""
+
+    spec: RunSpec
+    recovery: RecoveryResult | None
+    angles: Any
+    landscape: Any
+    features: Any
+    skipped: dict[str, str]
+    timings: dict[str, float]
+    fingerprints: tuple[dict, ...]
+    settings: ReportSettings
+    command: str = ""
+    version: str = __version__
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def verdict(self) -> str | None:
+        return self.recovery.verdict if self.recovery is not None else None
+
+    def headline(self) -> str:
+        """The verdict in plain words, with the numbers behind it."""
+        if self.recovery is None:
+            return f"No verdict: the recovery probe was skipped ({self.skipped.get('recover', '')})."
+        text = summary_text(self.recovery)
+        return text[0].upper() + text[1:] + "."
+
+    def advice(self) -> str:
+        return ADVICE.get(self.verdict or "", "")
+
+    def to_dict(self) -> dict:
+        part = lambda r: r.to_dict() if r is not None else None  # noqa: E731
+        return {
+            "run": {"name": self.spec.name, "description": self.spec.description,
+                    "file": str(self.spec.path), "expected_verdict": self.spec.expected_verdict},
+            "verdict": self.verdict, "headline": self.headline(), "advice": self.advice(),
+            "recover": part(self.recovery), "angles": part(self.angles),
+            "landscape": part(self.landscape), "features": part(self.features),
+            "skipped": self.skipped, "timings_s": self.timings,
+            "fingerprints": list(self.fingerprints), "command": self.command,
+            "forgetdiag_version": self.version, "notes": list(self.notes),
+        }
+
+
+def _sample(probe: Probe, n: int, seed: int) -> Probe:
+    """At most ``n`` rows of whole groups, a seeded sample (the whole probe if smaller)."""
+    if len(probe) <= n:
+        return probe
+    return replace(split_probe(probe, n_recovery=0, n_eval=n, seed=seed)[1], name=probe.name)
+
+
+def _triple(spec: RunSpec, run: list[Checkpoint], runtime: Runtime) -> list[Checkpoint] | str:
+    """Origin, x end, y end: the run file's landscape, else before, after, last of the run."""
+    if spec.landscape:
+        paths = list(spec.landscape)
+    else:
+        paths = [p for p in (spec.before, spec.after) if p is not None]
+        if run and run[-1].path.resolve() not in {p.resolve() for p in paths}:
+            paths.append(run[-1].path)
+    found = [find_checkpoints(p, allow_pickle=runtime.allow_pickle, base=runtime.base) for p in paths]
+    if len(paths) != 3 or any(len(f) != 1 for f in found):
+        return ("needs three single checkpoints (origin, early update end, late update end): "
+                "set [checkpoints] landscape in the run file")
+    return [f[0] for f in found]
+
+
+def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
+                 runtime: Runtime = Runtime(), command: str = "", fields: dict | None = None,
+                 progress: ProgressFn | None = None, warn: Warn | None = None) -> ReportResult:
+    """Run every analysis whose inputs ``spec`` provides.
+
+    Args:
+        spec: the run (from :func:`forgetdiag.runfile.load_run`, or built by hand).
+        settings: budgets and sizes (defaults keep a sample report under two minutes on CPU).
+        runtime: how models run.
+        command: the command line, recorded for provenance.
+        fields: probe field names (``prompt_field``, ``answer_field``, ``group_field``).
+    """
+    warn = warn or (lambda message: None)
+    skipped, timings, notes = {}, {}, []
+    for name in settings.skip:
+        skipped[name] = "skipped on request"
+    run = (find_checkpoints(spec.run, allow_pickle=runtime.allow_pickle, base=runtime.base)
+           if spec.run is not None else [])
+    probes = {k: load_probe(p, **(fields or {})) for k, p in spec.probes.items()}
+    old = probes.get("old")
+    triple = _triple(spec, run, runtime)
+    results: dict[str, Any] = {}
+
+    def attempt(name: str, missing: str | None, work: Callable[[], Any]) -> None:
+        if name in skipped:
+            return
+        if missing:
+            skipped[name] = missing
+            warn(f"report: {name} skipped: {missing}")
+            return
+        start = time.perf_counter()
+        results[name] = work()
+        timings[name] = time.perf_counter() - start
+
+    afters = list(run)
+    if spec.after is not None and spec.after.resolve() not in {c.path.resolve() for c in run}:
+        afters.append(spec.after)
+    attempt("recover", _missing_recover(spec, old), lambda: recover(
+        spec.before, afters, old, control=spec.control, recovery_probe=probes.get("recovery"),
+        settings=settings.recovery, thresholds=settings.thresholds, runtime=runtime,
+        at=spec.after, progress=progress, warn=warn))
+    no_triple = triple if isinstance(triple, str) else None
+    attempt("angles", no_triple, lambda: _angles(triple, settings, runtime, progress))
+    surface_probes = [_sample(p, settings.landscape_items, settings.seed)
+                      for k, p in probes.items() if k in ("old", "new")]
+    attempt("landscape", no_triple or (None if surface_probes else "no probe in the run file"),
+            lambda: _landscape(triple, surface_probes, run, settings, runtime, progress, warn))
+    attempt("features", no_triple or (None if old else "no old-task probe ([probes] old)"),
+            lambda: _features(triple, _sample(old, settings.feature_items, settings.seed),
+                              settings, runtime, progress, warn))
+    everything = {c.path.resolve(): c for c in [*run, *(triple if not no_triple else [])]}
+    for p in (spec.before, spec.after, spec.control):
+        if p is not None and p.resolve() not in everything:
+            everything.update({c.path.resolve(): c for c in find_checkpoints(
+                p, allow_pickle=runtime.allow_pickle, base=runtime.base)})
+    return ReportResult(spec, results.get("recover"), results.get("angles"),
+                        results.get("landscape"), results.get("features"), skipped, timings,
+                        tuple(fingerprint(c) for c in everything.values()), settings,
+                        command=command, notes=tuple(notes))
+
+
+def _missing_recover(spec: RunSpec, old: Probe | None) -> str | None:
+    if old is None:
+        return "no old-task probe ([probes] old in the run file, or --probe)"
+    if spec.before is None or (spec.after is None and spec.run is None):
+        return "needs a before checkpoint and an after checkpoint or run"
+    return None
+
+
+def _angles(triple, settings: ReportSettings, runtime: Runtime, progress):
+    from forgetdiag.analyses.angles import AngleSettings, compute_angles
+
+    return compute_angles(triple, settings=AngleSettings(rank=settings.rank), device=runtime.device,
+                          allow_pickle=runtime.allow_pickle, base=runtime.base, progress=progress)
+
+
+def _landscape(triple, probes, run, settings: ReportSettings, runtime: Runtime, progress, warn):
+    from forgetdiag.analyses.landscape import LandscapeSettings, landscape
+
+    grid = LandscapeSettings(grid=(settings.grid, settings.grid))
+    return landscape(*triple, probes, trajectory=run, settings=grid, runtime=runtime,
+                     progress=progress, warn=warn)
+
+
+def _features(triple, probe, settings: ReportSettings, runtime: Runtime, progress, warn):
+    from forgetdiag.analyses.features import FeatureSettings, feature_shifts
+
+    return feature_shifts(triple, probe, settings=FeatureSettings(seed=settings.seed),
+                          runtime=runtime, progress=progress, warn=warn)
+
+
+def spec_from_options(*, before: Path | None, after: Path | None, control: Path | None,
+                      run: Path | None, probe: Path | None, recovery_probe: Path | None,
+                      new_probe: Path | None, name: str = "run") -> RunSpec:
+    """A :class:`RunSpec` from command-line options instead of a run file."""
+    probes = {k: Path(v) for k, v in (("old", probe), ("recovery", recovery_probe),
+                                      ("new", new_probe)) if v is not None}
+    return RunSpec(path=Path("<options>"), name=name, before=before, after=after,
+                   control=control, run=run, probes=probes)

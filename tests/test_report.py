@@ -1,0 +1,179 @@
+"""`report`: one offline page for a whole run; rendered in real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from forgetdiag.cli import app
+from forgetdiag.evaluate import encode
+from forgetdiag.probes import ProbeItem
+from forgetdiag.render import output
+from forgetdiag.training import TrainConfig, train
+
+from browser import CHROMIUM, render
+from helpers import build, llama_config, make_tokenizer, save, tree_digest, write_jsonl
+
+NAMES = [f"n{k}" for k in range(64)]
+CITIES = [f"c{k}" for k in range(8)]
+ITEMS = [ProbeItem(f"what is the birth city of {n} answer :", f" {CITIES[(3 * k) % 8]}", n)
+         for k, n in enumerate(NAMES)]
+XSS = "<script>document.body.setAttribute('data-pwned','1')</script>"
+EVIL_NAME = "<img src=x onerror=\\\"document.body.setAttribute('data-pwned','2')\\\">"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run whose task 1 re-formats the answers (spurious forgetting), with a run file."""
+    root = tmp_path_factory.mktemp("report")
+    tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer : who".split())
+    config = llama_config(vocab=tok.vocab_size, hidden=48, inter=96)
+    model = build(config, seed=0)
+    train(model, encode(tok, ITEMS), TrainConfig(epochs=100, lr=2e-3, batch_size=16), pad_id=0)
+    run = root / "run"
+    save(model, run / "checkpoint-0", tokenizer=tok)
+    shifted = [ProbeItem(i.prompt, " who" + i.answer, i.group) for i in ITEMS]
+    for step in (5, 10):
+        train(model, encode(tok, shifted), TrainConfig(epochs=5, lr=1e-3, batch_size=16, seed=step), pad_id=0)
+        save(model, run / f"checkpoint-{step}", tokenizer=tok)
+    save(build(config, seed=1), root / "control", tokenizer=tok)
+    rows = [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS]
+    write_jsonl(root / "old.jsonl", rows + [{"prompt": XSS, "answer": " c1", "group": "xss"}])
+    write_jsonl(root / "new.jsonl", [{"prompt": i.prompt, "answer": i.answer} for i in shifted])
+    (run / "forgetdiag.toml").write_text(f'''name = "{EVIL_NAME}"
+description = "planted: answers re-formatted, knowledge kept"
+expected_verdict = "spurious"
+[checkpoints]
+before = "checkpoint-0"
+after = "checkpoint-5"
+control = "../control"
+run = "."
+landscape = ["checkpoint-0", "checkpoint-5", "checkpoint-10"]
+[probes]
+old = "../old.jsonl"
+new = "../new.jsonl"
+''')
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("report_out")
+    before = tree_digest(tiny_run)
+    result = runner.invoke(app, ["report", str(tiny_run / "run"), "--out", str(out_dir / "r.html"),
+                                 "--json", str(out_dir / "r.json"), "--grid", "3", "--lr", "1e-3",
+                                 "--quiet"])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    assert tree_digest(tiny_run) == before  # nothing written into the run
+    return out_dir, result
+
+
+def test_report_json_twin(report):
+    out_dir, result = report
+    data = json.loads((out_dir / "r.json").read_text())
+    assert data["verdict"] == "spurious" and data["recover"]["verdict"] == "spurious"
+    assert set(data["timings_s"]) == {"recover", "angles", "landscape", "features"}
+    assert data["skipped"] == {}
+    assert len(data["fingerprints"]) == 4  # three run checkpoints and the control
+    assert data["command"].startswith("forgetdiag report")
+    assert data["landscape"]["alphas"] and data["angles"]["records"] and data["features"]
+    assert "Time by analysis" in result.stdout and "r.html" in result.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
+def test_report_renders_offline_in_chromium(report, tmp_path_factory):
+    out_dir, _ = report
+    page = out_dir / "r.html"
+    source = page.read_text()
+    n_figures = source.count('class="plotly-graph-div"')
+    artifacts = Path(os.environ.get("FORGETDIAG_ARTIFACTS") or tmp_path_factory.mktemp("artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / "report.png"
+    rendered = render(page, shot)
+    print(f"report screenshot: {shot}")
+    assert n_figures >= 8
+    assert rendered.count(r'class="[^"]*js-plotly-plot') == n_figures  # every plot drawn
+    assert rendered.count(r'class="main-svg"') >= n_figures
+    assert rendered.console_errors == []
+    assert "spurious forgetting: the old knowledge is intact" in rendered.dom
+    assert "data-pwned" not in rendered.dom.replace("setAttribute('data-pwned'", "")  # text, never run
+    assert "&lt;img src=x onerror=" in rendered.dom  # the run's name, shown as text
+    assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
+def test_probe_prompt_with_a_script_shows_as_text(tmp_path):
+    from forgetdiag.render import html
+
+    page = html.write_page(tmp_path / "x.html", "probe", [html.Section("examples", [
+        html.table(["prompt", "answer"], [[XSS, " c1"]])])])
+    rendered = render(page, tmp_path / "x.png", height=600)
+    assert "&lt;script&gt;document.body.setAttribute" in rendered.dom
+    assert 'data-pwned="1"' not in rendered.dom and rendered.console_errors == []
+
+
+def test_user_text_is_escaped_in_the_source(report):
+    out_dir, _ = report
+    source = (out_dir / "r.html").read_text()
+    assert XSS not in source and "<img src=x" not in source
+    assert "&lt;img src=x" in source
+
+
+def test_missing_inputs_are_skipped_with_a_note(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    shutil.copytree(tiny_run / "control", tmp_path / "control")
+    shutil.copy(tiny_run / "old.jsonl", tmp_path / "old.jsonl")
+    (run / "forgetdiag.toml").write_text('name = "partial"\n[checkpoints]\nbefore = "checkpoint-0"\n'
+                                         'after = "checkpoint-5"\n[probes]\nold = "../old.jsonl"\n')
+    result = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "p.html"), "--json",
+                                 str(tmp_path / "p.json"), "--skip", "features", "--lr", "1e-3", "-q"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["recover"] is not None and data["features"] is None
+    assert data["skipped"]["features"] == "skipped on request"
+    assert "three single checkpoints" in data["skipped"]["angles"]
+    assert "landscape skipped" in result.stderr
+
+
+def test_report_from_options(tiny_run, tmp_path):
+    result = runner.invoke(app, ["report", "--before", str(tiny_run / "run" / "checkpoint-0"),
+                                 "--after", str(tiny_run / "run" / "checkpoint-10"), "--probe",
+                                 str(tiny_run / "old.jsonl"), "--out", str(tmp_path / "o.html"),
+                                 "--skip", "landscape", "--skip", "angles", "--skip", "features",
+                                 "--lr", "1e-3", "-q"])
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "o.html").is_file() and "checkpoint-10" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["report", "/nonexistent"], "no run description"),
+    (["report", "--skip", "everything"], "--skip everything"),
+])
+def test_report_bad_input(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
+    target = tmp_path / "report.html"
+    target.write_text("old report")
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        output.write_atomic(target, "<html>new, half written" * 1000)
+    assert target.read_text() == "old report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temporary left
+    with pytest.raises(KeyboardInterrupt):
+        output.write_atomic(tmp_path / "fresh.html", "x")
+    assert not (tmp_path / "fresh.html").exists()
