@@ -13,10 +13,8 @@ name are computed by a small thread pool while the next name is read. Nothing he
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,10 +35,6 @@ from forgetdiag.models import resolve_device, torch_threads
 from forgetdiag.streaming import ProgressFn, SequenceCheck, check_sequence, stream_updates
 
 DEFAULT_RANK = 32
-# linalg's randomized SVD seeds and draws from torch's global generator, which threads share:
-# two concurrent draws interleave and the numbers then depend on timing. Rank-mode bases are
-# therefore computed one at a time (reading, exact bases and angles still run in parallel).
-_GLOBAL_RNG = threading.Lock()
 _GLOBAL_FIRST = ("embed", "pos_embed")  # global matrices shown before layer 0; others after
 
 
@@ -195,8 +189,8 @@ def plan_threads(workers: int | None, device: torch.device) -> tuple[int, int | 
     the main thread reads the next tensors. On TinyLlama-sized matrices (2 cores) giving the
     same work 2 torch intra-op threads instead cost 1.5-2x the CPU time and wall time: its
     matmuls (2048 x 64 blocks), tall-skinny QRs and element-wise passes are too small to
-    scale across threads. Randomized bases still run one at a time (see ``_GLOBAL_RNG``); the
-    jobs overlap reading, exact bases and angles. On a GPU one job at a time feeds the device.
+    scale across threads. Each randomized basis draws from its own seeded generator, so jobs
+    run fully in parallel with the reading. On a GPU one job at a time feeds the device.
     """
     if workers is not None and workers < 1:
         raise ForgetdiagError(f"--workers must be at least 1, got {workers}")
@@ -344,10 +338,9 @@ def update_basis_of(delta: torch.Tensor | None, name: str, settings: AngleSettin
         delta = (delta - mean) / std
     k = settings.top_k
     try:
-        with _GLOBAL_RNG if k is not None else contextlib.nullcontext():
-            basis = update_basis(delta, rank=k, energy=settings.energy, rtol=settings.rtol,
-                                 seed=seed, niter=settings.niter,
-                                 oversample=None if k is None else (settings.oversample or k))
+        basis = update_basis(delta, rank=k, energy=settings.energy, rtol=settings.rtol,
+                             seed=seed, niter=settings.niter,
+                             oversample=None if k is None else (settings.oversample or k))
     except ValueError as exc:
         raise CheckpointError(f"update of {name}: {exc}") from None
     return basis, norm
