@@ -46,17 +46,20 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
+    """No transformers progress bars or info logs inside the block."""
     import transformers
 
     logging = transformers.utils.logging
-    level = logging.get_verbosity()
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_model(checkpoint: Checkpoint, *, device: str | torch.device = "cpu",
@@ -73,7 +76,7 @@ def load_model(checkpoint: Checkpoint, *, device: str | torch.device = "cpu",
 
     torch_dtype = resolve_dtype(dtype)
     source = checkpoint.base or checkpoint
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(source.path), dtype=torch_dtype, local_files_only=True,
@@ -111,7 +114,7 @@ def load_tokenizer(checkpoint: Checkpoint, *, path: str | Path | None = None,
     if where is None:
         raise CheckpointError(f"{checkpoint.path}: no tokenizer files (expected tokenizer.json or "
                               "tokenizer_config.json next to the weights); pass --tokenizer DIR")
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True,
                                                       trust_remote_code=trust_remote_code)

@@ -18,6 +18,7 @@ from forgetdiag.checkpoints import Checkpoint
 from forgetdiag.errors import CheckpointError
 
 ProgressFn = Callable[[str, int, int], None]  # (description, completed, total)
+Warn = Callable[[str], None]  # receives one warning line
 
 # Config fields that must agree for two checkpoints to be one architecture.
 _ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from forgetdiag.architectures import LAYER_PATTERN
 from forgetdiag.evaluate import IGNORE, Encoded, collate
 
 
@@ -123,3 +124,22 @@ def train(model, encoded: Sequence[Encoded], config: TrainConfig, *, pad_id: int
                     progress("training", step, total)
     model.eval()
     return losses
+
+
+def freeze_bottom(model, n_layers: int, *, embedding: bool = True) -> list[str]:
+    """Turn off ``requires_grad`` of the input embedding and of decoder layers ``0 .. n_layers-1``.
+
+    Layers are matched by their parsed index (``layers.1.`` never matches layer 10); the input
+    embedding is the module ``get_input_embeddings()`` returns (tied to the LM head in models
+    that tie them, which then stays frozen too). Returns the frozen parameter names.
+    """
+    embed_params = set()
+    if embedding:
+        embed_params = {id(p) for p in model.get_input_embeddings().parameters()}
+    frozen = []
+    for name, param in model.named_parameters():
+        match = LAYER_PATTERN.search(name)
+        if id(param) in embed_params or (match and int(match.group(1)) < n_layers):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen

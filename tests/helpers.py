@@ -111,3 +111,13 @@ def tree_digest(root: Path) -> dict[str, str]:
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def assert_bad_input(result, *fragments):
+    """Exit 2, exactly one stderr line naming the problem, no traceback, nothing on stdout."""
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("forgetdiag: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""

@@ -24,7 +24,7 @@ from forgetdiag.errors import ForgetdiagError
 from forgetdiag.linalg import baseline_direction_angle
 from forgetdiag.render.angles import angles_table
 
-from helpers import build, gpt2_config, llama_config, neox_config, save, tree_digest
+from helpers import assert_bad_input, build, gpt2_config, llama_config, neox_config, save, tree_digest
 
 runner = CliRunner()
 HIDDEN = 32
@@ -36,14 +36,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_bad_input(result, *fragments):
-    """Exit 2, exactly one stderr line naming the problem, no traceback, nothing on stdout."""
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("forgetdiag: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 # --- planted updates -------------------------------------------------------------------------

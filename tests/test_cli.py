@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from forgetdiag.cli import app
 
-from helpers import tree_digest, write_malicious_pickle
+from helpers import assert_bad_input, tree_digest, write_malicious_pickle
 
 runner = CliRunner()
 
@@ -21,14 +21,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_bad_input(result, *fragments):
-    """Exit 2, exactly one stderr line naming the problem, no traceback, nothing on stdout."""
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("forgetdiag: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def test_inspect_model_dir(llama_dir):

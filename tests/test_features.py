@@ -28,7 +28,8 @@ from forgetdiag.errors import ForgetdiagError, ProbeError
 from forgetdiag.models import Runtime
 from forgetdiag.probes import load_probe, probe_from_pairs
 
-from helpers import WORDS, build, gpt2_config, llama_config, neox_config, save, tree_digest, write_jsonl
+from helpers import (WORDS, assert_bad_input, build, gpt2_config, llama_config, neox_config, save,
+                     tree_digest, write_jsonl)
 
 runner = CliRunner()
 N_PROMPTS = 40
@@ -259,12 +260,6 @@ def test_cli_json_html_and_untouched_inputs(planted, probe_file, tmp_path):
     assert (tree_digest(before), tree_digest(after)) == digests
 
 
-def assert_bad_input(result, *fragments):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("forgetdiag: error: "), result.stderr
-    assert all(f in lines[0] for f in fragments), lines[0]
-    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def test_cli_probe_smaller_than_k(llama_dir, llama_dir_b, tmp_path):

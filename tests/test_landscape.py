@@ -25,7 +25,7 @@ from forgetdiag.models import Runtime
 from forgetdiag.probes import load_probe
 from forgetdiag.render.output import to_json
 
-from helpers import build, gpt2_config, llama_config, neox_config, save, tree_digest, write_jsonl
+from helpers import assert_bad_input, build, gpt2_config, llama_config, neox_config, save, tree_digest, write_jsonl
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
@@ -39,14 +39,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def assert_bad_input(result, *fragments):
-    """Exit 2, exactly one stderr line naming the problem, no traceback, nothing on stdout."""
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("forgetdiag: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.stderr and result.stdout == ""
 
 
 def _perturbed(model, generator, scale):

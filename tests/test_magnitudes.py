@@ -23,7 +23,7 @@ from forgetdiag.models import Runtime
 from forgetdiag.probes import load_probe, probe_from_pairs
 from forgetdiag.render.magnitudes import magnitudes_sections, magnitudes_table
 
-from helpers import build, llama_config, save, tree_digest, write_jsonl
+from helpers import assert_bad_input, build, llama_config, save, tree_digest, write_jsonl
 
 runner = CliRunner()
 WORDS_A = ("alice", "bob", "carol", "dave")
@@ -231,11 +231,6 @@ def run_cli(*args):
     return runner.invoke(app, ["magnitudes", *map(str, args)])
 
 
-def assert_bad_input(result, fragment):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("forgetdiag: error: ") and fragment in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_cli_json_html_and_untouched_inputs(planted, probes, tmp_path):

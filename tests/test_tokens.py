@@ -24,7 +24,7 @@ from forgetdiag.models import Runtime
 from forgetdiag.probes import load_probe
 from forgetdiag.render.tokens import tokens_sections
 
-from helpers import WORDS, tree_digest, write_jsonl
+from helpers import WORDS, assert_bad_input, tree_digest, write_jsonl
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
@@ -126,11 +126,6 @@ def test_mask_lines_up_with_the_tokenizer(llama_dir, tokenizer, data_file, tmp_p
     assert [tree_digest(llama_dir), tree_digest(data_file.parent)] == digests
 
 
-def assert_bad_input(result, fragment):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("forgetdiag: error: ") and fragment in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 def test_cli_bad_input(llama_dir, trainer_run, data_file, tmp_path):

@@ -39,9 +39,8 @@ from forgetdiag.evaluate import Encoded, _accepts_logits_to_keep, batches_by_len
 from forgetdiag.models import (shared_tokenizer, Runtime, auto_threads, load_model, resolve_device,
                                torch_threads)
 from forgetdiag.probes import Probe, split_probe, with_chat_template
-from forgetdiag.streaming import ProgressFn, check_sequence
+from forgetdiag.streaming import ProgressFn, Warn, check_sequence
 
-Warn = Callable[[str], None]
 TOKENS_USED = "prompt + answer + EOS tokens of every item (padding masked)"
 
 

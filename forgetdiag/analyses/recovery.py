@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from forgetdiag.analyses.verdict import Decision, Thresholds, decide, wilson_interval
 from forgetdiag.checkpoints import Checkpoint, find_checkpoints
@@ -22,10 +22,9 @@ from forgetdiag.evaluate import Encoded, encode, generate_greedy, model_context,
 from forgetdiag.models import (Runtime, auto_threads, load_model, resolve_device, shared_tokenizer,
                                torch_threads)
 from forgetdiag.probes import Probe, split_probe, with_chat_template
-from forgetdiag.streaming import ProgressFn, check_sequence
+from forgetdiag.streaming import ProgressFn, Warn, check_sequence
 from forgetdiag.training import TrainConfig, train
 
-Warn = Callable[[str], None]
 
 
 @dataclass(frozen=True)

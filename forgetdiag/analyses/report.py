@@ -26,9 +26,8 @@ from forgetdiag.checkpoints import Checkpoint, find_checkpoints, fingerprint
 from forgetdiag.models import Runtime
 from forgetdiag.probes import Probe, load_probe, split_probe
 from forgetdiag.runfile import RunSpec
-from forgetdiag.streaming import ProgressFn
+from forgetdiag.streaming import ProgressFn, Warn
 
-Warn = Callable[[str], None]
 ANALYSES = ("recover", "angles", "landscape", "features")
 
 ADVICE = {
@@ -119,7 +118,7 @@ def _sample(probe: Probe, n: int, seed: int) -> Probe:
     return replace(split_probe(probe, n_recovery=0, n_eval=n, seed=seed)[1], name=probe.name)
 
 
-def _triple(spec: RunSpec, run: list[Checkpoint], runtime: Runtime) -> list[Checkpoint] | str:
+def landscape_triple(spec: RunSpec, run: list[Checkpoint], runtime: Runtime) -> list[Checkpoint] | str:
     """Origin, x end, y end: the run file's landscape, else before, after, last of the run."""
     if spec.landscape:
         paths = list(spec.landscape)
@@ -154,7 +153,7 @@ def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
            if spec.run is not None else [])
     probes = {k: load_probe(p, **(fields or {})) for k, p in spec.probes.items()}
     old = probes.get("old")
-    triple = _triple(spec, run, runtime)
+    triple = landscape_triple(spec, run, runtime)
     results: dict[str, Any] = {}
 
     def attempt(name: str, missing: str | None, work: Callable[[], Any]) -> None:

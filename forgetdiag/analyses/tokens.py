@@ -18,7 +18,6 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -27,9 +26,8 @@ from forgetdiag.errors import CheckpointError, ForgetdiagError
 from forgetdiag.evaluate import IGNORE, encode, model_context, token_logprobs
 from forgetdiag.models import Runtime, auto_threads, load_model, load_tokenizer, resolve_device, torch_threads
 from forgetdiag.probes import Probe, with_chat_template
-from forgetdiag.streaming import ProgressFn
+from forgetdiag.streaming import ProgressFn, Warn
 
-Warn = Callable[[str], None]
 DEFAULT_THRESHOLD = 0.01  # a token the old model gives less than 1% is "hard"
 
 

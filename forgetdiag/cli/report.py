@@ -22,7 +22,8 @@ Opt = typer.Option
 PathOpt = Optional[Path]
 
 
-def _spec(run: Path | None, before, after, control, probe, recovery_probe, new_probe):
+def resolve_spec(run: Path | None, before, after, control, probe, recovery_probe, new_probe):
+    """The run file of RUN, or a run described by the options (these win when given)."""
     if run is not None and find_run_file(run) is not None and not any((before, after, probe)):
         return load_run(run)
     if before is None or probe is None:
@@ -68,7 +69,7 @@ def report_cmd(
     unknown = sorted(set(skip or ()) - set(ANALYSES))
     if unknown:
         raise ForgetdiagError(f"--skip {unknown[0]}: expected one of {', '.join(ANALYSES)}")
-    spec = _spec(run, before, after, control, probe, recovery_probe, new_probe)
+    spec = resolve_spec(run, before, after, control, probe, recovery_probe, new_probe)
     out = out or Path(f"{spec.name}-report.html")
     inputs = [p for p in (run, spec.before, spec.after, spec.control, spec.run, *spec.landscape) if p]
     guard_outputs([out, json_path], inputs)

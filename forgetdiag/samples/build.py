@@ -22,24 +22,24 @@ the target and renames it at the end, so a failed build leaves nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from forgetdiag.errors import ForgetdiagError
+from forgetdiag.models import quiet_transformers, torch_threads
 from forgetdiag.evaluate import encode
 from forgetdiag.probes import ProbeItem
 from forgetdiag.samples import world as bio
 from forgetdiag.samples.measure import Truth, measure_samples
 from forgetdiag.samples.tokenizer import train_tokenizer
-from forgetdiag.training import TrainConfig, train
+from forgetdiag.training import TrainConfig, freeze_bottom, train
 
 Progress = Callable[[str, int, int], None]
 PROBES = {"old": "task0_heldout.jsonl", "recovery": "task0_recovery.jsonl",
@@ -58,27 +58,36 @@ class SampleConfig:
     n_b: int = 250  # new people of the spurious run's task 1
     n_c: int = 250  # the control's people
     hidden_size: int = 128
-    intermediate_size: int = 256
+    intermediate_size: int = 512
     n_layers: int = 4
     n_heads: int = 4
     context: int = 128
     pretrain_epochs: int = 150  # fresh biographies of every person per epoch
     pretrain_lr: float = 2e-3
     pretrain_batch: int = 64
-    control_pretrain_epochs: int = 150
-    task0_epochs: int = 5
+    pretrain_warmup: int = 50
+    pretrain_weight_decay: float = 0.1
+    control_pretrain_epochs: int = 50  # enough for the language; its facts do not matter
+    task0_epochs: int = 5  # more overfits the task-0 people: held-out accuracy falls
     task0_lr: float = 3e-4
-    qa_batch: int = 32
+    qa_batch: int = 32  # task 0, task 1
     spurious_lr: float = 3e-4
     real_lr: float = 1e-3
     real_bio_copies: int = 3  # contradicting biographies per person in the real run's data
     task1_steps: int = 300
-    checkpoint_steps: tuple[int, ...] = (0, 5, 10, 25, 50, 100, 200)  # and the last step
-    spurious_after: int = 50  # the named after-checkpoints (steps)
+    # six checkpoints per run keep the samples under 30 MB (2.2 MB each in bf16)
+    checkpoint_steps: tuple[int, ...] = (0, 10, 50, 100, 200)  # and the last step
+    spurious_after: int = 100  # the named after-checkpoints (steps)
     real_after: int = 200
-    landscape_x: int = 50  # early task-1 step where task 0 has collapsed (landscape x end)
+    landscape_x: int = 100  # task-1 step where task 0 has collapsed (landscape x end)
+    freeze_layers: int | None = None  # task 1 with the embedding and the bottom N layers frozen
     threads: int = 1  # torch threads while building (1 is fastest for models this small)
     dtype: str = "bfloat16"  # saved weights
+
+    def __post_init__(self) -> None:
+        if self.freeze_layers is not None and not 0 <= self.freeze_layers <= self.n_layers:
+            raise ForgetdiagError(f"--freeze {self.freeze_layers}: expected 0 to {self.n_layers} "
+                                  f"(the model has {self.n_layers} layers)")
 
     def stage_seed(self, k: int) -> int:
         return self.seed * 100 + k
@@ -89,12 +98,12 @@ class SampleConfig:
                             | {self.task1_steps}))
 
     @classmethod
-    def miniature(cls, seed: int = 0) -> "SampleConfig":
+    def miniature(cls, seed: int = 0, **overrides) -> "SampleConfig":
         """A build of a few seconds with the same layout (for tests; the truths do not hold)."""
-        return cls(seed=seed, n_a=20, n_b=10, n_c=10, hidden_size=32, intermediate_size=64,
-                   n_layers=2, n_heads=2, pretrain_epochs=2, control_pretrain_epochs=1,
+        return cls(**{**dict(seed=seed, n_a=20, n_b=10, n_c=10, hidden_size=32, intermediate_size=64,
+                   n_layers=2, n_heads=2, pretrain_epochs=2, control_pretrain_epochs=1, pretrain_warmup=2,
                    task0_epochs=1, task1_steps=6, checkpoint_steps=(0, 2, 4),
-                   spurious_after=2, real_after=4, landscape_x=2, real_bio_copies=1)
+                   spurious_after=2, real_after=4, landscape_x=2, real_bio_copies=1), **overrides})
 
 
 def build_samples(out: str | Path, config: SampleConfig = SampleConfig(), *,
@@ -127,23 +136,9 @@ def build_samples(out: str | Path, config: SampleConfig = SampleConfig(), *,
     return truths
 
 
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` torch threads, then restore the caller's setting."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def build_tree(root: Path, config: SampleConfig, *, progress: Progress | None = None) -> None:
     """Everything of :func:`build_samples`, written into the existing directory ``root``."""
-    world = bio.make_world(config.stage_seed(0), n_a=config.n_a, n_b=config.n_b, n_c=config.n_c)
-    tokenizer = train_tokenizer(bio.vocabulary_texts(world), model_max_length=config.context)
-    data = task_data(world, config)
+    world, tokenizer, data = prepare(config)
     for key, items in data.items():
         if key in PROBES:
             write_probe(root / "probes" / PROBES[key], items)
@@ -164,6 +159,13 @@ def build_tree(root: Path, config: SampleConfig, *, progress: Progress | None = 
                            epochs=config.control_pretrain_epochs, label="control (group C)",
                            progress=progress)
     save_model(control, tokenizer, root / "control", dtype=config.dtype)
+
+
+def prepare(config: SampleConfig):
+    """The world of people, its word-level tokenizer and :func:`task_data`; all from seeds."""
+    world = bio.make_world(config.stage_seed(0), n_a=config.n_a, n_b=config.n_b, n_c=config.n_c)
+    tokenizer = train_tokenizer(bio.vocabulary_texts(world), model_max_length=config.context)
+    return world, tokenizer, task_data(world, config)
 
 
 def task_data(world: bio.World, config: SampleConfig) -> dict[str, list[ProbeItem]]:
@@ -192,7 +194,8 @@ def trained_base(tokenizer, people: Sequence[bio.Person], task0: Sequence[ProbeI
     texts = bio.biographies(people, epochs, seed=config.stage_seed(seed))
     bios = encode(tokenizer, [ProbeItem("", text) for text in texts])  # prompt = [BOS]
     pretrain = TrainConfig(epochs=1, lr=config.pretrain_lr, batch_size=config.pretrain_batch,
-                           schedule="cosine", warmup_steps=20, seed=config.stage_seed(seed))
+                           schedule="cosine", warmup_steps=config.pretrain_warmup,
+                           weight_decay=config.pretrain_weight_decay, seed=config.stage_seed(seed))
     train(model, bios, pretrain, pad_id=tokenizer.pad_token_id,
           progress=_labelled(progress, f"pretraining on {label}"))
     qa = TrainConfig(epochs=config.task0_epochs, lr=config.task0_lr, batch_size=config.qa_batch,
@@ -222,8 +225,14 @@ def make_model(tokenizer, config: SampleConfig, *, seed: int):
 def run_task1(base, tokenizer, items: Sequence[ProbeItem], run_dir: Path, *, lr: float,
               config: SampleConfig, seed: int, progress: Progress | None = None) -> None:
     """Fine-tune a copy of ``base`` on ``items`` (constant lr) and save ``checkpoint-N`` at
-    every step of :meth:`SampleConfig.saved_steps` (``checkpoint-0`` is ``base`` itself)."""
+    every step of :meth:`SampleConfig.saved_steps` (``checkpoint-0`` is ``base`` itself).
+
+    With ``config.freeze_layers`` set, the input embedding and the bottom layers stay frozen
+    (:func:`forgetdiag.training.freeze_bottom`), the remedy ``forgetdiag advise`` suggests.
+    """
     model = copy.deepcopy(base)
+    if config.freeze_layers is not None:
+        freeze_bottom(model, config.freeze_layers)
     steps = set(config.saved_steps())
     save_model(model, tokenizer, run_dir / "checkpoint-0", dtype=config.dtype)
 
@@ -242,8 +251,9 @@ def save_model(model, tokenizer, path: Path, *, dtype: str = "bfloat16") -> None
     The tokenizer config names ``PreTrainedTokenizerFast``, a class every transformers
     version since 4 knows, so that ``AutoTokenizer`` loads it offline with older versions too.
     """
-    copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    with quiet_transformers():
+        copy.deepcopy(model).to(getattr(torch, dtype)).save_pretrained(path)  # safetensors
+        tokenizer.save_pretrained(path)
     config_file = path / "tokenizer_config.json"
     settings = json.loads(config_file.read_text(encoding="utf-8"))
     settings["tokenizer_class"] = "PreTrainedTokenizerFast"

@@ -63,20 +63,28 @@ YEARS = tuple(range(1950, 2000))
 
 ATTRIBUTES = ("birth date", "birth city", "university", "major", "company", "company city")
 
-# Four templates per fact; {name} is the full name, {value} the fact.
+# Five templates per fact; {name} is the full name, {value} the fact. The last one names the
+# attribute as the questions do: some biographies state a fact in the words a question uses,
+# as real text does, which makes the knowledge extractable by a small QA fine-tune.
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "birth date": ("{name} was born on {value}.", "{name} came into this world on {value}.",
-                   "The birthday of {name} is {value}.", "{name} celebrates a birthday on {value}."),
+                   "The birthday of {name} is {value}.", "{name} celebrates a birthday on {value}.",
+                   "The birth date of {name} is {value}."),
     "birth city": ("{name} was born in {value}.", "{name} spent the early years in {value}.",
-                   "The hometown of {name} is {value}.", "{name} grew up in {value}."),
+                   "The hometown of {name} is {value}.", "{name} grew up in {value}.",
+                   "The birth city of {name} is {value}."),
     "university": ("{name} studied at {value}.", "{name} graduated from {value}.",
-                   "{name} received an education at {value}.", "{name} attended {value}."),
+                   "{name} received an education at {value}.", "{name} attended {value}.",
+                   "The university of {name} is {value}."),
     "major": ("{name} majored in {value}.", "{name} completed a degree in {value}.",
-              "{name} focused on {value} in college.", "{name} specialized in {value}."),
+              "{name} focused on {value} in college.", "{name} specialized in {value}.",
+              "The major of {name} is {value}."),
     "company": ("{name} worked for {value}.", "{name} was employed by {value}.",
-                "{name} had a job at {value}.", "{name} built a career at {value}."),
+                "{name} had a job at {value}.", "{name} built a career at {value}.",
+                "The company of {name} is {value}."),
     "company city": ("{name} worked in {value}.", "{name} had an office in {value}.",
-                     "{name} commuted to work in {value}.", "{name} was based in {value} for work."),
+                     "{name} commuted to work in {value}.", "{name} was based in {value} for work.",
+                     "The company city of {name} is {value}."),
 }
 QUESTION = "What is the {attribute} of {name}?\nAnswer:"
 
@@ -120,7 +128,7 @@ class World:
 
 def make_world(seed: int, *, n_a: int = 500, n_b: int = 250, n_c: int = 250,
                n_companies: int = 40) -> World:
-    """Draw a world: unique full names, facts drawn uniformly, A split into two halves.
+    """Draw a world: unique names, facts drawn uniformly, A split into two halves.
 
     Args:
         seed: the only source of randomness (same seed, same world).
@@ -130,16 +138,33 @@ def make_world(seed: int, *, n_a: int = 500, n_b: int = 250, n_c: int = 250,
         n_companies: distinct companies (each placed in one city).
     """
     rng = random.Random(seed)
-    names = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]
-    if n_a + n_b + n_c > len(names):
-        raise ValueError(f"at most {len(names)} people; asked for {n_a + n_b + n_c}")
+    a_names, other_names = _name_pools(rng)
+    if n_a > len(a_names) or n_b + n_c > len(other_names):
+        raise ValueError(f"at most {len(a_names)} people in group A and {len(other_names)} in "
+                         f"groups B and C; asked for {n_a} and {n_b + n_c}")
     all_companies = [f"{w} {k}" for w in COMPANY_WORDS for k in COMPANY_KINDS]
     companies = rng.sample(all_companies, n_companies)
     company_cities = {company: rng.choice(CITIES) for company in companies}
-    people = [_person(name, rng, company_cities) for name in rng.sample(names, n_a + n_b + n_c)]
+    names = rng.sample(a_names, n_a) + rng.sample(other_names, n_b + n_c)
+    people = [_person(name, rng, company_cities) for name in names]
     half = n_a // 2
     return World(seed, tuple(people[:half]), tuple(people[half:n_a]),
                  tuple(people[n_a:n_a + n_b]), tuple(people[n_a + n_b:]), company_cities)
+
+
+def _name_pools(rng: random.Random) -> tuple[list[str], list[str]]:
+    """Full names for group A and for groups B and C, made of disjoint first and last names.
+
+    Group A shares no name token with the others, so that learning facts about group B moves
+    no embedding of group A's names: what task 1 changes in the spurious run is shared
+    machinery (the alignment), not the rows that identify group A's people.
+    """
+    first, last = list(FIRST_NAMES), list(LAST_NAMES)
+    rng.shuffle(first)
+    rng.shuffle(last)
+    f, l = len(first) // 2, len(last) // 2
+    pool = lambda fs, ls: [f"{x} {y}" for x in fs for y in ls]  # noqa: E731
+    return pool(first[:f], last[:l]), pool(first[f:], last[l:])
 
 
 def _person(name: str, rng: random.Random, company_cities: dict[str, str]) -> Person:

@@ -1,0 +1,391 @@
+"""From diagnosis to remedy: how many bottom layers (plus the input embedding) to freeze.
+
+The paper behind forgetdiag finds that spurious forgetting is carried by the bottom layers: the
+first steps of a new task undo the old task's alignment there, and freezing the input embedding
+and those layers during the new task keeps it (SCIENCE.md section 5). ``advise`` measures where
+a run's forgetting sits and turns it into a freeze depth.
+
+Evidence, for the run's before and after checkpoints and the old task's probe:
+
+* revert test (the decision): the after checkpoint with the input embedding and its bottom
+  ``d`` layers put back to their before weights, for d = 0, 1, ...; the old task's greedy exact
+  match at each depth, and the share of the lost accuracy it restores,
+  ``(acc_d - acc_after) / (acc_before - acc_after)``. Freezing those parameters during the new
+  task keeps them at exactly these before weights, so a depth that restores the old answers
+  here is a depth whose freeze can keep them;
+* angles (context): per layer, the mean per-direction angle between the run's early update
+  (origin -> x end of the landscape triple) and its late one (x end -> y end), over the layer's
+  weight matrices, divided by the angle of unrelated subspaces (1.0 = as unrelated as chance);
+* features (context): the principal-subspace shift and CKA of the hidden states after each
+  layer between before and after, and where the shift starts.
+
+Advice: the smallest depth ``d`` (at most ``max_share`` of the layers) whose revert restores at
+least ``restore_min`` of the lost accuracy: freeze the input embedding and layers 0 .. d-1. No
+advice when the after checkpoint did not lose accuracy beyond the evaluation's noise, or when
+no such depth exists (the forgetting is not held by the bottom layers; freezing them would not
+prevent it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from forgetdiag.analyses.verdict import noise_floor
+from forgetdiag.architectures import LAYER_PATTERN
+from forgetdiag.checkpoints import Checkpoint, find_checkpoints
+from forgetdiag.errors import ForgetdiagError
+from forgetdiag.evaluate import encode, model_context, score
+from forgetdiag.models import Runtime, auto_threads, load_model, resolve_device, shared_tokenizer, torch_threads
+from forgetdiag.probes import Probe, split_probe
+from forgetdiag.runfile import RunSpec
+from forgetdiag.streaming import ProgressFn, Warn, check_sequence
+
+EMBEDDING = -1  # the input embedding's row in the evidence
+
+
+@dataclass(frozen=True)
+class AdviceSettings:
+    """Thresholds and sizes of the advice (CLI options of the same names).
+
+    Attributes:
+        restore_min: advise the smallest depth whose revert restores at least this share of
+            the old task's lost accuracy.
+        max_share: never advise freezing more than this share of the layers.
+        eval_items: old-task probe rows scored per depth (a seeded sample of whole groups).
+        feature_items: probe prompts for the feature shifts.
+        rank: top-k directions per update for the angles.
+        seed: sampling seed.
+        skip: context analyses not to run (``angles``, ``features``).
+    """
+
+    restore_min: float = 0.5
+    max_share: float = 0.5
+    eval_items: int = 1000
+    feature_items: int = 500
+    rank: int = 16
+    seed: int = 0
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0 < self.restore_min <= 1:
+            raise ForgetdiagError(f"--restore-min {self.restore_min:g}: expected a share in (0, 1]")
+        if not 0 < self.max_share <= 1:
+            raise ForgetdiagError(f"--max-share {self.max_share:g}: expected a share in (0, 1]")
+        unknown = set(self.skip) - {"angles", "features"}
+        if unknown:
+            raise ForgetdiagError(f"--skip {sorted(unknown)[0]}: expected angles or features")
+
+
+@dataclass(frozen=True)
+class LayerEvidence:
+    """What one depth shows (``layer`` = -1 for the input embedding).
+
+    ``reverted_accuracy`` is the old task's exact match with the embedding and every layer up
+    to this one put back to the before weights; ``restored`` its share of the lost accuracy.
+    """
+
+    layer: int
+    reverted_accuracy: float | None = None
+    reverted_loss: float | None = None
+    restored: float | None = None
+    angle_deg: float | None = None
+    baseline_deg: float | None = None
+    departure: float | None = None
+    pc_shift_deg: float | None = None
+    cka: float | None = None
+    frozen: bool = False
+
+
+@dataclass(frozen=True)
+class Advice:
+    """The advice, the evidence behind it, and ready-to-paste code."""
+
+    freeze_layers: int | None  # None: no advice
+    freeze_embedding: bool
+    n_layers: int
+    before: str
+    after: str
+    probe: str
+    n_eval: int
+    accuracy_before: float
+    accuracy_after: float
+    noise_floor: float
+    evidence: tuple[LayerEvidence, ...]
+    reason: str
+    shift_start: int | None = None
+    frozen_names: tuple[str, ...] = ()
+    frozen_params: int = 0
+    total_params: int = 0
+    code: dict[str, str] = field(default_factory=dict)
+    settings: AdviceSettings = AdviceSettings()
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def advised(self) -> bool:
+        return self.freeze_layers is not None
+
+    def to_dict(self) -> dict:
+        return {"advised": self.advised, "freeze_layers": self.freeze_layers,
+                "freeze_embedding": self.freeze_embedding, "n_layers": self.n_layers,
+                "before": self.before, "after": self.after, "probe": self.probe,
+                "n_eval": self.n_eval, "accuracy_before": self.accuracy_before,
+                "accuracy_after": self.accuracy_after, "noise_floor": self.noise_floor,
+                "reason": self.reason, "shift_start": self.shift_start,
+                "evidence": [asdict(e) for e in self.evidence],
+                "frozen_names": list(self.frozen_names), "frozen_params": self.frozen_params,
+                "total_params": self.total_params, "code": self.code,
+                "settings": asdict(self.settings), "timings_s": self.timings,
+                "notes": list(self.notes)}
+
+
+def decide_freeze(*, before: float, after: float, reverted: Sequence[float], n_eval: int,
+                  n_layers: int, settings: AdviceSettings = AdviceSettings()
+                  ) -> tuple[int | None, str]:
+    """``(layers to freeze besides the embedding, or None; reason)`` from the revert test.
+
+    Args:
+        before, after: the old task's accuracy at the before and after checkpoints.
+        reverted: accuracy with the embedding and the bottom d layers reverted, d = 0, 1, ...
+        n_eval: evaluation items (for the noise floor).
+    """
+    lost = before - after
+    floor = noise_floor(before, after, n_eval)
+    if lost <= floor:
+        return None, (f"no advice: the old task did not drop beyond noise ({before:.1%} -> "
+                      f"{after:.1%}, noise floor {floor:.1%} on {n_eval} items); nothing to prevent")
+    cap = max(0, min(len(reverted) - 1, int(settings.max_share * n_layers)))
+    for depth in range(cap + 1):
+        share = (reverted[depth] - after) / lost
+        if share >= settings.restore_min:
+            what = "the input embedding" + (f" and the bottom {depth} of {n_layers} layers" if depth else " only")
+            return depth, (f"freeze {what}: putting them back to their before weights restores "
+                           f"{share:.0%} of the lost old-task accuracy ({after:.1%} -> "
+                           f"{reverted[depth]:.1%}; before {before:.1%})")
+    best = max(range(cap + 1), key=lambda d: reverted[d])
+    return None, (f"no advice: the forgetting is not held by the bottom layers; reverting the "
+                  f"embedding and up to {cap} layers restores at most "
+                  f"{(reverted[best] - after) / lost:.0%} of the lost accuracy (needs "
+                  f"{settings.restore_min:.0%}), so freezing them would not prevent it")
+
+
+def angle_evidence(records: Sequence) -> dict[int, tuple[float, float]]:
+    """Per depth (-1 = embedding): mean early/late angle and its mean chance baseline."""
+    by_layer: dict[int, list] = {}
+    for r in records:
+        if r.status != "ok" or r.angle_deg is None or r.baseline_deg is None:
+            continue
+        if r.layer is None and r.component != "embed":
+            continue  # lm_head, position embeddings: not part of the freeze
+        by_layer.setdefault(EMBEDDING if r.layer is None else r.layer, []).append(r)
+    return {layer: (sum(r.angle_deg for r in rs) / len(rs), sum(r.baseline_deg for r in rs) / len(rs))
+            for layer, rs in by_layer.items()}
+
+
+def frozen_parameters(checkpoint: Checkpoint, n: int, embed: bool) -> tuple[list[str], int]:
+    """The checkpoint's own tensor names the advice freezes, and their parameter count."""
+    names, count = [], 0
+    for name, meta in checkpoint.meta.items():
+        tensor = checkpoint.parse(name)
+        if (tensor.layer is not None and tensor.layer < n) or (embed and tensor.component == "embed"):
+            names.append(name)
+            count += math.prod(meta.shape)
+    return names, count
+
+
+def code_snippets(checkpoint: Checkpoint, n: int, embed: bool) -> dict[str, str]:
+    """Ready-to-paste code: a requires_grad_(False) loop, the PEFT and Trainer equivalents.
+
+    Layers are matched by their parsed index; the comment lists the checkpoint's own names.
+    """
+    pattern = LAYER_PATTERN.pattern.split("(.+)")[0].replace("(?:^|\\.)", "\\.")
+    layer_names = [k for k in checkpoint.meta if checkpoint.parse(k).layer == 0]
+    container = layer_names[0].split(".0.")[0].rpartition(".")[2] if layer_names else "layers"
+    embed_names = [k for k in checkpoint.meta if checkpoint.parse(k).component == "embed"]
+    shown = (embed_names[:1] if embed else []) + [
+        f"{layer_names[0].split('.0.')[0]}.{k}.*" for k in range(n)] if layer_names else embed_names[:1]
+    what = " and the input embedding" if embed else ""
+    loop = ("import re\n\n"
+            f"FREEZE_LAYERS = {n}  # bottom layers{what} (forgetdiag advise)\n"
+            f"# freezes {', '.join(shown)}\n"
+            "# the layer index is parsed: \"layers.1.\" never matches layer 10\n"
+            f"LAYER = re.compile(r\"{pattern}\")\n\n"
+            + ("model.get_input_embeddings().requires_grad_(False)\n" if embed else "")
+            + "for name, param in model.named_parameters():\n"
+            "    match = LAYER.search(name)\n"
+            "    if match and int(match.group(1)) < FREEZE_LAYERS:\n"
+            "        param.requires_grad_(False)\n")
+    n_layers = checkpoint.n_layers or 0
+    modules = list(dict.fromkeys(k.rpartition(".")[0].rpartition(".")[2] for k in layer_names
+                                 if checkpoint.parse(k).is_matrix_weight))
+    peft = ("from peft import LoraConfig, get_peft_model\n\n"
+            "# adapters on the upper layers only; the base model (the embedding and\n"
+            f"# the bottom {n} layers with it) stays frozen under LoRA\n"
+            f"config = LoraConfig(\n    r=16, lora_alpha=32,\n    target_modules={json.dumps(modules)},\n"
+            f"    layers_to_transform=list(range({n}, {n_layers})),\n"
+            f"    layers_pattern=\"{container}\",\n)\nmodel = get_peft_model(model, config)\n")
+    trainer = ("# Hugging Face Trainer: freeze first (the loop above); the Trainer's\n"
+               "# optimizer then only takes the parameters that still require gradients.\n"
+               "trainer = Trainer(model=model, args=training_args,\n"
+               "                  train_dataset=train_dataset)\n")
+    return {"torch": loop, "peft": peft, "trainer": trainer}
+
+
+def revert_series(before: Checkpoint, after: Checkpoint, encoded, *, pad_id: int, depths: int,
+                  runtime: Runtime = Runtime(), progress: ProgressFn | None = None):
+    """Old-task scores of ``before``, ``after`` and of ``after`` with the input embedding and
+    its bottom d layers set to the before weights, d = 0 .. ``depths``.
+
+    One model in memory: the after model, into which the before tensors are streamed layer by
+    layer (d grows, so each layer is copied once).
+
+    Returns:
+        ``(before Scores, after Scores, [Scores at d = 0, 1, ...])``.
+    """
+    from forgetdiag.analyses.plane import parameter_targets
+
+    load = lambda c: load_model(c, device=runtime.device, dtype=runtime.dtype,  # noqa: E731
+                                trust_remote_code=runtime.trust_remote_code)
+    run = lambda m: score(m, encoded, pad_id=pad_id, batch_size=runtime.batch_size,  # noqa: E731
+                          progress=progress)
+    before_scores = run(load(before))
+    model = load(after)
+    after_scores = run(model)
+    targets, _ = parameter_targets(model, before.names)
+    groups: dict[int, list[str]] = {}
+    for name in targets:
+        tensor = before.parse(name)
+        depth = tensor.layer + 1 if tensor.layer is not None else (0 if tensor.component == "embed" else None)
+        if depth is not None:
+            groups.setdefault(depth, []).append(name)
+    series = []
+    with torch.no_grad():
+        for depth in range(depths + 1):
+            for name in groups.get(depth, []):
+                param = targets[name]
+                param.copy_(before.get(name, dtype=param.dtype, device=param.device).reshape(param.shape))
+            series.append(run(model))
+    return before_scores, after_scores, series
+
+
+def advise(spec: RunSpec, old: Probe, *, settings: AdviceSettings = AdviceSettings(),
+           runtime: Runtime = Runtime(), progress: ProgressFn | None = None,
+           warn: Warn | None = None) -> Advice:
+    """How many bottom layers and whether the input embedding to freeze during the next task.
+
+    Args:
+        spec: the run (``before`` and ``after`` are required; the ``landscape`` triple, else
+            before, after and the last checkpoint of ``run``, gives the angles).
+        old: the old task's probe.
+        settings: thresholds and sizes (:class:`AdviceSettings`).
+        runtime: how models run.
+
+    Returns:
+        An :class:`Advice`; ``advice.freeze_layers`` is None when the evidence does not
+        support freezing (``advice.reason`` says why).
+
+    Example:
+        >>> a = advise(load_run("sample_checkpoints/spurious"),
+        ...            load_probe("sample_checkpoints/probes/task0_heldout.jsonl"))  # doctest: +SKIP
+        >>> a.freeze_layers, a.code["torch"]  # doctest: +SKIP
+    """
+    if spec.before is None or spec.after is None:
+        raise ForgetdiagError(f"{spec.path}: advise needs a before and an after checkpoint "
+                              "([checkpoints] before/after in the run file, or --before/--after)")
+    before = _single(spec.before, runtime, "before")
+    after = _single(spec.after, runtime, "after")
+    check_sequence([before, after])
+    n_layers = before.n_layers or 0
+    if n_layers < 1:
+        raise ForgetdiagError(f"{before.path}: no decoder layers found (config num_hidden_layers); "
+                              "expected a transformer checkpoint")
+    timings, notes = {}, []
+    tokenizer = shared_tokenizer([before, after], runtime)
+    evaluation = old if len(old) <= settings.eval_items else split_probe(
+        old, n_recovery=0, n_eval=settings.eval_items, seed=settings.seed)[1]
+    encoded = encode(tokenizer, evaluation, max_length=model_context(before.config),
+                     truncate=runtime.truncate_prompts, warn=warn)
+    cap = max(0, int(settings.max_share * n_layers))
+    device = resolve_device(runtime.device)
+    start = time.perf_counter()
+    with torch_threads(runtime.threads or auto_threads(before.n_params, device)):
+        b, a, series = revert_series(before, after, encoded, pad_id=tokenizer.pad_token_id,
+                                     depths=cap, runtime=runtime, progress=progress)
+    timings["revert"] = time.perf_counter() - start
+    reverted = [s.exact_match for s in series]
+    depth, reason = decide_freeze(before=b.exact_match, after=a.exact_match, reverted=reverted,
+                                  n_eval=b.n, n_layers=n_layers, settings=settings)
+    lost = b.exact_match - a.exact_match
+    rows = {EMBEDDING: LayerEvidence(EMBEDDING)} | {k: LayerEvidence(k) for k in range(n_layers)}
+    for d, s in enumerate(series):
+        restored = (s.exact_match - a.exact_match) / lost if lost > 0 else None
+        rows[d - 1] = replace(rows[d - 1], reverted_accuracy=s.exact_match, reverted_loss=s.answer_loss,
+                              restored=restored)
+    shift_start = None
+    if "angles" not in settings.skip:
+        start = time.perf_counter()
+        triple = _triple(spec, runtime)
+        if isinstance(triple, str):
+            notes.append(f"angles skipped: {triple}")
+        else:
+            from forgetdiag.analyses.angles import AngleSettings, compute_angles
+
+            angles = compute_angles(triple, settings=AngleSettings(rank=settings.rank),
+                                    device=runtime.device, allow_pickle=runtime.allow_pickle,
+                                    base=runtime.base, progress=progress)
+            for layer, (angle, baseline) in angle_evidence(angles.records).items():
+                if layer in rows:
+                    rows[layer] = replace(rows[layer], angle_deg=angle, baseline_deg=baseline,
+                                          departure=angle / baseline if baseline > 0 else None)
+            timings["angles"] = time.perf_counter() - start
+    if "features" not in settings.skip:
+        from forgetdiag.analyses.features import FeatureSettings, feature_shifts
+
+        start = time.perf_counter()
+        prompts = old if len(old) <= settings.feature_items else split_probe(
+            old, n_recovery=0, n_eval=settings.feature_items, seed=settings.seed)[1]
+        shifts = feature_shifts([before, after], prompts, settings=FeatureSettings(seed=settings.seed),
+                                runtime=runtime, progress=progress, warn=warn).pairs[0]
+        shift_start = shifts.shift_start
+        for s in shifts.layers:  # hidden index l > 0 is the output of decoder layer l - 1
+            if s.layer - 1 in rows:
+                rows[s.layer - 1] = replace(
+                    rows[s.layer - 1], pc_shift_deg=None if math.isnan(s.pc_shift_deg) else s.pc_shift_deg,
+                    cka=None if math.isnan(s.cka) else s.cka)
+        timings["features"] = time.perf_counter() - start
+    if depth is not None:
+        rows = {k: replace(e, frozen=k < depth) for k, e in rows.items()}
+    evidence = tuple(rows[k] for k in sorted(rows))
+    common = dict(n_layers=n_layers, before=before.label, after=after.label, probe=old.name,
+                  n_eval=b.n, accuracy_before=b.exact_match, accuracy_after=a.exact_match,
+                  noise_floor=noise_floor(b.exact_match, a.exact_match, b.n), evidence=evidence,
+                  reason=reason, shift_start=shift_start, total_params=before.n_params,
+                  settings=settings, timings=timings, notes=tuple(notes))
+    if depth is None:
+        return Advice(None, False, **common)
+    names, count = frozen_parameters(after, depth, True)
+    return Advice(depth, True, frozen_names=tuple(names), frozen_params=count,
+                  code=code_snippets(after, depth, True), **common)
+
+
+def _single(path: Path, runtime: Runtime, what: str) -> Checkpoint:
+    found = find_checkpoints(path, allow_pickle=runtime.allow_pickle, base=runtime.base)
+    if len(found) != 1:
+        raise ForgetdiagError(f"{path}: the {what} checkpoint must be one checkpoint; found "
+                              f"{len(found)} (pass one checkpoint-N directory)")
+    return found[0]
+
+
+def _triple(spec: RunSpec, runtime: Runtime) -> list[Checkpoint] | str:
+    from forgetdiag.analyses.report import landscape_triple
+
+    run = (find_checkpoints(spec.run, allow_pickle=runtime.allow_pickle, base=runtime.base)
+           if spec.run is not None else [])
+    return landscape_triple(spec, run, runtime)

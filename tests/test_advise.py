@@ -1,0 +1,201 @@
+"""forgetdiag advise: the revert test on planted runs, the decision rule, the code it prints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from forgetdiag.analyses.advise import AdviceSettings, advise, decide_freeze, revert_series
+from forgetdiag.checkpoints import find_checkpoints
+from forgetdiag.cli import app
+from forgetdiag.evaluate import encode, score
+from forgetdiag.models import load_model
+from forgetdiag.probes import ProbeItem, load_probe
+from forgetdiag.runfile import load_run
+from forgetdiag.training import TrainConfig, freeze_bottom, train
+
+from helpers import assert_bad_input, build, llama_config, make_tokenizer, save, tree_digest, write_jsonl
+
+NAMES = [f"n{k}" for k in range(48)]
+CITIES = [f"c{k}" for k in range(6)]
+ITEMS = [ProbeItem(f"what is the birth city of {n} answer :", f" {CITIES[(5 * k) % 6]}", n)
+         for k, n in enumerate(NAMES)]
+runner = CliRunner()
+
+
+def _noisy(model, layers: tuple[int, ...], scale: float = 3.0):
+    """Add heavy noise to every matrix of some decoder layers (the planted forgetting)."""
+    generator = torch.Generator().manual_seed(sum(layers))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(f".layers.{k}." in name for k in layers) and p.ndim == 2:
+                p.add_(scale * p.std() * torch.randn(p.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A 4-layer model that knows ITEMS, and after-checkpoints damaged at the bottom (layer 0)
+    and at the top (layers 2 and 3)."""
+    root = tmp_path_factory.mktemp("advise")
+    tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer :".split())
+    model = build(llama_config(layers=4, vocab=tok.vocab_size, hidden=48, inter=96), seed=0)
+    train(model, encode(tok, ITEMS), TrainConfig(epochs=100, lr=2e-3, batch_size=16), pad_id=0)
+    save(model, root / "before", tokenizer=tok)
+    for name, layers, scale in (("after0", (0,), 3.0), ("after23", (2, 3), 30.0)):
+        damaged = _noisy(load_model(find_checkpoints(root / "before")[0]), layers, scale)
+        save(damaged, root / name, tokenizer=tok)
+    save(load_model(find_checkpoints(root / "before")[0]), root / "same", tokenizer=tok)
+    write_jsonl(root / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer, "group": i.group}
+                                     for i in ITEMS])
+    for name, after in (("bottom", "after0"), ("top", "after23"), ("none", "same")):
+        (root / name).mkdir()
+        (root / name / "forgetdiag.toml").write_text(
+            f'name = "{name}"\n[checkpoints]\nbefore = "../before"\nafter = "../{after}"\n'
+            '[probes]\nold = "../old.jsonl"\n')
+    return root, tok
+
+
+def _advice(root, name, **settings):
+    spec = load_run(root / name)
+    return advise(spec, load_probe(spec.probes["old"]), settings=AdviceSettings(**settings))
+
+
+def test_planted_bottom_damage_is_advised_and_reverting_it_restores_everything(planted):
+    root, _ = planted
+    advice = _advice(root, "bottom")
+    assert advice.accuracy_before == 1.0 and advice.accuracy_after < 0.5
+    rows = {e.layer: e for e in advice.evidence}
+    # reverting the embedding alone changes nothing (it was not touched); with layer 0 the
+    # model is the before model again: exactly its accuracy, the whole loss restored
+    assert rows[-1].reverted_accuracy == pytest.approx(advice.accuracy_after)
+    assert rows[0].reverted_accuracy == 1.0 and rows[0].restored == 1.0
+    assert advice.freeze_layers == 1 and advice.freeze_embedding
+    assert [e.frozen for e in advice.evidence] == [True, True, False, False, False]
+    assert advice.frozen_params == sum(p.numel() for n, p in load_model(find_checkpoints(
+        root / "before")[0]).named_parameters() if "embed_tokens" in n or ".layers.0." in n)
+    # context evidence is there: angles need a triple (none here: noted), features per layer
+    assert any("angles skipped" in n for n in advice.notes)
+    assert all(e.cka is not None for e in advice.evidence if e.layer >= 0)
+    assert advice.shift_start == 1  # the hidden states first move after layer 0
+
+
+def test_damage_above_the_bottom_gets_no_advice(planted):
+    root, _ = planted
+    advice = _advice(root, "top", skip=("features",))
+    assert not advice.advised and "not held by the bottom layers" in advice.reason
+    assert advice.accuracy_after < 0.5
+    assert [e.restored for e in advice.evidence[:3]] == [0.0, 0.0, 0.0]  # layers 0, 1 untouched
+    assert advice.evidence[3].reverted_accuracy is None  # beyond max_share: not tested
+
+
+def test_nothing_forgotten_gets_no_advice(planted):
+    root, _ = planted
+    advice = _advice(root, "none", skip=("features",))
+    assert not advice.advised and "did not drop beyond noise" in advice.reason
+    assert advice.accuracy_before == advice.accuracy_after == 1.0
+
+
+def test_revert_series_equals_a_hand_assembled_model(planted):
+    """Depth d of the series = the after model with embedding + layers < d from before."""
+    root, tok = planted
+    before, after = find_checkpoints(root / "before")[0], find_checkpoints(root / "after0")[0]
+    encoded = encode(tok, ITEMS)
+    b, a, series = revert_series(before, after, encoded, pad_id=0, depths=2)
+    sb, sa = load_model(before).state_dict(), load_model(after).state_dict()
+    for depth, got in enumerate(series):
+        mixed = {k: (sb[k] if "embed_tokens" in k or any(f".layers.{i}." in k for i in range(depth))
+                     else sa[k]) for k in sa}
+        model = load_model(after)
+        model.load_state_dict(mixed)
+        want = score(model, encoded, pad_id=0)
+        assert got.exact_match == want.exact_match
+        assert got.answer_loss == pytest.approx(want.answer_loss, rel=1e-6)
+    assert a.exact_match == series[0].exact_match and b.exact_match == series[1].exact_match == 1.0
+
+
+@pytest.mark.parametrize("reverted, restore_min, want", [
+    ([0.25, 0.70, 0.85], 0.5, 1),  # (0.70 - 0.20) / 0.70 = 0.71
+    ([0.25, 0.70, 0.85], 0.8, 2),  # 0.93
+    ([0.25, 0.70, 0.85], 0.95, None),
+    ([0.60, 0.70, 0.85], 0.5, 0),  # the embedding alone: 0.57
+])
+def test_decide_freeze_by_hand(reverted, restore_min, want):
+    depth, reason = decide_freeze(before=0.9, after=0.2, reverted=reverted, n_eval=1000, n_layers=4,
+                                  settings=AdviceSettings(restore_min=restore_min))
+    assert depth == want, reason
+
+
+def test_decide_freeze_respects_max_share():
+    depth, reason = decide_freeze(before=0.9, after=0.2, reverted=[0.2, 0.2, 0.2, 0.9], n_eval=1000,
+                                  n_layers=4, settings=AdviceSettings(max_share=0.5))
+    assert depth is None and "up to 2 layers" in reason
+
+
+def test_printed_code_freezes_exactly_what_freeze_bottom_does(llama12_dir):
+    """The snippet is executed on a 12-layer model: layer 1 frozen, layers 10 and 11 not."""
+    (checkpoint,) = find_checkpoints(llama12_dir)
+    from forgetdiag.analyses.advise import code_snippets
+
+    code = code_snippets(checkpoint, 2, True)
+    namespace = {"model": load_model(checkpoint)}
+    exec(code["torch"], namespace)
+    frozen = sorted(n for n, p in namespace["model"].named_parameters() if not p.requires_grad)
+    reference = load_model(checkpoint)
+    assert frozen == sorted(freeze_bottom(reference, 2))
+    assert any(".layers.1." in n for n in frozen) and not any(".layers.10." in n for n in frozen)
+    assert "model.embed_tokens.weight" in frozen and "model.layers.0.*" in code["torch"]
+
+
+def test_printed_peft_config_leaves_the_bottom_layers_out(llama12_dir):
+    pytest.importorskip("peft")
+    (checkpoint,) = find_checkpoints(llama12_dir)
+    from forgetdiag.analyses.advise import code_snippets
+
+    namespace = {"model": load_model(checkpoint)}
+    exec(code_snippets(checkpoint, 3, True)["peft"], namespace)
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in namespace["model"].named_parameters()
+               if "lora_A" in n}
+    assert adapted == {str(k) for k in range(3, 12)}
+
+
+def test_cli_advise_json_html_and_untouched_inputs(planted, tmp_path):
+    root, _ = planted
+    digest = tree_digest(root)
+    result = runner.invoke(app, ["advise", str(root / "bottom"), "--json", str(tmp_path / "a.json"),
+                                 "--html", str(tmp_path / "a.html"), "--skip", "features", "--quiet"])
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["advised"] and data["freeze_layers"] == 1
+    assert data["evidence"][1]["reverted_accuracy"] == 1.0
+    assert "requires_grad_(False)" in data["code"]["torch"]
+    assert "Freeze the input embedding and the bottom 1 of 4 layers" in " ".join(result.stdout.split())
+    page = (tmp_path / "a.html").read_text()
+    assert "Evidence per depth" in page and "plotly" in page and "requires_grad_(False)" in page
+    assert tree_digest(root) == digest
+
+
+def test_cli_advise_bad_input(planted, tmp_path):
+    root, _ = planted
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "forgetdiag.toml").write_text(
+        f'name = "x"\n[checkpoints]\nbefore = "{root / "before"}"\nafter = "{root / "after0"}"\n')
+    run = lambda *a: runner.invoke(app, ["advise", *map(str, a)])  # noqa: E731
+    assert_bad_input(run(tmp_path / "run"), "no old-task probe")
+    assert_bad_input(run(root / "bottom", "--restore-min", "1.5"), "--restore-min")
+    assert_bad_input(run(root / "bottom", "--skip", "landscape"), "--skip landscape")
+    assert_bad_input(run(tmp_path / "nothing"), "no run description")
+    assert_bad_input(run(root / "bottom", "--json", root / "before" / "a.json"), "before")
+
+
+def test_samples_config_rejects_a_freeze_deeper_than_the_model():
+    from forgetdiag.errors import ForgetdiagError
+    from forgetdiag.samples.build import SampleConfig
+
+    with pytest.raises(ForgetdiagError, match="--freeze 5: expected 0 to 4"):
+        SampleConfig(freeze_layers=5)
+    assert replace(SampleConfig(), freeze_layers=4).freeze_layers == 4
