@@ -78,7 +78,7 @@ class SampleConfig:
     # six checkpoints per run keep the samples under 30 MB (2.2 MB each in bf16)
     checkpoint_steps: tuple[int, ...] = (0, 10, 50, 100, 200)  # and the last step
     spurious_after: int = 100  # the named after-checkpoints (steps)
-    real_after: int = 200
+    real_after: int = 300  # the last step: the cleanest real loss (recovery near the control)
     landscape_x: int = 100  # task-1 step where task 0 has collapsed (landscape x end)
     freeze_layers: int | None = None  # task 1 with the embedding and the bottom N layers frozen
     threads: int = 1  # torch threads while building (1 is fastest for models this small)
