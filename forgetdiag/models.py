@@ -90,6 +90,21 @@ def load_model(checkpoint: Checkpoint, *, device: str | torch.device = "cpu",
     return model.to(resolve_device(device)).eval()
 
 
+def preload_classes(checkpoint: Checkpoint) -> None:
+    """Import the transformers classes a checkpoint needs, in the calling thread.
+
+    transformers imports its modules lazily on first attribute access, which is not safe when
+    two threads do it at once: call this before running analyses in parallel threads.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig  # noqa: F401
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_type = (checkpoint.base or checkpoint).model_type
+    if model_type in CONFIG_MAPPING and CONFIG_MAPPING[model_type] in MODEL_FOR_CAUSAL_LM_MAPPING:
+        MODEL_FOR_CAUSAL_LM_MAPPING[CONFIG_MAPPING[model_type]]  # imports the modelling module
+
+
 @torch.no_grad()
 def _merge_adapter(model, checkpoint: Checkpoint) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))

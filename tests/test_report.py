@@ -86,6 +86,35 @@ def test_report_json_twin(report):
     assert "Time by analysis" in result.stdout and "r.html" in result.stdout
 
 
+def _numbers(data):
+    """A report's JSON without what depends on the clock."""
+    if isinstance(data, dict):
+        return {k: _numbers(v) for k, v in data.items()
+                if k not in ("timings_s", "seconds", "wall_s", "command")}
+    if isinstance(data, list):
+        return [_numbers(v) for v in data]
+    return data
+
+
+def test_overlapped_analyses_give_the_sequential_numbers(report, tiny_run):
+    """The CLI ran recover alongside the others (a one-thread model on a multi-core CPU);
+    the API, one after the other, must give every number identically."""
+    from forgetdiag.analyses.recovery import RecoverySettings
+    from forgetdiag.analyses.report import ReportSettings, _can_overlap, build_report
+    from forgetdiag.checkpoints import find_checkpoints
+    from forgetdiag.models import Runtime
+    from forgetdiag.runfile import load_run
+
+    if (os.cpu_count() or 1) >= 2:
+        assert _can_overlap(find_checkpoints(tiny_run / "run"), Runtime())
+    assert not _can_overlap(find_checkpoints(tiny_run / "run"), Runtime(threads=4))
+    out_dir, _ = report
+    cli = json.loads((out_dir / "r.json").read_text())
+    settings = ReportSettings(recovery=RecoverySettings(lr=1e-3), grid=3, overlap=False)
+    api = json.loads(output.to_json(build_report(load_run(tiny_run / "run"), settings=settings).to_dict()))
+    assert _numbers(api) == _numbers(cli)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
 def test_report_renders_offline_in_chromium(report, tmp_path_factory):
     out_dir, _ = report

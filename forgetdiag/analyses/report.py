@@ -14,7 +14,10 @@ An analysis whose inputs are missing is skipped with a note, never a crash; each
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +26,7 @@ from forgetdiag import __version__
 from forgetdiag.analyses.recovery import RecoveryResult, RecoverySettings, recover, summary_text
 from forgetdiag.analyses.verdict import Thresholds
 from forgetdiag.checkpoints import Checkpoint, find_checkpoints, fingerprint
-from forgetdiag.models import Runtime
+from forgetdiag.models import Runtime, auto_threads, preload_classes, resolve_device, torch_threads
 from forgetdiag.probes import Probe, load_probe, split_probe
 from forgetdiag.runfile import RunSpec
 from forgetdiag.streaming import ProgressFn, Warn
@@ -32,8 +35,8 @@ ANALYSES = ("recover", "angles", "landscape", "features")
 
 ADVICE = {
     "spurious": "Cheap to fix: a few old-task examples re-align the model; during the next "
-                "task, freeze the input embedding and the bottom layers where the angles and "
-                "feature shifts below concentrate (forgetdiag advise).",
+                "task, freeze the input embedding and the bottom layers that hold the change "
+                "(`forgetdiag advise RUN` measures how many and prints the code).",
     "real": "The old knowledge itself is gone: replay old-task data or retrain; re-alignment "
             "alone will not bring it back.",
     "mixed": "Part alignment, part knowledge: re-align with a few examples, and replay "
@@ -54,16 +57,24 @@ class ReportSettings:
         rank: top-k directions per update in the angles (randomized SVD).
         skip: analyses not to run.
         seed: seed of the samples.
+        overlap: on a CPU with two or more cores and a model small enough to run on one
+            thread (:func:`forgetdiag.models.auto_threads`), run ``recover`` on one core and the
+            other analyses on another, at the same time. The numbers are the same either way.
     """
 
     recovery: RecoverySettings = RecoverySettings()
     thresholds: Thresholds = Thresholds()
-    grid: int = 11
-    landscape_items: int = 300
+    grid: int = 9
+    landscape_items: int = 200
     feature_items: int = 500
     rank: int = 16
     skip: tuple[str, ...] = ()
     seed: int = 0
+    overlap: bool = True
+
+
+class _Stopped(Exception):
+    """Raised inside the side thread when the main thread failed: stop early."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,7 @@ class ReportResult:
     command: str = ""
     version: str = __version__
     notes: tuple[str, ...] = field(default_factory=tuple)
+    wall_s: float | None = None  # the whole report (less than the sum when analyses overlap)
 
     @property
     def verdict(self) -> str | None:
@@ -107,7 +119,7 @@ class ReportResult:
             "landscape": part(self.landscape), "features": part(self.features),
             "skipped": self.skipped, "timings_s": self.timings,
             "fingerprints": list(self.fingerprints), "command": self.command,
-            "forgetdiag_version": self.version, "notes": list(self.notes),
+            "forgetdiag_version": self.version, "notes": list(self.notes), "wall_s": self.wall_s,
         }
 
 
@@ -167,22 +179,36 @@ def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
         results[name] = work()
         timings[name] = time.perf_counter() - start
 
-    afters = list(run)
+    before_path = spec.before.resolve() if spec.before is not None else None
+    afters = [c for c in run if c.path.resolve() != before_path]  # before vs itself tells nothing
     if spec.after is not None and spec.after.resolve() not in {c.path.resolve() for c in run}:
         afters.append(spec.after)
-    attempt("recover", _missing_recover(spec, old), lambda: recover(
-        spec.before, afters, old, control=spec.control, recovery_probe=probes.get("recovery"),
-        settings=settings.recovery, thresholds=settings.thresholds, runtime=runtime,
-        at=spec.after, progress=progress, warn=warn))
     no_triple = triple if isinstance(triple, str) else None
-    attempt("angles", no_triple, lambda: _angles(triple, settings, runtime, progress))
     surface_probes = [_sample(p, settings.landscape_items, settings.seed)
                       for k, p in probes.items() if k in ("old", "new")]
-    attempt("landscape", no_triple or (None if surface_probes else "no probe in the run file"),
-            lambda: _landscape(triple, surface_probes, run, settings, runtime, progress, warn))
-    attempt("features", no_triple or (None if old else "no old-task probe ([probes] old)"),
-            lambda: _features(triple, _sample(old, settings.feature_items, settings.seed),
-                              settings, runtime, progress, warn))
+
+    def run_recover() -> None:
+        attempt("recover", _missing_recover(spec, old), lambda: recover(
+            spec.before, afters, old, control=spec.control, recovery_probe=probes.get("recovery"),
+            settings=settings.recovery, thresholds=settings.thresholds, runtime=runtime,
+            at=spec.after, progress=progress, warn=warn))
+
+    def run_others(progress: ProgressFn | None) -> None:
+        attempt("angles", no_triple, lambda: _angles(triple, settings, runtime, progress))
+        attempt("landscape", no_triple or (None if surface_probes else "no probe in the run file"),
+                lambda: _landscape(triple, surface_probes, run, settings, runtime, progress, warn))
+        attempt("features", no_triple or (None if old else "no old-task probe ([probes] old)"),
+                lambda: _features(triple, _sample(old, settings.feature_items, settings.seed),
+                                  settings, runtime, progress, warn))
+
+    start = time.perf_counter()
+    if settings.overlap and _can_overlap(run or triple, runtime) and "recover" not in settings.skip:
+        preload_classes((run or triple)[0])
+        _overlapped(run_recover, run_others, progress)
+    else:
+        run_recover()
+        run_others(progress)
+    wall = time.perf_counter() - start
     everything = {c.path.resolve(): c for c in [*run, *(triple if not no_triple else [])]}
     for p in (spec.before, spec.after, spec.control):
         if p is not None and p.resolve() not in everything:
@@ -191,7 +217,44 @@ def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
     return ReportResult(spec, results.get("recover"), results.get("angles"),
                         results.get("landscape"), results.get("features"), skipped, timings,
                         tuple(fingerprint(c) for c in everything.values()), settings,
-                        command=command, notes=tuple(notes))
+                        command=command, notes=tuple(notes), wall_s=wall)
+
+
+def _can_overlap(checkpoints, runtime: Runtime) -> bool:
+    """Two analyses at once pay only on a CPU with spare cores, for one-thread models."""
+    if isinstance(checkpoints, str) or not checkpoints or (os.cpu_count() or 1) < 2:
+        return False
+    device = resolve_device(runtime.device)
+    return (device.type == "cpu" and runtime.threads in (None, 1)
+            and auto_threads(checkpoints[0].n_params, device) == 1)
+
+
+def _overlapped(main: Callable[[], None], side: Callable[[ProgressFn | None], None],
+                progress: ProgressFn | None) -> None:
+    """``main()`` here and ``side(progress)`` in a second thread (torch ops release the GIL).
+
+    If ``main`` fails, the side thread stops at its next progress call; its errors re-raise here.
+    """
+    stop = threading.Event()
+
+    def checked(description: str, done: int, total: int) -> None:
+        if stop.is_set():
+            raise _Stopped
+        if progress is not None:
+            progress(description, done, total)
+
+    def guarded() -> None:
+        with torch_threads(1):  # a new thread starts with torch's default thread count
+            side(checked)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgetdiag-report") as pool:
+        future = pool.submit(guarded)
+        try:
+            main()
+        except BaseException:
+            stop.set()
+            raise
+        future.result()
 
 
 def _missing_recover(spec: RunSpec, old: Probe | None) -> str | None:

@@ -23,7 +23,10 @@ def _timing_rows(result: ReportResult) -> list[list[str]]:
             rows.append([name, f"{result.timings[name]:.1f} s", "ran"])
         else:
             rows.append([name, "–", f"skipped: {result.skipped.get(name, '')}"])
-    rows.append(["total", f"{sum(result.timings.values()):.1f} s", ""])
+    total = sum(result.timings.values())
+    rows.append(["total", f"{total:.1f} s", ""])
+    if result.wall_s is not None and result.wall_s < 0.95 * total:
+        rows.append(["wall clock", f"{result.wall_s:.1f} s", "recover ran alongside the others"])
     return rows
 
 
