@@ -393,8 +393,6 @@ def test_old_task_loss_rises_along_d_x_on_the_spurious_sample():
     """SCIENCE.md section 3: the first steps of task 1 (d_x) carry the old task's loss up."""
     from forgetdiag.runfile import load_run
 
-    if not (SAMPLES / "spurious" / "forgetdiag.toml").is_file():
-        pytest.skip("sample checkpoints not built yet (forgetdiag samples build --out sample_checkpoints)")
     spec = load_run(SAMPLES / "spurious")
     old, new = (load_probe(spec.probes[k]) for k in ("old", "new"))
     old, new = replace(old, items=old.items[:300]), replace(new, items=new.items[:300])
