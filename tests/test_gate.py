@@ -105,3 +105,31 @@ def test_cli_bad_input(args, message, tmp_path, monkeypatch):
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- on the shipped samples --------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run, failed, passed", [
+    ("spurious", ["alignment loss"], ["knowledge loss"]),  # knowledge intact, alignment undone
+    ("real", ["knowledge loss"], ["alignment loss"]),      # recovery gives back almost nothing
+])
+def test_gate_on_the_samples(run, failed, passed, tmp_path):
+    """The spurious run breaks an alignment-loss threshold and keeps a knowledge-loss one;
+    the real run breaks the knowledge-loss threshold (SCIENCE.md section 1)."""
+    from pathlib import Path
+
+    from forgetdiag.runfile import load_run
+
+    spec = load_run(Path(__file__).resolve().parents[1] / "sample_checkpoints" / run)
+    out = tmp_path / "gate.json"
+    result = runner.invoke(app, [
+        "gate", str(spec.before), str(spec.after), "--probe", str(spec.probes["old"]),
+        "--recovery-probe", str(spec.probes["recovery"]), "--control", str(spec.control),
+        "--max-alignment-loss", "0.10", "--max-knowledge-loss", "0.05", "--json", str(out), "--quiet"])
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    checks = {c["name"]: c for c in json.loads(out.read_text())["checks"]}
+    assert [n for n, c in checks.items() if not c["passed"]] == failed
+    assert [n for n, c in checks.items() if c["passed"]] == passed
+    for name in failed:
+        assert f"threshold broken: {name}" in result.stderr
