@@ -172,7 +172,7 @@ def decide_freeze(*, before: float, after: float, reverted: Sequence[float], n_e
     best = max(range(cap + 1), key=lambda d: reverted[d])
     return None, (f"no advice: the forgetting is not held by the bottom layers; reverting the "
                   f"embedding and up to {cap} layers restores at most "
-                  f"{(reverted[best] - after) / lost:.0%} of the lost accuracy (needs "
+                  f"{max(0.0, (reverted[best] - after) / lost):.0%} of the lost accuracy (needs "
                   f"{settings.restore_min:.0%}), so freezing them would not prevent it")
 
 

@@ -15,6 +15,7 @@ from forgetdiag.cli.report import resolve_spec
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.render.advise import advice_renderable, write_advice_html
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
+from forgetdiag.runfile import find_run_file
 
 Opt = typer.Option
 PathOpt = Optional[Path]
@@ -47,6 +48,9 @@ def advise_cmd(
     your model's own parameter names and the PEFT and Trainer equivalents; says so when the
     evidence does not support a freeze. Checkpoints are never modified.
     """
+    if (run is None or find_run_file(run) is None) and not (before and after and probe):
+        raise ForgetdiagError(f"{run or 'no RUN'}: no run description (forgetdiag.toml); expected "
+                              "RUN with forgetdiag.toml, or --before, --after and --probe")
     spec = resolve_spec(run, before, after, None, probe, None, None)
     old = spec.probes.get("old")
     if old is None:
