@@ -199,3 +199,18 @@ def test_samples_config_rejects_a_freeze_deeper_than_the_model():
     with pytest.raises(ForgetdiagError, match="--freeze 5: expected 0 to 4"):
         SampleConfig(freeze_layers=5)
     assert replace(SampleConfig(), freeze_layers=4).freeze_layers == 4
+
+
+@pytest.mark.slow
+def test_advice_on_the_shipped_samples():
+    """Spurious run: the embedding and layer 0 (the depth whose retraining keeps task 0 in
+    bench/freeze_experiment.py); real run: no advice."""
+    from pathlib import Path
+
+    samples = Path(__file__).resolve().parents[1] / "sample_checkpoints"
+    spurious = _advice(samples, "spurious", skip=("angles", "features"))
+    assert spurious.freeze_layers == 1 and spurious.freeze_embedding
+    rows = {e.layer: e for e in spurious.evidence}
+    assert rows[0].restored >= 0.5 > rows[-1].restored
+    real = _advice(samples, "real", skip=("angles", "features"))
+    assert not real.advised and "not held by the bottom layers" in real.reason

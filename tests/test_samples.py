@@ -225,12 +225,14 @@ def test_committed_samples_layout():
         assert len(find_checkpoints(SAMPLES / run)) >= 6
 
 
+@pytest.mark.slow
 def test_task0_is_learned_then_forgotten_in_both_runs(spurious, real):
     for result in (spurious, real):
         acc = result.accuracy()
         assert acc["before"] >= 0.85 and acc["after"] <= 0.3
 
 
+@pytest.mark.slow
 def test_spurious_run_recovers_far_above_control(spurious):
     control = spurious.accuracy()["control_recovered"]
     assert control <= 0.15
@@ -240,12 +242,14 @@ def test_spurious_run_recovers_far_above_control(spurious):
     assert spurious.verdict == "spurious" and spurious.decision.supported
 
 
+@pytest.mark.slow
 def test_real_run_does_not_recover(real):
     acc = real.accuracy()
     assert acc["recovered"] <= acc["control_recovered"] + 0.1 and acc["recovered"] <= 0.2
     assert real.verdict == "real"
 
 
+@pytest.mark.slow
 def test_before_against_itself_is_none():
     spec = load_run(SAMPLES / "spurious")
     assert _recover("spurious", spec.before).verdict == "none"
