@@ -96,7 +96,8 @@ def require_finite(tensor: torch.Tensor, name: str, checkpoint: Checkpoint) -> t
         return tensor
     # One fast reduction, no copy: a sum is finite when every element is (a finite sum can
     # only fail by overflow, which the exact check then rules out).
-    if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
+    total = tensor.sum(dtype=torch.float32 if tensor.element_size() < 4 else None)
+    if bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all()):
         return tensor
     kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
     raise CheckpointError(f"{checkpoint.label}: tensor {name} holds {kind} values "
@@ -166,13 +167,16 @@ def stream_updates(checkpoints: Sequence[Checkpoint], pairs: Sequence[tuple[int,
         values: dict[int, torch.Tensor | None] = {}
         for k in used:
             c = checkpoints[k]
-            t = c.delta(name, dtype=dtype, device=device) if from_deltas else c.get(name, dtype=dtype, device=device)
+            if from_deltas:
+                t = c.delta(name, dtype=dtype, device=device)
+            else:  # the stored dtype: the differences below cast inside the subtraction
+                t = c.get(name, dtype=dtype if c.base is not None else None, device=device)
             if t is not None:
                 t = require_finite(t, name, c)
                 t = t if rows is None else t[:rows]
             values[k] = t
             del t
-        updates = {(i, j): _difference(values[i], values[j]) for i, j in pairs}
+        updates = {(i, j): _difference(values[i], values[j], dtype) for i, j in pairs}
         del values  # the updates are all the caller needs
         yield checkpoints[0].parse(name), updates
         del updates
@@ -180,11 +184,14 @@ def stream_updates(checkpoints: Sequence[Checkpoint], pairs: Sequence[tuple[int,
             progress("reading tensors", done + 1, len(names))
 
 
-def _difference(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+def _difference(a: torch.Tensor | None, b: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor | None:
+    """``b - a`` in ``dtype``: one new tensor, the other operand cast inside the kernel (exactly
+    ``b.to(dtype) - a.to(dtype)``, without converting ``a`` into a tensor of its own)."""
     if a is None and b is None:
         return None
     if a is None:
-        return b
+        return b.to(dtype, copy=True)
     if b is None:
-        return -a
-    return b - a
+        return a.to(dtype, copy=True).neg_()
+    return b.to(dtype, copy=True).sub_(a)
