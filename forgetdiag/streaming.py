@@ -24,6 +24,7 @@ Warn = Callable[[str], None]  # receives one warning line
 _ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "n_head")
 _VOCAB_COMPONENTS = ("embed", "lm_head")
+_BLOCK = 1 << 18  # elements per block of _difference's conversion: 1 MiB of float32
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,14 @@ def require_finite(tensor: torch.Tensor, name: str, checkpoint: Checkpoint) -> t
     if not tensor.is_floating_point():
         return tensor
     # One fast reduction, no copy: a sum is finite when every element is (a finite sum can
-    # only fail by overflow, which the exact check then rules out).
-    total = tensor.sum(dtype=torch.float32 if tensor.element_size() < 4 else None)
-    if bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all()):
+    # only fail by overflow, which the checks after it rule out). Half-precision tensors are
+    # summed in their own dtype first (float accumulation inside, ~30x faster on CPU than
+    # sum(dtype=float32)); a float16 sum overflows past 65504, so float32 comes next.
+    if bool(torch.isfinite(tensor.sum())):
+        return tensor
+    if tensor.element_size() < 4 and bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return tensor
+    if bool(torch.isfinite(tensor).all()):
         return tensor
     kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
     raise CheckpointError(f"{checkpoint.label}: tensor {name} holds {kind} values "
@@ -186,12 +192,25 @@ def stream_updates(checkpoints: Sequence[Checkpoint], pairs: Sequence[tuple[int,
 
 def _difference(a: torch.Tensor | None, b: torch.Tensor | None,
                 dtype: torch.dtype) -> torch.Tensor | None:
-    """``b - a`` in ``dtype``: one new tensor, the other operand cast inside the kernel (exactly
-    ``b.to(dtype) - a.to(dtype)``, without converting ``a`` into a tensor of its own)."""
+    """``b - a`` in ``dtype``: exactly ``b.to(dtype) - a.to(dtype)``, in one new tensor.
+
+    ``a`` is converted a block at a time into a small scratch buffer that stays in cache: an
+    in-place subtraction of a tensor of another dtype takes PyTorch's slow casting path (on a
+    (5632, 2048) bf16 operand 24 ms, against 5 ms for block conversion and subtraction), and
+    converting ``a`` whole would allocate a second full-size tensor.
+    """
     if a is None and b is None:
         return None
     if a is None:
         return b.to(dtype, copy=True)
     if b is None:
         return a.to(dtype, copy=True).neg_()
-    return b.to(dtype, copy=True).sub_(a)
+    out = b.to(dtype, copy=True)
+    if a.dtype == dtype or not a.is_contiguous():
+        return out.sub_(a)
+    flat_out, flat_a = out.view(-1), a.view(-1)
+    scratch = torch.empty(min(_BLOCK, flat_a.numel()), dtype=dtype, device=out.device)
+    for start in range(0, flat_a.numel(), _BLOCK):
+        part = flat_a[start : start + _BLOCK]
+        flat_out[start : start + part.numel()].sub_(scratch[: part.numel()].copy_(part))
+    return out
