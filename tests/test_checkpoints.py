@@ -205,6 +205,48 @@ def test_stream_updates_of_lora_use_factors_only(lora_dir, llama_dir):
             assert torch.equal(pair[(0, 1)], delta)
 
 
+@pytest.mark.parametrize("dtypes", [("bfloat16", "bfloat16"), ("float16", "float32"), ("float32", "bfloat16")])
+def test_stream_updates_are_float32_differences_of_the_stored_values(llama_dir, tmp_path, monkeypatch,
+                                                                    dtypes):
+    import forgetdiag.streaming as streaming
+
+    monkeypatch.setattr(streaming, "_BLOCK", 100)  # several blocks and a partial last one per tensor
+    stored = []
+    for k, dtype in enumerate(dtypes):
+        state = {n: (t + 0.01 * k * torch.randn_like(t)).to(getattr(torch, dtype)).contiguous()
+                 for n, t in _state(llama_dir).items()}
+        path = tmp_path / f"c{k}"
+        path.mkdir()
+        (path / "config.json").write_text((llama_dir / "config.json").read_text())
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        stored.append(state)
+    checkpoints = find_sequence([tmp_path / "c0", tmp_path / "c1"])
+    seen = 0
+    for tensor, updates in stream_updates(checkpoints, [(0, 1)]):
+        a, b = stored[0][tensor.name], stored[1][tensor.name]
+        update = updates[(0, 1)]
+        assert update.dtype == torch.float32
+        assert torch.equal(update, b.float() - a.float())
+        torch.testing.assert_close(update.double(), b.double() - a.double(), rtol=1e-6, atol=1e-9)
+        seen += a.numel() > 100
+    assert seen > 5
+
+
+def test_half_precision_finite_check_survives_overflowing_sums(llama_dir):
+    from forgetdiag.streaming import require_finite
+
+    (ckpt,) = find_checkpoints(llama_dir)
+    for dtype in (torch.float16, torch.bfloat16):
+        big = torch.full((4, 100), 60000.0, dtype=dtype)  # float16 sum overflows past 65504
+        assert require_finite(big, "w", ckpt) is big
+        big[2, 7] = float("nan")
+        with pytest.raises(CheckpointError, match="tensor w holds NaN"):
+            require_finite(big, "w", ckpt)
+        big[2, 7] = float("-inf")
+        with pytest.raises(CheckpointError, match="tensor w holds Inf"):
+            require_finite(big, "w", ckpt)
+
+
 def test_stream_reads_one_name_at_a_time(llama_dir, llama_dir_b):
     checkpoints = find_sequence([llama_dir, llama_dir_b])
     log = []

@@ -235,6 +235,20 @@ def test_update_basis_deterministic_and_leaves_global_rng_alone():
     assert torch.equal(first.singular_values, second.singular_values)
 
 
+def test_update_basis_total_energy_matches_float64_numpy():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((700, 900)) * np.linspace(0.1, 3.0, 900)  # uneven column scales
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.from_numpy(x).to(dtype)
+        expected = float(np.sum(t.double().numpy() ** 2))  # the stored values, squared in float64
+        for view in (t, t.mT):  # contiguous and transposed (angles orients by transposing)
+            assert update_basis(view, rank=8).total_energy == pytest.approx(expected, rel=1e-7)
+    big = torch.full((50, 60), 1e30)  # squares overflow float32: the float64 pass takes over
+    big[:, 0] = -2e30
+    expected = 1e60 * (50 * 59 + 50 * 4)
+    assert update_basis(big, energy=1.0).total_energy == pytest.approx(expected, rel=1e-7)
+
+
 def test_update_basis_dtypes_and_errors():
     a, u = low_rank_matrix(40, 90, [3.0, 1.0], seed=2)
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
