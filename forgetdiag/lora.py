@@ -122,6 +122,10 @@ class LoraCheckpoint(Checkpoint):
         delta = self.source.delta(name)
         return None if delta is None else delta.to(device=device, dtype=dtype)
 
+    def prefetch(self, name: str) -> None:
+        if name not in self.source.replaced:
+            self.base.prefetch(name)  # the adapter's own factors are in memory
+
     def get(self, name: str, *, dtype: torch.dtype = torch.float32,
             device: str | torch.device = "cpu") -> torch.Tensor:
         if name not in self.meta:

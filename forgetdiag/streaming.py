@@ -132,6 +132,7 @@ def stream_tensors(checkpoints: Sequence[Checkpoint], names: Sequence[str] | Non
     check = check or check_sequence(checkpoints)
     names = list(check.names if names is None else names)
     for done, name in enumerate(names):
+        _prefetch(checkpoints, names, done)
         rows = check.rows.get(name)
         tensors = []
         for c in checkpoints:
@@ -169,6 +170,8 @@ def stream_updates(checkpoints: Sequence[Checkpoint], pairs: Sequence[tuple[int,
     used = sorted({k for pair in pairs for k in pair})
     from_deltas = shared_lora_base(checkpoints) is not None
     for done, name in enumerate(names):
+        if not from_deltas:
+            _prefetch([checkpoints[k] for k in used], names, done)
         rows = check.rows.get(name)
         values: dict[int, torch.Tensor | None] = {}
         for k in used:
@@ -188,6 +191,14 @@ def stream_updates(checkpoints: Sequence[Checkpoint], pairs: Sequence[tuple[int,
         del updates
         if progress is not None:
             progress("reading tensors", done + 1, len(names))
+
+
+def _prefetch(checkpoints: Sequence[Checkpoint], names: Sequence[str], done: int) -> None:
+    """Before name ``done`` is read: start reading the name after it in the background (and
+    this one, on the first call), so a cold read overlaps the work on the current tensors."""
+    for name in names[done + 1 : done + 2] if done else names[:2]:
+        for c in checkpoints:
+            c.prefetch(name)
 
 
 def _difference(a: torch.Tensor | None, b: torch.Tensor | None,

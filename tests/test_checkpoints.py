@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -245,6 +246,41 @@ def test_half_precision_finite_check_survives_overflowing_sums(llama_dir):
         big[2, 7] = float("-inf")
         with pytest.raises(CheckpointError, match="tensor w holds Inf"):
             require_finite(big, "w", ckpt)
+
+
+def test_prefetch_advises_each_tensors_exact_bytes(sharded_dir, monkeypatch):
+    (ckpt,) = find_checkpoints(sharded_dir)
+    advised = []
+    monkeypatch.setattr("os.posix_fadvise", lambda fd, start, length, advice: advised.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), start, length, advice)), raising=False)
+    for name in ckpt.names:
+        ckpt.prefetch(name)
+        path, start, length, advice = advised[-1]
+        assert advice == os.POSIX_FADV_WILLNEED and path == str(ckpt.meta[name].file.resolve())
+        with open(path, "rb") as handle:  # the advised range holds exactly the tensor's bytes
+            handle.seek(start)
+            raw = handle.read(length)
+        tensor = ckpt.source.get(name)
+        assert raw == tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    assert len(advised) == len(ckpt.names) and len({a[0] for a in advised}) > 1  # several shards
+
+
+def test_stream_updates_prefetch_the_next_name_before_reading(llama_dir, llama_dir_b):
+    checkpoints = find_sequence([llama_dir, llama_dir_b])
+    log = []
+    for c in checkpoints:
+        original = c.source.get
+        c.source.get = lambda name, _o=original: log.append(("get", name)) or _o(name)
+        c.prefetch = lambda name: log.append(("prefetch", name))
+    names = list(check_sequence(checkpoints).names)
+    for _ in stream_updates(checkpoints, [(0, 1)]):
+        pass
+    expected = [("prefetch", names[0])] * 2 + [("prefetch", names[1])] * 2 + [("get", names[0])] * 2
+    assert log[:6] == expected
+    gets = [n for kind, n in log if kind == "get"]
+    for k, name in enumerate(names[1:-1], start=1):  # name k+1 is advised before name k is read
+        assert log.index(("prefetch", names[k + 1])) < log.index(("get", name))
+    assert gets == [n for n in names for _ in range(2)]
 
 
 def test_stream_reads_one_name_at_a_time(llama_dir, llama_dir_b):
