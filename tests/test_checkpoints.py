@@ -113,6 +113,28 @@ def test_neox_fused_qkv_split_matches_the_model(neox_dir):
     assert parts["q"].oriented(fused).shape == (32, 32)
 
 
+def test_neox_fused_qkv_parts_are_exactly_the_planted_rows(neox_dir, copy_tree):
+    """Plant distinct q, k, v matrices in GPT-NeoX's per-head interleaved layout
+    ([q_h; k_h; v_h] for each head h, as its attention views (heads, 3 * head_dim)) and read
+    each part back exactly, bit for bit."""
+    heads, head_dim, hidden = 4, 8, 32
+    planted = {c: torch.arange(hidden * hidden, dtype=torch.float32).reshape(hidden, hidden) + 10_000 * k
+               for k, c in enumerate("qkv")}  # (out, in) each, all entries distinct
+    per_head = [torch.cat([planted[c][h * head_dim:(h + 1) * head_dim] for c in "qkv"]) for h in range(heads)]
+    fused = torch.cat(per_head)  # (3 * hidden, hidden)
+    other = copy_tree(neox_dir)
+    state = _state(other)
+    name = "gpt_neox.layers.1.attention.query_key_value.weight"
+    assert state[name].shape == fused.shape
+    state[name] = fused
+    save_file(state, str(other / "model.safetensors"), metadata={"format": "pt"})
+    (ckpt,) = find_checkpoints(other)
+    parts = _parts(ckpt, name)
+    for c in "qkv":
+        assert torch.equal(parts[c].extract(ckpt.get(name)), planted[c])
+        assert torch.equal(parts[c].oriented(ckpt.get(name)), planted[c].T)  # hidden (in) side first
+
+
 def test_gpt2_conv1d_split_matches_the_model(gpt2_dir):
     from transformers import AutoModelForCausalLM
 

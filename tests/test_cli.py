@@ -110,9 +110,74 @@ def test_inputs_stay_byte_identical(llama_dir, lora_dir, trainer_run, tmp_path):
     assert [tree_digest(r) for r in roots] == before
 
 
-def test_usage_error_exits_2():
-    result = run("inspect")
-    assert result.exit_code == 2
+@pytest.mark.parametrize("args, expect", [
+    (["inspect"], "Missing argument"),
+    (["inspect", ".", "--bogus"], "No such option: --bogus"),
+    (["angles", "a", "b", "c", "--rank", "many"], "Invalid value for '--rank'"),
+    (["recover", "a", "b", "--shots", "0"], "Invalid value for '--shots'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_usage_errors_exit_2_with_one_line(args, expect):
+    result = run(*args)
+    assert_bad_input(result, expect, "--help')")
+
+
+def test_no_arguments_prints_help():
+    result = run()
+    assert result.exit_code == 2 and "Usage:" in result.output and "recover" in result.output
+
+
+PEOPLE = "alice bob carol dave erin frank".split()
+CITIES = "paris rome oslo lima cairo quito".split()
+
+
+def _probe_rows():
+    return [{"prompt": f"what is the birth city of {p} answer :", "answer": f" {c}", "group": p}
+            for p in PEOPLE for c in CITIES[:2]]
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("empty", "empty probe file"),
+    ("invalid_json", "line 3"),
+    ("no_answer", "answer"),
+    ("too_long", "context"),
+])
+def test_bad_probes_exit_2_with_one_line_and_write_nothing(case, expect, llama_dir, llama_dir_b, tmp_path):
+    rows = _probe_rows()
+    probe = tmp_path / "probe.jsonl"
+    if case == "empty":
+        probe.write_text("")
+    elif case == "invalid_json":
+        lines = [json.dumps(r) for r in rows]
+        lines[2] = '{"prompt": "what is", "answer": '
+        probe.write_text("\n".join(lines) + "\n")
+    elif case == "no_answer":
+        probe.write_text("".join(json.dumps({"prompt": r["prompt"], "group": r["group"]}) + "\n" for r in rows))
+    else:  # 100 words: more than the tiny models' context of 64 positions
+        rows[0]["prompt"] = " ".join(["what"] * 100) + " answer :"
+        probe.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, page = tmp_path / "out.json", tmp_path / "out.html"
+    before = tree_digest(llama_dir)
+    result = run("recover", llama_dir, llama_dir_b, "--probe", probe, "--json", out, "--html", page, "--quiet")
+    assert_bad_input(result, expect)
+    assert not out.exists() and not page.exists()
+    assert tree_digest(llama_dir) == before
+
+
+def test_recover_and_gate_leave_their_inputs_byte_identical(llama_dir, llama_dir_b, tmp_path):
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps(r) + "\n" for r in _probe_rows()))
+    roots = [llama_dir, llama_dir_b]
+    before = [tree_digest(r) for r in roots]
+    common = ["--probe", probe, "--control", llama_dir_b, "--shots", 4, "--epochs", 1, "--quiet"]
+    recovered = run("recover", llama_dir, llama_dir_b, *common, "--json", tmp_path / "r.json",
+                    "--html", tmp_path / "r.html")
+    assert recovered.exit_code == 0, recovered.stderr
+    gated = run("gate", llama_dir, llama_dir_b, *[a for a in common if a != "--epochs" and a != 1],
+                "--max-forgetting", 1.0, "--json", tmp_path / "g.json")
+    assert gated.exit_code == 0, gated.stderr
+    assert json.loads((tmp_path / "g.json").read_text())["passed"] is True
+    assert [tree_digest(r) for r in roots] == before
 
 
 def test_console_script_and_module_entry_point(llama_dir):

@@ -211,7 +211,8 @@ def spurious():
 
 @pytest.fixture(scope="module")
 def real():
-    return _recover("real", load_run(SAMPLES / "real").after)
+    spec = load_run(SAMPLES / "real")
+    return _recover("real", [spec.run / "checkpoint-50", spec.after], at=spec.after)
 
 
 def test_committed_samples_layout():
@@ -223,6 +224,23 @@ def test_committed_samples_layout():
         assert spec.expected_verdict == run
         assert [p.name for p in spec.landscape][0] == "checkpoint-0"
         assert len(find_checkpoints(SAMPLES / run)) >= 6
+
+
+def test_committed_samples_load_offline_with_auto_classes(monkeypatch):
+    """Every shipped checkpoint loads with AutoModelForCausalLM and AutoTokenizer, offline, and
+    its tokenizer covers the probes' words (no unknown tokens in a probe prompt and answer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    item = load_probe(SAMPLES / "probes" / "task0_heldout.jsonl").items[0]
+    dirs = sorted(p.parent for p in SAMPLES.rglob("config.json"))
+    assert len(dirs) == 13  # 6 checkpoints per run and the control
+    for path in dirs:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        assert model.config.model_type == "llama" and model.config.vocab_size >= len(tok)
+        ids = tok(item.prompt + item.answer)["input_ids"]
+        assert tok.unk_token_id not in ids and len(ids) > 5, path
 
 
 @pytest.mark.slow
@@ -239,6 +257,7 @@ def test_spurious_run_recovers_far_above_control(spurious):
     for point in spurious.sequence:  # early and middle task-1 checkpoints
         rec = point.recovered.exact_match
         assert rec >= 0.85 and rec >= control + 0.6, point.label
+        assert point.decision.verdict == "spurious", point.label
     assert spurious.verdict == "spurious" and spurious.decision.supported
 
 
@@ -247,6 +266,8 @@ def test_real_run_does_not_recover(real):
     acc = real.accuracy()
     assert acc["recovered"] <= acc["control_recovered"] + 0.1 and acc["recovered"] <= 0.2
     assert real.verdict == "real"
+    for point in real.sequence:  # a middle task-1 checkpoint and the last one
+        assert point.recovered.exact_match <= 0.2 and point.decision.verdict == "real", point.label
 
 
 @pytest.mark.slow

@@ -1,8 +1,41 @@
 """The Typer application; each command lives in its own module of this package."""
 
+import sys
+
 import typer
+from typer import _click
+from typer.core import TyperGroup
+
+
+class OneLineErrors(TyperGroup):
+    """The root group: usage errors (a missing argument, an unknown option, a bad value) as one
+    line on stderr, ``forgetdiag: error: ...``, and exit 2, like every other bad input; help
+    asked for by running a group without arguments still prints the help."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except _click.exceptions.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            message = " ".join(exc.format_message().split())
+            print(f"forgetdiag: error: {message}{where}", file=sys.stderr, flush=True)
+            sys.exit(exc.exit_code)
+        except _click.exceptions.ClickException as exc:
+            print(f"forgetdiag: error: {' '.join(exc.format_message().split())}", file=sys.stderr, flush=True)
+            sys.exit(exc.exit_code)
+        except _click.exceptions.Abort:
+            print("forgetdiag: error: aborted", file=sys.stderr, flush=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # an Exit(code) comes back as its code
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     name="forgetdiag",
     help="Tell why a fine-tuned language model forgot: spurious forgetting (only the task "
          "alignment was undone; a few examples bring it back) or real forgetting (the knowledge is gone).",
