@@ -121,3 +121,17 @@ def assert_bad_input(result, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def plotly_figures(page: str) -> list[tuple[list, dict]]:
+    """(data, layout) of every ``Plotly.newPlot`` call in the page's body, parsed as JSON."""
+    decoder, figures = json.JSONDecoder(), []
+    for call in page.split("<body>", 1)[1].split("Plotly.newPlot(")[1:]:
+        values, pos = [], 0
+        for _ in range(3):  # the div id, the traces, the layout
+            while call[pos] in " \t\n,":
+                pos += 1
+            value, pos = decoder.raw_decode(call, pos)
+            values.append(value)
+        figures.append((values[1], values[2]))
+    return figures

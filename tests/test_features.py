@@ -28,8 +28,8 @@ from forgetdiag.errors import ForgetdiagError, ProbeError
 from forgetdiag.models import Runtime
 from forgetdiag.probes import load_probe, probe_from_pairs
 
-from helpers import (WORDS, assert_bad_input, build, gpt2_config, llama_config, neox_config, save,
-                     tree_digest, write_jsonl)
+from helpers import (WORDS, assert_bad_input, build, gpt2_config, llama_config, neox_config, plotly_figures,
+                     save, tree_digest, write_jsonl)
 
 runner = CliRunner()
 N_PROMPTS = 40
@@ -260,7 +260,28 @@ def test_cli_json_html_and_untouched_inputs(planted, probe_file, tmp_path):
     assert (tree_digest(before), tree_digest(after)) == digests
 
 
-
+def test_html_per_layer_curves_have_one_point_per_layer(planted, probe_file, tmp_path):
+    """Four panels, one curve each for the one pair, over hidden-state indices 0 (embedding
+    output) to 4 (after the last of the model's 4 layers), with the JSON's values."""
+    before, after = planted
+    out, page = tmp_path / "f.json", tmp_path / "f.html"
+    result = run_cli(before, after, "--probe", probe_file, "--k", 4, "--json", out, "--html", page)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(out.read_text())
+    (curves,) = [(traces, layout) for traces, layout in plotly_figures(page.read_text())
+                 if layout.get("title", {}).get("text", "").startswith("Per-layer shifts")]
+    traces, layout = curves
+    panels = ["PC1 angle (deg)", "PC shift: mean principal angle of the top-k PCs (deg)",
+              "linear CKA", "mean shift / feature norm"]
+    assert [a["text"] for a in layout["annotations"]] == panels
+    assert data["n_layers"] == 4 and len(traces) == len(panels)
+    layers = [r["layer"] for r in data["records"]]
+    assert layers == list(range(data["n_layers"] + 1))
+    for trace, key in zip(traces, ("pc1_angle_deg", "pc_shift_deg", "cka", "mean_shift_rel")):
+        assert trace["x"] == layers and trace["name"] == "before -> after"
+        assert trace["y"] == [r[key] for r in data["records"]]
+    assert traces[3]["y"][:4] == [0.0] * 4 and traces[3]["y"][4] > 0.01  # only the last layer moved
+    assert [s["x0"] for s in layout["shapes"]] == [4] * 4  # the start line, on every panel
 
 def test_cli_probe_smaller_than_k(llama_dir, llama_dir_b, tmp_path):
     probe = write_jsonl(tmp_path / "tiny.jsonl", [{"prompt": p, "answer": "x"} for p in random_prompts(5)])

@@ -25,7 +25,8 @@ from forgetdiag.models import Runtime
 from forgetdiag.probes import load_probe
 from forgetdiag.render.output import to_json
 
-from helpers import assert_bad_input, build, gpt2_config, llama_config, neox_config, save, tree_digest, write_jsonl
+from helpers import (assert_bad_input, build, gpt2_config, llama_config, neox_config, plotly_figures, save,
+                     tree_digest, write_jsonl)
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
@@ -37,8 +38,6 @@ PLANTED = (0.3, 0.7)
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
 
 
 def _perturbed(model, generator, scale):
@@ -301,6 +300,33 @@ def test_bfloat16_compute(plane, result):
         assert ours.losses["old"] == pytest.approx(exact.losses["old"], abs=0.1)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_plane_is_held_in_the_compute_dtype(dtype, plane, monkeypatch):
+    """origin, d_x and d_y are bound in the compute dtype (bf16 halves their memory), with the
+    values of the float32 differences rounded once to it."""
+    import forgetdiag.analyses.landscape as module
+
+    real, seen = module.build_plane, {}
+
+    def spy(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        seen["model"], seen["plane"] = model, out[0]
+        return out
+
+    monkeypatch.setattr(module, "build_plane", spy)
+    landscape(plane["origin"], plane["x_end"], plane["y_end"], [plane["old"]],
+              settings=LandscapeSettings(grid=(1, 1)), runtime=Runtime(dtype=dtype))
+    bound, torch_dtype = seen["plane"], getattr(torch, dtype)
+    o, x, y = (load_file(str(plane[k] / "model.safetensors")) for k in ("origin", "x_end", "y_end"))
+    names = {id(p): n for n, p in seen["model"].named_parameters(remove_duplicate=False) if n in o}
+    assert len(bound.params) == len(o) and set(map(id, bound.params)) <= set(names)
+    for param, origin, dx, dy in zip(bound.params, bound.origin, bound.dx, bound.dy):
+        name = names[id(param)]
+        assert param.dtype == origin.dtype == dx.dtype == dy.dtype == torch_dtype, name
+        assert torch.equal(origin, o[name].to(torch_dtype))
+        assert torch.equal(dx, (x[name] - o[name]).to(torch_dtype))
+        assert torch.equal(dy, (y[name] - x[name]).to(torch_dtype))
+
 def test_axis_holds_the_anchors_exactly():
     settings = LandscapeSettings()
     assert len(settings.alphas) == 21 and 0.0 in settings.alphas and 1.0 in settings.betas
@@ -380,6 +406,23 @@ def test_inputs_stay_byte_identical_and_html_is_offline(plane, tmp_path):
     assert read_saved(tmp_path / "l.json")["complete"] is True
     assert not math.isnan(json.loads((tmp_path / "l.json").read_text())["anchors"][0]["losses"]["old"])
 
+
+def test_html_trajectory_trace_has_the_json_coordinates(plane, tmp_path):
+    out, page = tmp_path / "l.json", tmp_path / "l.html"
+    result = run("landscape", plane["origin"], plane["x_end"], plane["y_end"], "--probe", plane["old"],
+                 "--trajectory", plane["x_end"], "--trajectory", plane["planted"], "--grid", "1x1",
+                 "--json", out, "--html", page, "-q")
+    assert result.exit_code == 0, result.stderr
+    placed = json.loads(out.read_text())["trajectory"]
+    assert [t["checkpoint"] for t in placed] == ["x_end", "planted"]
+    assert placed[1]["alpha"] == pytest.approx(PLANTED[0], rel=1e-4)
+    assert placed[1]["beta"] == pytest.approx(PLANTED[1], rel=1e-4)
+    figures = plotly_figures(page.read_text())
+    assert len(figures) == 1  # one probe: no mean surface
+    (trace,) = [t for t in figures[0][0] if t.get("name") == "trajectory"]
+    assert trace["mode"] == "lines+markers"
+    assert trace["x"] == [t["alpha"] for t in placed] and trace["y"] == [t["beta"] for t in placed]
+    assert [text.split("<br>")[0] for text in trace["text"]] == ["x_end", "planted"]
 
 def test_refuses_to_write_into_a_checkpoint(plane):
     before = tree_digest(plane["origin"])
