@@ -163,6 +163,102 @@ def test_printed_peft_config_leaves_the_bottom_layers_out(llama12_dir):
     assert adapted == {str(k) for k in range(3, 12)}
 
 
+def test_printed_trainer_recipe_freezes_the_advised_parameters_and_trains_only_the_rest(
+        llama12_dir, tmp_path):
+    """The Trainer snippet is executed as printed: one real Trainer step on a 12-layer model."""
+    from transformers import TrainingArguments
+
+    from forgetdiag.analyses.advise import code_snippets
+
+    (checkpoint,) = find_checkpoints(llama12_dir)
+    model = load_model(checkpoint).train()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(4, 64, (4, 8), generator=torch.Generator().manual_seed(0))  # (batch, seq)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, learning_rate=1e-2,
+                             per_device_train_batch_size=4, report_to="none", save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, use_cpu=True)
+    namespace = {"model": model, "training_args": args,
+                 "train_dataset": [{"input_ids": row, "labels": row} for row in ids]}
+    exec(code_snippets(checkpoint, 2, True)["trainer"], namespace)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == set(freeze_bottom(load_model(checkpoint), 2))
+    assert "model.layers.1.mlp.up_proj.weight" in frozen and "model.embed_tokens.weight" in frozen
+    assert not any(".layers.10." in n for n in frozen)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimized = [p for group in namespace["trainer"].optimizer.param_groups for p in group["params"]]
+    assert sorted(map(id, optimized)) == sorted(map(id, trainable.values()))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), start[n])}
+    assert changed == set(trainable)  # the step moved every trainable tensor and no frozen one
+
+
+ORTHOGONAL = {"embed": ("embed_tokens",), 0: (), 1: ("proj",), 2: ("q_proj", "down_proj")}
+
+
+def _unit(n: int, generator, against=None):
+    v = torch.randn(n, generator=generator, dtype=torch.float64)
+    if against is not None:
+        v -= (v @ against) * against
+    return v / v.norm()
+
+
+@pytest.fixture(scope="module")
+def landscape_run(planted, tmp_path_factory):
+    """Origin = the planted before model; x = origin + a rank-one update a b^T of every matrix of
+    the embedding and layers 0-2; y = x + a late rank-one update, along a b^T (0 deg) or along
+    c d^T with c _|_ a and d _|_ b (90 deg on either side) where ORTHOGONAL says. Layer 3 does
+    not move."""
+    root, tok = planted
+    out = tmp_path_factory.mktemp("advise_angles")
+    generator = torch.Generator().manual_seed(7)
+    x, y = (load_model(find_checkpoints(root / "before")[0]) for _ in range(2))
+    with torch.no_grad():
+        for (name, px), py in zip(x.named_parameters(), y.parameters()):
+            layer = "embed" if "embed_tokens" in name else (
+                int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None)
+            if px.ndim != 2 or layer not in ORTHOGONAL:
+                continue
+            a, b = _unit(px.shape[0], generator), _unit(px.shape[1], generator)
+            early = torch.outer(a, b)  # (out, in), rank one
+            late = (torch.outer(_unit(px.shape[0], generator, a), _unit(px.shape[1], generator, b))
+                    if any(k in name for k in ORTHOGONAL[layer]) else 0.5 * early)
+            px.add_(early.float())
+            py.add_((early + late).float())
+    save(x, out / "x", tokenizer=tok)
+    save(y, out / "y", tokenizer=tok)
+    (out / "forgetdiag.toml").write_text(
+        f'name = "angles"\n[checkpoints]\nbefore = "{root / "before"}"\nafter = "{out / "x"}"\n'
+        f'landscape = ["{root / "before"}", "{out / "x"}", "{out / "y"}"]\n'
+        f'[probes]\nold = "{root / "old.jsonl"}"\n')
+    return out, x
+
+
+def test_angle_evidence_per_layer_matches_a_planted_update_of_known_angle(landscape_run):
+    """Per layer: the mean over its matrices of 0 (late update along the early one) and 90 deg
+    (orthogonal), the chance angle of a rank-one subspace in R^48, and their ratio."""
+    import numpy as np
+
+    out, model = landscape_run
+    advice = _advice(out.parent, out.name, skip=("features",))
+    assert not any("angles skipped" in n for n in advice.notes)
+    # chance: E[arccos |<u, a>|] for a uniform unit u in R^d, density ~ sin^(d-2) (independent
+    # of forgetdiag.linalg)
+    d = model.config.hidden_size
+    theta = np.linspace(0.0, np.pi / 2, 200_001)
+    weight = np.sin(theta) ** (d - 2)
+    chance = float(np.degrees(np.trapezoid(theta * weight, theta) / np.trapezoid(weight, theta)))
+    rows = {e.layer: e for e in advice.evidence}
+    for layer, key in ((-1, "embed"), (0, 0), (1, 1), (2, 2)):
+        names = [n for n, p in model.named_parameters() if p.ndim == 2 and (
+            "embed_tokens" in n if key == "embed" else f".layers.{key}." in n)]
+        want = 90.0 * sum(any(k in n for k in ORTHOGONAL[key]) for n in names) / len(names)
+        row = rows[layer]
+        assert row.angle_deg == pytest.approx(want, abs=1e-3), layer
+        assert row.baseline_deg == pytest.approx(chance, rel=1e-6), layer
+        assert row.departure == pytest.approx(want / chance, abs=1e-5), layer
+    assert rows[2].angle_deg == pytest.approx(90.0 * 2 / 7, abs=1e-3)  # q_proj, down_proj of 7
+    assert rows[3].angle_deg is rows[3].baseline_deg is rows[3].departure is None  # no update
+
+
 def test_cli_advise_json_html_and_untouched_inputs(planted, tmp_path):
     root, _ = planted
     digest = tree_digest(root)
