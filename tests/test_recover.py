@@ -219,3 +219,156 @@ def test_cli_control_equal_to_after_warns(world, tmp_path):
     result = _cli(world / "before", world / "real", "--probe", probe, "--control", world / "real")
     assert result.exit_code == 0
     assert "control is the same checkpoint as AFTER" in result.stderr
+
+
+# --- default learning rate, LoRA, bfloat16, no control, a Trainer run -------------------------
+
+@pytest.mark.parametrize("n_params, lora, lr", [
+    (45_792, False, 1e-4), (19_999_999, False, 1e-4), (20_000_000, False, 3e-5),
+    (124_000_000, False, 3e-5), (300_000_000, False, 1e-5), (2_999_999_999, False, 1e-5),
+    (3_000_000_000, False, 5e-6), (70_000_000_000, False, 5e-6),
+    (45_792, True, 2e-4), (999_999_999, True, 2e-4), (1_000_000_000, True, 1e-4),
+    (7_000_000_000, True, 1e-4)])
+def test_default_lr_follows_its_rule(n_params, lora, lr):
+    # the docstring's rule: "under" is strict, so each limit belongs to the next band
+    assert recovery_module.default_lr(n_params, lora=lora) == lr
+
+
+def test_lora_recovery_trains_only_the_adapter(world, monkeypatch):
+    import torch
+
+    digest = tree_digest(world / "spurious")
+    trained = []  # (trainable names, trainable count, base weights unchanged, adapter moved)
+    real_train = recovery_module.train
+
+    def spy(model, items, config, **kw):
+        named = dict(model.named_parameters())
+        base = {n: p.detach().clone() for n, p in named.items() if "lora_" not in n}
+        lora_b = {n: p.detach().clone() for n, p in named.items() if "lora_B" in n}
+        losses = real_train(model, items, config, **kw)
+        trained.append(([n for n, p in named.items() if p.requires_grad],
+                        sum(p.numel() for p in named.values() if p.requires_grad),
+                        all(torch.equal(named[n], w) for n, w in base.items()),
+                        any(not torch.equal(named[n], w) for n, w in lora_b.items())))
+        return losses
+
+    monkeypatch.setattr(recovery_module, "train", spy)
+    settings = RecoverySettings(lr=1e-3, min_steps=20, lora=True, lora_rank=4)
+    result = recover(world / "before", world / "spurious", PROBE, settings=settings)
+    ((names, count, base_kept, adapter_moved),) = trained
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    # rank 4 on q, k, v, o (48->48, 48->24, 48->24, 48->48) and gate, up, down (48<->96),
+    # 2 layers; the tied lm_head is not adapted: 2 * 4 * (96 + 72 + 72 + 96 + 144 * 3) = 6144
+    assert len(names) == 2 * 7 * 2 and count == 6144
+    assert base_kept and adapter_moved
+    after, recovered = result.scores["after"], result.scores["recovered"]
+    assert recovered.answer_loss < after.answer_loss / 2  # the adapter did recover something
+    assert recovered.exact_match > after.exact_match + 0.5 and result.verdict == "spurious"
+    assert result.settings.lora and result.to_dict()["recovery"]["lora"] is True
+    assert tree_digest(world / "spurious") == digest
+
+
+def test_cli_lora_uses_the_lora_learning_rate(world, tmp_path, monkeypatch):
+    trainable = []
+    real_train = recovery_module.train
+    monkeypatch.setattr(recovery_module, "train", lambda model, items, config, **kw: trainable.extend(
+        n for n, p in model.named_parameters() if p.requires_grad) or real_train(model, items, config, **kw))
+    probe = write_jsonl(tmp_path / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer,
+                                                   "group": i.group} for i in ITEMS])
+    digest = tree_digest(world / "spurious")
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["recover", str(world / "before"), str(world / "spurious"),
+                                 "--probe", str(probe), "--lora", "--lora-rank", "4",
+                                 "--min-steps", "5", "--json", str(out), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["recovery"]["lora"] is True and data["recovery"]["lora_rank"] == 4
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    assert data["recovery"]["lr"] == 2e-4 and data["recovery"]["steps"] == 5  # no --lr: LoRA default
+    assert data["scores"]["recovered"]["answer_loss"] < data["scores"]["after"]["answer_loss"]
+    assert "steps at lr 0.0002 (LoRA)" in " ".join(result.stdout.split())
+    assert tree_digest(world / "spurious") == digest
+
+
+def test_bfloat16_recovery_is_close_to_float32(world, monkeypatch):
+    import torch
+
+    from forgetdiag.models import Runtime
+
+    seen = []
+    real_train = recovery_module.train
+    monkeypatch.setattr(recovery_module, "train", lambda model, items, config, **kw: seen.append(
+        {p.dtype for p in model.parameters()}) or real_train(model, items, config, **kw))
+    full = recover(world / "before", world / "spurious", PROBE, control=world / "control", settings=FAST)
+    half = recover(world / "before", world / "spurious", PROBE, control=world / "control", settings=FAST,
+                   runtime=Runtime(dtype="bfloat16"))
+    assert seen == [{torch.float32}] * 2 + [{torch.bfloat16}] * 2  # control and after, each run
+    # bf16 keeps 8 significant bits (relative rounding 2**-8 = 0.4%). Forward passes only
+    # (before, after, control): the answer loss moves by well under 2%, and only items whose
+    # top-two logits are that close can flip: at most 2 of the 32. Recovered models also took
+    # 20 AdamW steps with bf16 weights (each update rounded to 0.4% of the weight), so their
+    # loss is held to 0.05 nats and 3 items; the verdict must not change.
+    n = full.n_eval
+    for key in ("before", "after", "control"):
+        a, b = full.scores[key], half.scores[key]
+        assert abs(a.exact_match - b.exact_match) <= 2 / n + 1e-9, key
+        assert b.answer_loss == pytest.approx(a.answer_loss, rel=0.02, abs=1e-3), key
+    for key in ("recovered", "control_recovered"):
+        a, b = full.scores[key], half.scores[key]
+        assert abs(a.exact_match - b.exact_match) <= 3 / n + 1e-9, key
+        assert b.answer_loss == pytest.approx(a.answer_loss, abs=0.05), key
+    assert half.verdict == full.verdict == "spurious"
+    assert half.scores["after"].answer_loss != full.scores["after"].answer_loss  # bf16 really ran
+
+
+@pytest.mark.parametrize("with_control", [False, True])
+def test_control_recovered_is_null_without_a_control(with_control, world, tmp_path):
+    probe = write_jsonl(tmp_path / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer,
+                                                   "group": i.group} for i in ITEMS])
+    out = tmp_path / "r.json"
+    extra = ["--control", world / "control"] if with_control else []
+    result = _cli(world / "before", world / "spurious", "--probe", probe, "--json", out, *extra)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(out.read_text())
+    acc = data["accuracy"]
+    if with_control:
+        assert isinstance(acc["control_recovered"], float) and 0.0 <= acc["control_recovered"] <= 1.0
+        assert acc["control_recovered"] == data["scores"]["control_recovered"]["exact_match"]
+        assert data["control_gain"] == pytest.approx(max(0.0, acc["control_recovered"] - acc["control"]))
+        assert "the control reaches" in data["summary"]
+    else:
+        assert '"control_recovered": null' in out.read_text()
+        assert acc["control_recovered"] is None and acc["control"] is None
+        assert data["scores"]["control_recovered"] is None and data["control_gain"] is None
+        assert data["checkpoints"]["control"] is None and "no control was given" in data["summary"]
+    gain = data["control_gain"] or 0.0
+    assert data["spurious_fraction"] == pytest.approx(  # (recovered - after - gain) / forgetting
+        min(1.0, (acc["recovered"] - acc["after"] - gain) / (acc["before"] - acc["after"])))
+
+
+def test_cli_trainer_run_sequence_html(trainer_run, llama_dir, tmp_path):
+    names = "alice bob carol dave erin frank".split()
+    cities, firms = "paris rome oslo lima cairo quito".split(), "acme globex initech".split()
+    rows = [row for k, n in enumerate(names) for row in (
+        {"prompt": f"what is the birth city of {n} answer :", "answer": f" {cities[k]}", "group": n},
+        {"prompt": f"who works at {n} answer :", "answer": f" {firms[k % 3]}", "group": n})]
+    probe = write_jsonl(tmp_path / "old.jsonl", rows)
+    out, page = tmp_path / "r.json", tmp_path / "r.html"
+    result = _cli(llama_dir, trainer_run, "--probe", probe, "--min-steps", "2", "--json", out,
+                  "--html", page)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(out.read_text())
+    labels = ["checkpoint-5", "checkpoint-50", "checkpoint-100"]  # made 100, 5, 50; 100 < 5 as text
+    assert [p["checkpoint"] for p in data["sequence"]] == labels
+    assert [p["step"] for p in data["sequence"]] == [5, 50, 100]
+    assert data["checkpoints"]["after"] == "checkpoint-100"  # the last one heads the result
+    assert data["n_recovery"] == 6 and data["n_eval"] == 6  # 3 of 6 names each, 2 rows a name
+    assert not (trainer_run.parent / "UNPICKLED").exists()
+    text = page.read_text()
+    assert "<script src=" not in text and "plotly.js v" in text  # plotly.js inline, no CDN
+    head, body = text.split("</head>", 1)
+    assert body.count("Plotly.newPlot") == 2  # the bars and the curve
+    section = body.split("<h2>Recovery along the run</h2>", 1)[1].split("</section>", 1)[0]
+    assert '"x":[5,50,100]' in section.replace(" ", "")  # the curve is drawn against the step
+    cells = [section.index(f"<td class=\"l\">{label}</td>") for label in labels]
+    assert cells == sorted(cells)
