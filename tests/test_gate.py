@@ -11,6 +11,8 @@ from forgetdiag.analyses.gate import GateThresholds, gate_lm_eval, gate_recovery
 from forgetdiag.cli import app
 from forgetdiag.errors import ForgetdiagError
 
+from helpers import assert_bad_input, write_jsonl
+
 RECOVER = {"verdict": "spurious", "accuracy": {"before": 0.98, "after": 0.12, "recovered": 0.91,
                                                "control_recovered": 0.02},
            "forgetting": 0.86, "alignment_loss": 0.79, "knowledge_loss": 0.07, "noise_floor": 0.03}
@@ -105,6 +107,63 @@ def test_cli_bad_input(args, message, tmp_path, monkeypatch):
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--min-accuracy", "0.8"], "--min-accuracy"),
+    (["--max-alignment-loss", "0.1", "--max-knowledge-loss", "0.05"], "--max-alignment-loss, --max-knowledge-loss"),
+    (["--max-forgetting", "0.1"], "--max-forgetting"),
+    (["--from-json", "recover.json"], "--from-json"),
+])
+def test_cli_lm_eval_refuses_recovery_thresholds(extra, named, tmp_path):
+    """Recovery thresholds mean nothing for lm-eval scores: refused, never silently ignored."""
+    before, after = tmp_path / "b.json", tmp_path / "a.json"
+    before.write_text(json.dumps(_lm_eval(0.70, 20.0)))
+    after.write_text(json.dumps(_lm_eval(0.40, 20.0)))  # would fail --max-drop: refusal comes first
+    result = runner.invoke(app, ["gate", "--lm-eval-before", str(before), "--lm-eval-after", str(after),
+                                 "--max-drop", "0.02", *extra])
+    assert_bad_input(result, named, "cannot be combined with --lm-eval-before", "--max-drop only")
+
+
+def test_cli_every_threshold_holds_on_each_probe(tmp_path, monkeypatch):
+    """Several --probe: one recovery per probe, each check named after its probe, the gate fails
+    when any probe breaks a threshold."""
+    import forgetdiag.cli.gate as gate_cli
+
+    numbers = {"facts": RECOVER, "skills": {**RECOVER, "verdict": "real", "knowledge_loss": 0.40}}
+    ran = []
+
+    class Recovered:
+        def __init__(self, probe):
+            self.probe = probe
+
+        def to_dict(self):
+            return numbers[self.probe.stem]
+
+    def fake_run_recover(before, after, probe, **kwargs):
+        ran.append((str(before), [str(a) for a in after], probe.name, kwargs["recovery_probe"]))
+        return Recovered(probe)
+
+    monkeypatch.setattr(gate_cli, "run_recover", fake_run_recover)
+    probes = [write_jsonl(tmp_path / f"{n}.jsonl", [{"prompt": "q", "answer": "a"}]) for n in numbers]
+    out = tmp_path / "gate.json"
+    result = runner.invoke(app, ["gate", "b", "a", "--probe", str(probes[0]), "--probe", str(probes[1]),
+                                 "--max-knowledge-loss", "0.10", "--json", str(out)])
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert ran == [("b", ["a"], "facts.jsonl", None), ("b", ["a"], "skills.jsonl", None)]
+    checks = {c["name"]: c["passed"] for c in json.loads(out.read_text())["checks"]}
+    assert checks == {"facts: knowledge loss": True, "skills: knowledge loss": False}
+    assert result.stderr.strip() == ("forgetdiag: threshold broken: skills: knowledge loss = 0.4000 "
+                                     "breaks <= 0.1 (noise floor 0.030)")
+    assert "skills: recovery verdict real" in result.stdout
+    # one recovery probe cannot serve two probes; a missing probe file fails before any recovery
+    ran.clear()
+    two = ["gate", "b", "a", "--probe", str(probes[0]), "--probe", str(probes[1]), "--max-knowledge-loss", "0.1"]
+    assert_bad_input(runner.invoke(app, [*two, "--recovery-probe", str(probes[0])]),
+                     "--recovery-probe pairs with one --probe; found 2 probes")
+    result = runner.invoke(app, ["gate", "b", "a", "--probe", str(probes[0]), "--probe",
+                                 str(tmp_path / "missing.jsonl"), "--max-knowledge-loss", "0.1"])
+    assert result.exit_code == 2 and "missing.jsonl" in result.stderr and ran == []
 
 
 # --- on the shipped samples --------------------------------------------------------------

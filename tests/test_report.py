@@ -24,6 +24,8 @@ CITIES = [f"c{k}" for k in range(8)]
 ITEMS = [ProbeItem(f"what is the birth city of {n} answer :", f" {CITIES[(3 * k) % 8]}", n)
          for k, n in enumerate(NAMES)]
 XSS = "<script>document.body.setAttribute('data-pwned','1')</script>"
+ALERT = "<script>alert(1)</script>"  # the issue's probe; escaped, it reads:
+ALERT_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
 EVIL_NAME = "<img src=x onerror=\\\"document.body.setAttribute('data-pwned','2')\\\">"
 runner = CliRunner()
 
@@ -44,7 +46,10 @@ def tiny_run(tmp_path_factory):
         save(model, run / f"checkpoint-{step}", tokenizer=tok)
     save(build(config, seed=1), root / "control", tokenizer=tok)
     rows = [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS]
-    write_jsonl(root / "old.jsonl", rows + [{"prompt": XSS, "answer": " c1", "group": "xss"}])
+    # The 41st of 65 groups comes first in the seed-0 evaluation part, whose first rows the report
+    # shows as recover's examples: the script prompts go there so the page must show them.
+    rows[40:40] = [{"prompt": p, "answer": " c1", "group": "xss"} for p in (XSS, ALERT)]
+    write_jsonl(root / "old.jsonl", rows)
     write_jsonl(root / "new.jsonl", [{"prompt": i.prompt, "answer": i.answer} for i in shifted])
     (run / "forgetdiag.toml").write_text(f'''name = "{EVIL_NAME}"
 description = "planted: answers re-formatted, knowledge kept"
@@ -133,6 +138,7 @@ def test_report_renders_offline_in_chromium(report, tmp_path_factory):
     assert "spurious forgetting: the old knowledge is intact" in rendered.dom
     assert "data-pwned" not in rendered.dom.replace("setAttribute('data-pwned'", "")  # text, never run
     assert "&lt;img src=x onerror=" in rendered.dom  # the run's name, shown as text
+    assert ALERT_ESCAPED in rendered.dom and ALERT not in rendered.dom  # a probe prompt, as text
     assert shot.stat().st_size > 10_000
 
 
@@ -147,10 +153,32 @@ def test_probe_prompt_with_a_script_shows_as_text(tmp_path):
     assert 'data-pwned="1"' not in rendered.dom and rendered.console_errors == []
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs it)")
+def test_console_messages_and_failed_loads_are_caught(tmp_path):
+    """The "no console errors" checks above can fail: any console message, and any resource
+    that does not load (offline, a CDN script is one), is reported."""
+    pages = {"boom": '<script>console.error("boom")</script><p>x</p>',
+             "missing": '<img src="missing.png"><script src="https://cdn.plot.ly/plotly.min.js"></script>',
+             "clean": "<p>nothing to say</p>"}
+    console = {}
+    for name, body in pages.items():
+        page = tmp_path / f"{name}.html"
+        page.write_text(f"<!DOCTYPE html><html><head><title>{name}</title></head><body>{body}</body></html>")
+        console[name] = render(page, tmp_path / f"{name}.png", height=200).console_errors
+    assert len(console["boom"]) == 1 and '"boom"' in console["boom"][0]
+    failed = " ".join(console["missing"])
+    assert len(console["missing"]) == 2 and "Failed to load resource" in failed
+    assert (tmp_path / "missing.png").as_uri() in failed and "cdn.plot.ly" in failed
+    assert console["clean"] == []
+
+
 def test_user_text_is_escaped_in_the_source(report):
     out_dir, _ = report
+    shown = [e["prompt"] for e in json.loads((out_dir / "r.json").read_text())["recover"]["examples"]]
+    assert XSS in shown and ALERT in shown  # the page has to show them
     source = (out_dir / "r.html").read_text()
-    assert XSS not in source and "<img src=x" not in source
+    assert XSS not in source and ALERT not in source and "<img src=x" not in source
+    assert ALERT_ESCAPED in source and "&lt;script&gt;document.body.setAttribute(" in source
     assert "&lt;img src=x" in source
 
 

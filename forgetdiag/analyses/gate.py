@@ -14,7 +14,7 @@ Each threshold becomes a :class:`Check`; the gate passes when every check does.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from forgetdiag.errors import ForgetdiagError
@@ -108,6 +108,32 @@ def gate_recovery(numbers: Mapping[str, Any], thresholds: GateThresholds, *,
     kept = {k: numbers.get(k) for k in ("verdict", "accuracy", "forgetting", "alignment_loss",
                                          "knowledge_loss", "spurious_fraction", "noise_floor", "n_eval")}
     return GateResult(tuple(checks), source, numbers=kept)
+
+
+def gate_probes(numbers: Mapping[str, Mapping[str, Any]], thresholds: GateThresholds, *,
+                source: str = "recover") -> GateResult:
+    """Apply ``thresholds`` to the recovery numbers of every probe; pass when all hold on each.
+
+    Args:
+        numbers: probe name -> its recovery numbers (as for :func:`gate_recovery`).
+        thresholds: the limits, applied to each probe alike.
+
+    Returns:
+        For one probe, :func:`gate_recovery`'s result. For several, every check is named after
+        its probe (``"old: knowledge loss"``), ``numbers`` holds ``{"probes": {name: ...}}`` and
+        each probe's recovery verdict becomes a note.
+    """
+    if len(numbers) == 1:
+        ((name, one),) = numbers.items()
+        return gate_recovery(one, thresholds, source=source)
+    checks, notes, kept = [], [], {}
+    for name, one in numbers.items():
+        result = gate_recovery(one, thresholds, source=name)
+        checks += [replace(c, name=f"{name}: {c.name}") for c in result.checks]
+        kept[name] = result.numbers
+        if result.numbers.get("verdict"):
+            notes.append(f"{name}: recovery verdict {result.numbers['verdict']}")
+    return GateResult(tuple(checks), source, tuple(notes), {"probes": kept})
 
 
 def lm_eval_scores(results: Mapping[str, Any], where: str) -> dict[tuple[str, str], dict[str, Any]]:

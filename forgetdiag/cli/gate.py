@@ -8,7 +8,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from forgetdiag.analyses.gate import GateThresholds, gate_lm_eval, gate_recovery
+from forgetdiag.analyses.gate import GateResult, GateThresholds, gate_lm_eval, gate_probes, gate_recovery
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (JsonOpt, ModelOptions, QuietOpt, SeedOpt, command, model_options,
                                    print_renderable, stderr)
@@ -31,11 +31,47 @@ def _read_json(path: Path, what: str) -> dict:
         raise ForgetdiagError(f"{path}: invalid JSON in {what} ({exc})") from None
 
 
+def _refuse_mixed_sources(limits: GateThresholds, checkpoints: list[Path], probes: list[Path],
+                          from_json: Path | None) -> None:
+    """lm-eval scores take --max-drop only: a recovery threshold or source would be ignored."""
+    given = [f"--{name.replace('_', '-')}" for name, v in vars(limits).items() if v is not None]
+    given += ["BEFORE AFTER"] * bool(checkpoints) + ["--probe"] * bool(probes)
+    given += ["--from-json"] * (from_json is not None)
+    if given:
+        raise ForgetdiagError(f"{', '.join(given)} cannot be combined with --lm-eval-before/"
+                              "--lm-eval-after (lm-eval scores are gated by --max-drop only); "
+                              "gate the recovery probe in a separate `forgetdiag gate` run")
+
+
+def _probe_names(probes: list[Path]) -> list[str]:
+    """File stems, or the paths as given when two stems coincide."""
+    stems = [p.stem for p in probes]
+    return stems if len(set(stems)) == len(stems) else [str(p) for p in probes]
+
+
+def _gate_by_recovery(checkpoints: list[Path], probes: list[Path], limits: GateThresholds, *,
+                      control: Path | None, recovery_probe: Path | None, settings: dict,
+                      options: ModelOptions, quiet: bool) -> GateResult:
+    """Run the recovery probe BEFORE -> AFTER on each probe, then apply ``limits`` to each."""
+    if not limits.any():  # fail before the expensive part
+        gate_recovery({"accuracy": {"after": None}}, limits)
+    if recovery_probe is not None and len(probes) > 1:
+        raise ForgetdiagError(f"--recovery-probe pairs with one --probe; found {len(probes)} probes "
+                              "(gate each probe with its recovery probe in its own run)")
+    for path in probes:  # a bad file fails now, not after the first probe's recovery
+        options.probe(path)
+    before, after = checkpoints
+    numbers = {name: run_recover(before, [after], path, control=control, recovery_probe=recovery_probe,
+                                 quiet=quiet, settings=settings, thresholds={}, options=options).to_dict()
+               for name, path in zip(_probe_names(probes), probes)}
+    return gate_probes(numbers, limits, source=f"recover {before} -> {after}")
+
+
 @command(app, "gate")
 @model_options
 def gate_cmd(
     checkpoints: Annotated[Optional[List[Path]], typer.Argument(help="BEFORE and AFTER checkpoints (to run the recovery probe).", show_default=False)] = None,
-    probe: Annotated[PathOpt, Opt("--probe", help="The old task's probe (with BEFORE AFTER).", show_default=False)] = None,
+    probe: Annotated[Optional[List[Path]], Opt("--probe", help="The old task's probe (with BEFORE AFTER); repeatable: every threshold must hold on each probe.", show_default=False)] = None,
     control: ControlOpt = None,
     recovery_probe: RecoveryProbeOpt = None,
     from_json: Annotated[PathOpt, Opt("--from-json", help="Use the numbers of an earlier `recover --json` instead of running it.", show_default=False)] = None,
@@ -61,36 +97,32 @@ def gate_cmd(
 ) -> None:
     """Gate a CI job on the old task: exit 0 when every threshold holds, 1 when one is broken, 2 on bad input.
 
-    Three sources of numbers: BEFORE AFTER --probe (runs the recovery probe), --from-json (a
-    saved `recover --json`), or --lm-eval-before/--lm-eval-after (lm-evaluation-harness results).
+    Three sources of numbers, one per run: BEFORE AFTER --probe (runs the recovery probe; repeat
+    --probe to hold every threshold on each old task), --from-json (a saved `recover --json`), or
+    --lm-eval-before/--lm-eval-after (lm-evaluation-harness results, gated by --max-drop).
     """
-    checkpoints = checkpoints or []
+    checkpoints, probes = checkpoints or [], probe or []
     guard_outputs([json_path, summary_md], checkpoints)
+    limits = GateThresholds(max_alignment_loss, max_knowledge_loss, min_accuracy, max_forgetting)
     if lm_eval_before or lm_eval_after:
+        _refuse_mixed_sources(limits, checkpoints, probes, from_json)
         if not (lm_eval_before and lm_eval_after) or max_drop is None:
             raise ForgetdiagError("lm-eval gating needs --lm-eval-before, --lm-eval-after and --max-drop")
         result = gate_lm_eval(_read_json(lm_eval_before, "lm-eval results"),
                               _read_json(lm_eval_after, "lm-eval results"), max_drop=max_drop,
                               sigmas=sigmas, tasks=tuple(task or ()), metrics=tuple(metric or ()),
                               names=(str(lm_eval_before), str(lm_eval_after)))
+    elif from_json is not None:
+        result = gate_recovery(_read_json(from_json, "recover JSON"), limits, source=str(from_json))
+    elif len(checkpoints) == 2 and probes:
+        settings = dict(shots=shots, n_eval=n_eval, lr=lr, lora=lora, seed=seed, metric="exact_match")
+        result = _gate_by_recovery(checkpoints, probes, limits, control=control,
+                                   recovery_probe=recovery_probe, settings=settings,
+                                   options=options, quiet=quiet)
     else:
-        limits = GateThresholds(max_alignment_loss, max_knowledge_loss, min_accuracy, max_forgetting)
-        if from_json is not None:
-            numbers, source = _read_json(from_json, "recover JSON"), str(from_json)
-        elif len(checkpoints) == 2 and probe is not None:
-            if not limits.any():  # fail before the expensive part
-                gate_recovery({"accuracy": {"after": None}}, limits)
-            numbers = run_recover(
-                checkpoints[0], [checkpoints[1]], probe, control=control, recovery_probe=recovery_probe,
-                quiet=quiet, settings=dict(shots=shots, n_eval=n_eval, lr=lr, lora=lora, seed=seed,
-                                           metric="exact_match"),
-                thresholds={}, options=options).to_dict()
-            source = f"recover {checkpoints[0]} -> {checkpoints[1]}"
-        else:
-            raise ForgetdiagError("expected BEFORE AFTER --probe FILE, --from-json FILE, or "
-                                  f"--lm-eval-before/--lm-eval-after; found {len(checkpoints)} "
-                                  f"checkpoints and {'a' if probe else 'no'} probe")
-        result = gate_recovery(numbers, limits, source=source)
+        raise ForgetdiagError("expected BEFORE AFTER --probe FILE, --from-json FILE, or "
+                              f"--lm-eval-before/--lm-eval-after; found {len(checkpoints)} "
+                              f"checkpoints and {len(probes) or 'no'} probe(s)")
     if json_path is not None:
         write_json(json_path, result.to_dict())
     if summary_md is not None:
