@@ -8,6 +8,7 @@ the base is loaded and ``scale * B @ A`` added to the targeted weights; nothing 
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,13 @@ def quiet_transformers():
             logging.enable_progress_bar()
 
 
+# transformers' from_pretrained is not thread-safe: it builds the model under process-wide
+# switches (the default dtype, skipped weight initialisation, parameters on the meta device),
+# so two threads loading at once get each other's meta tensors ("Cannot copy out of meta
+# tensor"; reproduced with two threads loading a tiny Llama 40 times each). Loads take turns.
+_LOAD_LOCK = threading.RLock()
+
+
 def load_model(checkpoint: Checkpoint, *, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, trust_remote_code: bool = False):
     """The checkpoint as an ``AutoModelForCausalLM`` in eval mode on ``device``.
@@ -76,7 +84,7 @@ def load_model(checkpoint: Checkpoint, *, device: str | torch.device = "cpu",
 
     torch_dtype = resolve_dtype(dtype)
     source = checkpoint.base or checkpoint
-    with quiet_transformers():
+    with _LOAD_LOCK, quiet_transformers():
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(source.path), dtype=torch_dtype, local_files_only=True,

@@ -130,3 +130,34 @@ def test_learning_rate_schedules():
     assert lr_factor(6, 10, schedule="linear", warmup=2) == pytest.approx(0.5)
     assert lr_factor(2, 10, schedule="cosine", warmup=2) == pytest.approx(1.0)
     assert lr_factor(10, 10, schedule="cosine", warmup=2) == pytest.approx(0.0)
+
+
+def test_models_load_safely_from_two_threads(llama_dir):
+    """from_pretrained is not thread-safe (process-wide meta-device and init switches); the
+    report loads models in two threads, so load_model serialises loads. Without that, two
+    threads loading this model 10 times each failed with meta tensors in every run tried."""
+    import threading
+
+    from forgetdiag import find_checkpoints
+    from forgetdiag.models import load_model, preload_classes
+
+    (ckpt,) = find_checkpoints(llama_dir)
+    preload_classes(ckpt)
+    reference = load_model(ckpt).state_dict()
+    errors = []
+
+    def load_many():
+        for _ in range(10):
+            try:
+                model = load_model(ckpt)
+                if any(not torch.equal(t, reference[k]) for k, t in model.state_dict().items()):
+                    errors.append("weights differ")
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=load_many) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

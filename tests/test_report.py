@@ -113,6 +113,7 @@ def test_overlapped_analyses_give_the_sequential_numbers(report, tiny_run):
     if (os.cpu_count() or 1) >= 2:
         assert _can_overlap(find_checkpoints(tiny_run / "run"), Runtime())
     assert not _can_overlap(find_checkpoints(tiny_run / "run"), Runtime(threads=4))
+    assert not _can_overlap(find_checkpoints(tiny_run / "run"), Runtime(dtype="bfloat16"))
     out_dir, _ = report
     cli = json.loads((out_dir / "r.json").read_text())
     settings = ReportSettings(recovery=RecoverySettings(lr=1e-3), grid=3, overlap=False)

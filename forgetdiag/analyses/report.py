@@ -22,11 +22,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from forgetdiag import __version__
 from forgetdiag.analyses.recovery import RecoveryResult, RecoverySettings, recover, summary_text
 from forgetdiag.analyses.verdict import Thresholds
 from forgetdiag.checkpoints import Checkpoint, find_checkpoints, fingerprint
-from forgetdiag.models import Runtime, auto_threads, preload_classes, resolve_device, torch_threads
+from forgetdiag.models import (Runtime, auto_threads, preload_classes, resolve_device, resolve_dtype,
+                               torch_threads)
 from forgetdiag.probes import Probe, load_probe, split_probe
 from forgetdiag.runfile import RunSpec
 from forgetdiag.streaming import ProgressFn, Warn
@@ -221,11 +224,16 @@ def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
 
 
 def _can_overlap(checkpoints, runtime: Runtime) -> bool:
-    """Two analyses at once pay only on a CPU with spare cores, for one-thread models."""
+    """Two analyses at once pay only on a CPU with spare cores, for one-thread models.
+
+    Only in float32: loading a model in another dtype sets torch's process-wide default dtype
+    while it builds, which the other thread's new tensors would pick up.
+    """
     if isinstance(checkpoints, str) or not checkpoints or (os.cpu_count() or 1) < 2:
         return False
     device = resolve_device(runtime.device)
     return (device.type == "cpu" and runtime.threads in (None, 1)
+            and resolve_dtype(runtime.dtype) == torch.float32
             and auto_threads(checkpoints[0].n_params, device) == 1)
 
 
