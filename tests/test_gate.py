@@ -98,9 +98,12 @@ def test_cli_lm_eval(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["gate", "--max-drop", "0.1"], "expected BEFORE AFTER --probe"),
+    (["gate", "--max-drop", "0.1"], "options for lm-eval scores only (--max-drop); give --lm-eval-before"),
+    (["gate", "--min-accuracy", "0.5"], "expected BEFORE AFTER --probe"),
     (["gate", "--lm-eval-before", "x.json", "--max-drop", "0.1"], "needs --lm-eval-before, --lm-eval-after"),
     (["gate", "--from-json", "missing.json", "--min-accuracy", "0.5"], "no such recover JSON file"),
+    (["gate", "--from-json", "r.json", "--max-knowledge-loss", "0.1", "--max-drop", "0.1", "--task", "x"],
+     "options for lm-eval scores only (--max-drop, --task)"),
 ])
 def test_cli_bad_input(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -112,6 +112,10 @@ def gate_cmd(
                               _read_json(lm_eval_after, "lm-eval results"), max_drop=max_drop,
                               sigmas=sigmas, tasks=tuple(task or ()), metrics=tuple(metric or ()),
                               names=(str(lm_eval_before), str(lm_eval_after)))
+    elif lm_only := [name for name, given in (("--max-drop", max_drop is not None), ("--sigmas", sigmas != 0.0),
+                                              ("--task", bool(task)), ("--metric", bool(metric))) if given]:
+        raise ForgetdiagError(f"options for lm-eval scores only ({', '.join(lm_only)}); give "
+                              "--lm-eval-before and --lm-eval-after, or leave them out")
     elif from_json is not None:
         result = gate_recovery(_read_json(from_json, "recover JSON"), limits, source=str(from_json))
     elif len(checkpoints) == 2 and probes:
