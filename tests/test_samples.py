@@ -196,10 +196,10 @@ def test_cli_builds_and_refuses(tmp_path, monkeypatch):
 PAPER = RecoverySettings(epochs=1, lr=1e-4, batch_size=32)
 
 
-def _recover(run: str, after, **kwargs):
+def _recover(run: str, after, settings=PAPER, **kwargs):
     spec = load_run(SAMPLES / run)
     return recover(spec.before, after, load_probe(spec.probes["old"]), control=spec.control,
-                   recovery_probe=load_probe(spec.probes["recovery"]), settings=PAPER, **kwargs)
+                   recovery_probe=load_probe(spec.probes["recovery"]), settings=settings, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -273,4 +273,6 @@ def test_real_run_does_not_recover(real):
 @pytest.mark.slow
 def test_before_against_itself_is_none():
     spec = load_run(SAMPLES / "spurious")
-    assert _recover("spurious", spec.before).verdict == "none"
+    # nothing was forgotten, whatever the recovery does: a small budget decides it as well
+    small = RecoverySettings(epochs=1, lr=1e-4, batch_size=32, shots=300, n_eval=500)
+    assert _recover("spurious", spec.before, settings=small).verdict == "none"
