@@ -47,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from _process import timed
+
 LAYERS, HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 22, 2048, 5632, 32000, 32, 4
 KV = HIDDEN // HEADS * KV_HEADS  # 256
 SIGNAL_RANK, NOISE_SHARE, UPDATE_RMS, WEIGHT_STD = 16, 0.10, 1e-3, 0.02
@@ -155,19 +157,6 @@ def cat_seconds(paths: list[Path]) -> float:
     subprocess.run(["cat", *(str(p / "model.safetensors") for p in paths)],
                    stdout=subprocess.DEVNULL, check=True)
     return time.perf_counter() - start
-
-
-def timed(cmd: list[str]) -> dict:
-    """Wall time and peak RSS of ``cmd`` under /usr/bin/time -v."""
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", proc.stderr).group(1))
-              for k in ("User", "System"))
-    return {"wall_s": wall, "max_rss_gb": rss_kb / 2**20, "cpu_s": cpu}
 
 
 def product_floor(cores: int) -> dict[str, float]:
@@ -339,10 +328,10 @@ def main() -> None:
     cats = (cat_seconds(paths), cat_seconds(paths))
     extra = ["--workers", args.workers] if args.workers else []
     cmd = [sys.executable, "-m", "forgetdiag", "angles", *map(str, paths), "--quiet", *extra]
-    ours = timed([*cmd, "--json", str(work / "ours.json")])
+    _, ours = timed([*cmd, "--json", str(work / "ours.json")])
     evict(paths)
-    ours_cold = timed([*cmd, "--json", str(work / "ours_cold.json")])
-    naive_run = timed([sys.executable, __file__, "--naive-layers", args.naive_layers, "--naive",
+    _, ours_cold = timed([*cmd, "--json", str(work / "ours_cold.json")])
+    _, naive_run = timed([sys.executable, __file__, "--naive-layers", args.naive_layers, "--naive",
                        *map(str, paths), str(work / "ours.json"), str(work / "naive.json")])
     ours_data = json.loads((work / "ours.json").read_text())
     naive = json.loads((work / "naive.json").read_text())

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _process import timed
 
 TARGET_S = 120.0
 SEQUENTIAL = """
@@ -37,19 +36,6 @@ result = build_report(load_run(sys.argv[1]), settings=ReportSettings(overlap=Fal
 print(json.dumps({"wall_s": time.perf_counter() - start, "timings_s": result.timings,
                   "verdict": result.verdict}))
 """
-
-
-def timed(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
-    """Run ``cmd`` under /usr/bin/time -v: (process, {wall_s, cpu_s, max_rss_gb})."""
-    start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", proc.stderr).group(1))
-              for k in ("User", "System"))
-    return proc, {"wall_s": wall, "cpu_s": cpu, "max_rss_gb": rss_kb / 2**20}
 
 
 def main() -> None:
@@ -64,8 +50,8 @@ def main() -> None:
     _, ours = timed([sys.executable, "-m", "forgetdiag", "report", str(args.run), "--out", str(page),
                      "--json", str(data), "--quiet"])
     report = json.loads(data.read_text())
-    proc, base = timed([sys.executable, "-c", SEQUENTIAL, str(args.run)])
-    sequential = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, base = timed([sys.executable, "-c", SEQUENTIAL, str(args.run)])
+    sequential = json.loads(out.strip().splitlines()[-1])
 
     split = ", ".join(f"{k} {v:.1f} s" for k, v in report["timings_s"].items())
     print(f"run: {args.run}")
