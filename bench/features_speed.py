@@ -42,6 +42,9 @@ SAMPLE = ROOT / "sample_checkpoints" / "spurious" / "checkpoint-0"
 SAMPLE_PROBE = ROOT / "sample_checkpoints" / "probes" / "task0_heldout.jsonl"
 
 
+GROWTH_LIMIT = 1.2  # the hooks' peak from 4 to 16 layers: one layer's activations, not all
+
+
 def _status(key: str) -> int:
     """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
     text = Path("/proc/self/status").read_text()
@@ -166,6 +169,7 @@ def main() -> None:
     print(f"\n2. memory vs layers x tokens: {args.long_prompts} prompts, batch {args.long_batch}, "
           "1 thread, hidden 128; 'all states' = (layers + 1) x batch x tokens x hidden x 4 bytes")
     print(f"{'method':<22}{'layers':>7}{'tokens':>7}{'all states MiB':>16}{'peak extra MiB':>16}")
+    peaks: dict[tuple[str, int, int], float] = {}
     for layers, tokens in ((4, args.long_tokens // 4), (4, args.long_tokens),
                            (16, args.long_tokens // 4), (16, args.long_tokens)):
         r = spawn({"sample": False, "layers": layers, "prompts": args.long_prompts,
@@ -173,7 +177,14 @@ def main() -> None:
                    "repeats": 1, "methods": ["hooks", "output_hidden_states", "causal_lm"]})
         states = (layers + 1) * args.long_batch * tokens * 128 * 4 / 2**20
         for method, m in r["methods"].items():
+            peaks[method, layers, tokens] = m["peak_extra_mib"]
             print(f"{method:<22}{layers:>7}{tokens:>7}{states:>16.1f}{m['peak_extra_mib']:>16.1f}")
+    grow = {method: peaks[method, 16, args.long_tokens] / peaks[method, 4, args.long_tokens]
+            for method in ("hooks", "output_hidden_states")}
+    met = "met" if grow["hooks"] < GROWTH_LIMIT else "NOT met"
+    print(f"\npeak from 4 to 16 layers at {args.long_tokens} tokens: hooks x{grow['hooks']:.2f}, "
+          f"output_hidden_states x{grow['output_hidden_states']:.2f} (target: the hooks' peak does "
+          f"not grow with depth, < x{GROWTH_LIMIT}: {met})")
     print("\nhooks: forgetdiag (last position of each layer, copied); output_hidden_states: the "
           "base model with output_hidden_states=True; causal_lm: the full model with "
           "output_hidden_states=True (logits too).")
