@@ -67,7 +67,7 @@ def quiet_transformers():
 # switches (the default dtype, skipped weight initialisation, parameters on the meta device),
 # so two threads loading at once get each other's meta tensors ("Cannot copy out of meta
 # tensor"; reproduced with two threads loading a tiny Llama 40 times each). Loads take turns.
-_LOAD_LOCK = threading.RLock()
+_LOAD_LOCK = threading.Lock()
 
 
 def load_model(checkpoint: Checkpoint, *, device: str | torch.device = "cpu",

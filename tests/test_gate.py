@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -137,15 +138,16 @@ def test_cli_every_threshold_holds_on_each_probe(tmp_path, monkeypatch):
     ran = []
 
     class Recovered:
-        def __init__(self, probe):
-            self.probe = probe
+        def __init__(self, file):
+            self.file = file
 
         def to_dict(self):
-            return numbers[self.probe.stem]
+            return numbers[self.file.stem]
 
-    def fake_run_recover(before, after, probe, **kwargs):
-        ran.append((str(before), [str(a) for a in after], probe.name, kwargs["recovery_probe"]))
-        return Recovered(probe)
+    def fake_run_recover(before, after, probe, **kwargs):  # probe: loaded once, by the gate
+        file = Path(probe.path)
+        ran.append((str(before), [str(a) for a in after], file.name, kwargs["recovery_probe"]))
+        return Recovered(file)
 
     monkeypatch.setattr(gate_cli, "run_recover", fake_run_recover)
     probes = [write_jsonl(tmp_path / f"{n}.jsonl", [{"prompt": "q", "answer": "a"}]) for n in numbers]
@@ -179,8 +181,6 @@ def test_cli_every_threshold_holds_on_each_probe(tmp_path, monkeypatch):
 def test_gate_on_the_samples(run, failed, passed, tmp_path):
     """The spurious run breaks an alignment-loss threshold and keeps a knowledge-loss one;
     the real run breaks the knowledge-loss threshold (SCIENCE.md section 1)."""
-    from pathlib import Path
-
     from forgetdiag.runfile import load_run
 
     spec = load_run(Path(__file__).resolve().parents[1] / "sample_checkpoints" / run)

@@ -6,6 +6,8 @@ import typer
 from typer import _click
 from typer.core import TyperGroup
 
+from forgetdiag.cli.common import fail
+
 
 class OneLineErrors(TyperGroup):
     """The root group: usage errors (a missing argument, an unknown option, a bad value) as one
@@ -20,16 +22,13 @@ class OneLineErrors(TyperGroup):
         except _click.exceptions.NoArgsIsHelpError as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except _click.exceptions.UsageError as exc:
-            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            message = " ".join(exc.format_message().split())
-            print(f"forgetdiag: error: {message}{where}", file=sys.stderr, flush=True)
-            sys.exit(exc.exit_code)
-        except _click.exceptions.ClickException as exc:
-            print(f"forgetdiag: error: {' '.join(exc.format_message().split())}", file=sys.stderr, flush=True)
+        except _click.exceptions.ClickException as exc:  # usage errors among them
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            fail(" ".join(exc.format_message().split()) + where, exc.exit_code)
             sys.exit(exc.exit_code)
         except _click.exceptions.Abort:
-            print("forgetdiag: error: aborted", file=sys.stderr, flush=True)
+            fail("aborted", 1)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)  # an Exit(code) comes back as its code
 

@@ -58,12 +58,11 @@ def _gate_by_recovery(checkpoints: list[Path], probes: list[Path], limits: GateT
     if recovery_probe is not None and len(probes) > 1:
         raise ForgetdiagError(f"--recovery-probe pairs with one --probe; found {len(probes)} probes "
                               "(gate each probe with its recovery probe in its own run)")
-    for path in probes:  # a bad file fails now, not after the first probe's recovery
-        options.probe(path)
+    loaded = [options.probe(path) for path in probes]  # a bad file fails before any recovery
     before, after = checkpoints
-    numbers = {name: run_recover(before, [after], path, control=control, recovery_probe=recovery_probe,
+    numbers = {name: run_recover(before, [after], probe, control=control, recovery_probe=recovery_probe,
                                  quiet=quiet, settings=settings, thresholds={}, options=options).to_dict()
-               for name, path in zip(_probe_names(probes), probes)}
+               for name, probe in zip(_probe_names(probes), loaded)}
     return gate_probes(numbers, limits, source=f"recover {before} -> {after}")
 
 

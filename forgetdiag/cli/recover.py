@@ -13,6 +13,7 @@ from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (HtmlOpt, JsonOpt, ModelOptions, QuietOpt, SeedOpt, command,
                                    model_options, print_renderable, progress_bar, warn)
 from forgetdiag.errors import ForgetdiagError
+from forgetdiag.probes import Probe
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 from forgetdiag.render.recover import recover_table, write_recover_html
 
@@ -31,13 +32,14 @@ LoraRankOpt = Annotated[int, Opt("--lora-rank", min=1, help="Rank of the recover
 MetricOpt = Annotated[str, Opt("--metric", help="What decides: exact_match (greedy answer then stop, as in the paper) or first_token.")]
 
 
-def run_recover(before: Path, after: list[Path], probe: Path, *, control: Path | None,
+def run_recover(before: Path, after: list[Path], probe: Path | Probe, *, control: Path | None,
                 recovery_probe: Path | None, settings: dict, thresholds: dict,
                 options: ModelOptions, quiet: bool) -> RecoveryResult:
-    """Load the probes, build the settings, run :func:`recover` with a progress bar."""
+    """Load the probes (``probe`` may be loaded already), build the settings, run
+    :func:`recover` with a progress bar."""
     if settings.get("metric", "exact_match") not in ("exact_match", "first_token"):
         raise ForgetdiagError(f"--metric must be exact_match or first_token, not {settings['metric']!r}")
-    old = options.probe(probe)
+    old = probe if isinstance(probe, Probe) else options.probe(probe)
     rec = options.probe(recovery_probe) if recovery_probe else None
     try:
         limits = Thresholds(**thresholds)
