@@ -9,7 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(1)  # tiny models run fastest on one thread on small machines
+# Tiny models run fastest on one thread on small machines; FORGETDIAG_TEST_THREADS=2 runs the
+# suite with two (the planted runs must give the same truths either way).
+torch.set_num_threads(int(os.environ.get("FORGETDIAG_TEST_THREADS", "1")))
 
 from helpers import (build, gpt2_config, llama_config, make_tokenizer, neox_config, save,  # noqa: E402
                      save_pickle_only, write_malicious_pickle)

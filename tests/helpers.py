@@ -135,3 +135,59 @@ def plotly_figures(page: str) -> list[tuple[list, dict]]:
             values.append(value)
         figures.append((values[1], values[2]))
     return figures
+
+
+# --- planted runs: tiny models trained to a known truth ----------------------------------------
+# Their outcome must not depend on the CPU's kernels (AVX-512, AVX2 or plain builds round
+# differently) or on the thread count: every recipe below was chosen for its margin, measured
+# over ATEN_CPU_CAPABILITY=default/avx2/avx512 and FORGETDIAG_TEST_SEED=0..5 (see CONTRIBUTING
+# in the README). FORGETDIAG_TEST_SEED offsets every seed of a planted run, so that CI can run
+# the planted tests on other draws too.
+TEST_SEED = int(os.environ.get("FORGETDIAG_TEST_SEED", "0"))
+
+
+def qa_items(n_names: int = 64, n_cities: int = 16, stride: int = 3):
+    """(names, cities, items): 'what is the birth city of nK answer :' -> ' cJ', one group a name.
+
+    16 cities: a model that learned only the answer's format guesses right 1 time in 16."""
+    from forgetdiag.probes import ProbeItem
+
+    names = [f"n{k}" for k in range(n_names)]
+    cities = [f"c{k}" for k in range(n_cities)]
+    items = tuple(ProbeItem(f"what is the birth city of {n} answer :", f" {cities[(stride * k) % n_cities]}", n)
+                  for k, n in enumerate(names))
+    return names, cities, items
+
+
+def teach(model, tokenizer, items, *, epochs: int = 200, lr: float = 2e-3, seed: int = 0) -> None:
+    """Train ``model`` until it answers every item exactly (asserted), then stop.
+
+    A cosine schedule to zero: the last steps are small, so the model settles in a minimum
+    whatever the kernels' rounding (a constant rate left some draws part-trained)."""
+    from forgetdiag.evaluate import encode, score
+    from forgetdiag.training import TrainConfig, train
+
+    encoded = encode(tokenizer, items)
+    train(model, encoded, TrainConfig(epochs=epochs, lr=lr, batch_size=16, schedule="cosine",
+                                      seed=seed + TEST_SEED), pad_id=0)
+    learned = score(model, encoded, pad_id=0).exact_match
+    assert learned == 1.0, f"planted run did not learn its items ({learned:.3f})"
+
+
+def reformat(model, tokenizer, items, *, prefix: str = " who", epochs: int = 20, lr: float = 2e-3,
+             seed: int = 0):
+    """Spurious forgetting planted: train ``model`` to answer ``prefix`` + the old answer.
+
+    Every fact is still said (asserted), only the format changed: the knowledge is intact by
+    construction. Returns the re-formatted items."""
+    from forgetdiag.evaluate import encode, score
+    from forgetdiag.probes import ProbeItem
+    from forgetdiag.training import TrainConfig, train
+
+    shifted = [ProbeItem(i.prompt, prefix + i.answer, i.group) for i in items]
+    encoded = encode(tokenizer, shifted)
+    train(model, encoded, TrainConfig(epochs=epochs, lr=lr, batch_size=16, seed=seed + TEST_SEED),
+          pad_id=0)
+    kept = score(model, encoded, pad_id=0).exact_match
+    assert kept == 1.0, f"planted re-formatting lost facts ({kept:.3f})"
+    return shifted

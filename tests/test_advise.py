@@ -16,9 +16,12 @@ from forgetdiag.evaluate import encode, score
 from forgetdiag.models import load_model
 from forgetdiag.probes import ProbeItem, load_probe
 from forgetdiag.runfile import load_run
-from forgetdiag.training import TrainConfig, freeze_bottom, train
+from forgetdiag.training import freeze_bottom
 
-from helpers import assert_bad_input, build, llama_config, make_tokenizer, save, tree_digest, write_jsonl
+from helpers import (TEST_SEED, assert_bad_input, build, llama_config, make_tokenizer, save, teach,
+                     tree_digest, write_jsonl)
+
+pytestmark = pytest.mark.planted  # outcomes of planted training runs (see helpers.teach)
 
 NAMES = [f"n{k}" for k in range(48)]
 CITIES = [f"c{k}" for k in range(6)]
@@ -43,8 +46,8 @@ def planted(tmp_path_factory):
     and at the top (layers 2 and 3)."""
     root = tmp_path_factory.mktemp("advise")
     tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer :".split())
-    model = build(llama_config(layers=4, vocab=tok.vocab_size, hidden=48, inter=96), seed=0)
-    train(model, encode(tok, ITEMS), TrainConfig(epochs=100, lr=2e-3, batch_size=16), pad_id=0)
+    model = build(llama_config(layers=4, vocab=tok.vocab_size, hidden=48, inter=96), seed=TEST_SEED)
+    teach(model, tok, ITEMS)
     save(model, root / "before", tokenizer=tok)
     for name, layers, scale in (("after0", (0,), 3.0), ("after23", (2, 3), 30.0)):
         damaged = _noisy(load_model(find_checkpoints(root / "before")[0]), layers, scale)

@@ -11,7 +11,7 @@ from forgetdiag.evaluate import encode, exact_by_generation, generate_greedy, sc
 from forgetdiag.probes import ProbeItem
 from forgetdiag.training import TrainConfig, lr_factor, train
 
-from helpers import build, llama_config, make_tokenizer
+from helpers import TEST_SEED, build, llama_config, make_tokenizer, teach
 
 NAMES = "alice bob carol dave erin frank".split()
 CITIES = "paris rome oslo lima cairo quito".split()
@@ -28,10 +28,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def trained(tok):
-    model = build(llama_config(vocab=tok.vocab_size), seed=0)
-    losses = train(model, encode(tok, TAUGHT), TrainConfig(epochs=80, lr=3e-3, batch_size=2),
-                   pad_id=tok.pad_token_id)
-    assert losses[-1] < 0.05
+    model = build(llama_config(vocab=tok.vocab_size), seed=TEST_SEED)
+    teach(model, tok, TAUGHT)
     return model
 
 
@@ -56,6 +54,7 @@ def test_encode_splits_prompt_and_completion(tok):
     assert no_eos.completion_ids == e.completion_ids[:-1]
 
 
+@pytest.mark.planted
 def test_exact_match_equals_greedy_generation(trained, tok):
     items = ITEMS + WRONG
     encoded = encode(tok, items)
@@ -70,6 +69,7 @@ def test_exact_match_equals_greedy_generation(trained, tok):
     assert tok.decode(said[0], skip_special_tokens=True) == "paris"
 
 
+@pytest.mark.planted
 def test_answer_loss_and_first_token_equal_a_plain_forward(trained, tok):
     encoded = encode(tok, ITEMS + WRONG)
     scores = score(trained, encoded, pad_id=tok.pad_token_id, batch_size=4)
@@ -80,6 +80,7 @@ def test_answer_loss_and_first_token_equal_a_plain_forward(trained, tok):
         assert bool(scores.first_token[k]) == (int(logits.argmax()) == e.completion_ids[0])
 
 
+@pytest.mark.planted
 def test_batch_size_does_not_change_scores(trained, tok):
     encoded = encode(tok, ITEMS + WRONG)
     a = score(trained, encoded, pad_id=tok.pad_token_id, batch_size=1)

@@ -13,17 +13,18 @@ from forgetdiag.analyses.recovery import RecoverySettings, recover
 from forgetdiag.analyses.verdict import Thresholds, decide, noise_floor, wilson_interval
 from forgetdiag.cli import app
 from forgetdiag.evaluate import encode, exact_by_generation
-from forgetdiag.probes import Probe, ProbeItem
-from forgetdiag.training import TrainConfig, train
+from forgetdiag.probes import Probe
 
-from helpers import build, llama_config, make_tokenizer, save, tree_digest, write_jsonl
+from helpers import (TEST_SEED, build, llama_config, make_tokenizer, qa_items, reformat, save, teach,
+                     tree_digest, write_jsonl)
 
-NAMES = [f"n{k}" for k in range(64)]
-CITIES = [f"c{k}" for k in range(8)]
-FACTS = {n: CITIES[(3 * k) % 8] for k, n in enumerate(NAMES)}
-ITEMS = tuple(ProbeItem(f"what is the birth city of {n} answer :", f" {FACTS[n]}", n) for n in NAMES)
+pytestmark = pytest.mark.planted  # outcomes of planted training runs (see helpers.teach)
+
+NAMES, CITIES, ITEMS = qa_items()
 PROBE = Probe("old", ITEMS)
-FAST = RecoverySettings(lr=1e-3, min_steps=20)
+# A gentle recovery (a larger rate over-fits the 32 recovery names and disturbs the other
+# facts on some draws): measured >= 0.94 recovered on every kernel set and seed tried.
+FAST = RecoverySettings(lr=5e-4, min_steps=40)
 
 
 # --- verdict arithmetic, worked by hand -------------------------------------------------------
@@ -86,15 +87,13 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("recover")
     tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer : who".split())
     config = llama_config(vocab=tok.vocab_size, hidden=48, inter=96)
-    before = build(config, seed=0)
-    losses = train(before, encode(tok, ITEMS), TrainConfig(epochs=100, lr=2e-3, batch_size=16), pad_id=0)
-    assert losses[-1] < 0.05
+    before = build(config, seed=TEST_SEED)
+    teach(before, tok, ITEMS)
     save(before, root / "before", tokenizer=tok)
-    shifted = [ProbeItem(i.prompt, " who" + i.answer, i.group) for i in ITEMS]
-    train(before, encode(tok, shifted), TrainConfig(epochs=10, lr=1e-3, batch_size=16), pad_id=0)
+    reformat(before, tok, ITEMS)
     save(before, root / "spurious", tokenizer=tok)
-    save(build(config, seed=1), root / "real", tokenizer=tok)
-    save(build(config, seed=2), root / "control", tokenizer=tok)
+    save(build(config, seed=TEST_SEED + 1), root / "real", tokenizer=tok)
+    save(build(config, seed=TEST_SEED + 2), root / "control", tokenizer=tok)
     return root
 
 
@@ -165,7 +164,7 @@ runner = CliRunner()
 
 
 def _cli(*args):
-    return runner.invoke(app, ["recover", *map(str, args), "--lr", "1e-3", "--quiet"])
+    return runner.invoke(app, ["recover", *map(str, args), "--lr", "5e-4", "--min-steps", "40", "--quiet"])
 
 
 def test_cli_json_and_html(world, tmp_path):
@@ -253,7 +252,7 @@ def test_lora_recovery_trains_only_the_adapter(world, monkeypatch):
         return losses
 
     monkeypatch.setattr(recovery_module, "train", spy)
-    settings = RecoverySettings(lr=1e-3, min_steps=20, lora=True, lora_rank=4)
+    settings = RecoverySettings(lr=5e-3, min_steps=40, lora=True, lora_rank=4)
     result = recover(world / "before", world / "spurious", PROBE, settings=settings)
     ((names, count, base_kept, adapter_moved),) = trained
     assert names and all("lora_A" in n or "lora_B" in n for n in names)
@@ -306,7 +305,7 @@ def test_bfloat16_recovery_is_close_to_float32(world, monkeypatch):
     # bf16 keeps 8 significant bits (relative rounding 2**-8 = 0.4%). Forward passes only
     # (before, after, control): the answer loss moves by well under 2%, and only items whose
     # top-two logits are that close can flip: at most 2 of the 32. Recovered models also took
-    # 20 AdamW steps with bf16 weights (each update rounded to 0.4% of the weight), so their
+    # 40 AdamW steps with bf16 weights (each update rounded to 0.4% of the weight), so their
     # loss is held to 0.05 nats and 3 items; the verdict must not change.
     n = full.n_eval
     for key in ("before", "after", "control"):

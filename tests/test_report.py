@@ -11,23 +11,21 @@ import pytest
 from typer.testing import CliRunner
 
 from forgetdiag.cli import app
-from forgetdiag.evaluate import encode
-from forgetdiag.probes import ProbeItem
 from forgetdiag.render import output
-from forgetdiag.training import TrainConfig, train
 
 from browser import CHROMIUM, render
-from helpers import build, llama_config, make_tokenizer, save, tree_digest, write_jsonl
+from helpers import (TEST_SEED, build, llama_config, make_tokenizer, qa_items, reformat, save, teach,
+                     tree_digest, write_jsonl)
 
-NAMES = [f"n{k}" for k in range(64)]
-CITIES = [f"c{k}" for k in range(8)]
-ITEMS = [ProbeItem(f"what is the birth city of {n} answer :", f" {CITIES[(3 * k) % 8]}", n)
-         for k, n in enumerate(NAMES)]
+pytestmark = pytest.mark.planted  # outcomes of planted training runs (see helpers.teach)
+
+NAMES, CITIES, ITEMS = qa_items()
 XSS = "<script>document.body.setAttribute('data-pwned','1')</script>"
 ALERT = "<script>alert(1)</script>"  # the probe; escaped, it reads:
 ALERT_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
 EVIL_NAME = "<img src=x onerror=\\\"document.body.setAttribute('data-pwned','2')\\\">"
 runner = CliRunner()
+RECOVERY = ["--lr", "5e-4", "--min-steps", "40"]  # gentle: the planted verdict holds on every kernel set
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +34,14 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer : who".split())
     config = llama_config(vocab=tok.vocab_size, hidden=48, inter=96)
-    model = build(config, seed=0)
-    train(model, encode(tok, ITEMS), TrainConfig(epochs=100, lr=2e-3, batch_size=16), pad_id=0)
+    model = build(config, seed=TEST_SEED)
+    teach(model, tok, ITEMS)
     run = root / "run"
     save(model, run / "checkpoint-0", tokenizer=tok)
-    shifted = [ProbeItem(i.prompt, " who" + i.answer, i.group) for i in ITEMS]
     for step in (5, 10):
-        train(model, encode(tok, shifted), TrainConfig(epochs=5, lr=1e-3, batch_size=16, seed=step), pad_id=0)
+        shifted = reformat(model, tok, ITEMS, epochs=10, seed=step)
         save(model, run / f"checkpoint-{step}", tokenizer=tok)
-    save(build(config, seed=1), root / "control", tokenizer=tok)
+    save(build(config, seed=TEST_SEED + 1), root / "control", tokenizer=tok)
     rows = [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS]
     # The 41st of 65 groups comes first in the seed-0 evaluation part, whose first rows the report
     # shows as recover's examples: the script prompts go there so the page must show them.
@@ -72,7 +69,7 @@ def report(tiny_run, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("report_out")
     before = tree_digest(tiny_run)
     result = runner.invoke(app, ["report", str(tiny_run / "run"), "--out", str(out_dir / "r.html"),
-                                 "--json", str(out_dir / "r.json"), "--grid", "3", "--lr", "1e-3",
+                                 "--json", str(out_dir / "r.json"), "--grid", "3", *RECOVERY,
                                  "--quiet"])
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert tree_digest(tiny_run) == before  # nothing written into the run
@@ -116,7 +113,7 @@ def test_overlapped_analyses_give_the_sequential_numbers(report, tiny_run):
     assert not _can_overlap(find_checkpoints(tiny_run / "run"), Runtime(dtype="bfloat16"))
     out_dir, _ = report
     cli = json.loads((out_dir / "r.json").read_text())
-    settings = ReportSettings(recovery=RecoverySettings(lr=1e-3), grid=3, overlap=False)
+    settings = ReportSettings(recovery=RecoverySettings(lr=5e-4, min_steps=40), grid=3, overlap=False)
     api = json.loads(output.to_json(build_report(load_run(tiny_run / "run"), settings=settings).to_dict()))
     assert _numbers(api) == _numbers(cli)
 

@@ -244,6 +244,7 @@ def test_committed_samples_load_offline_with_auto_classes(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.planted
 def test_task0_is_learned_then_forgotten_in_both_runs(spurious, real):
     for result in (spurious, real):
         acc = result.accuracy()
@@ -251,6 +252,7 @@ def test_task0_is_learned_then_forgotten_in_both_runs(spurious, real):
 
 
 @pytest.mark.slow
+@pytest.mark.planted
 def test_spurious_run_recovers_far_above_control(spurious):
     control = spurious.accuracy()["control_recovered"]
     assert control <= 0.15
@@ -262,6 +264,7 @@ def test_spurious_run_recovers_far_above_control(spurious):
 
 
 @pytest.mark.slow
+@pytest.mark.planted
 def test_real_run_does_not_recover(real):
     acc = real.accuracy()
     assert acc["recovered"] <= acc["control_recovered"] + 0.1 and acc["recovered"] <= 0.2
@@ -271,6 +274,7 @@ def test_real_run_does_not_recover(real):
 
 
 @pytest.mark.slow
+@pytest.mark.planted
 def test_before_against_itself_is_none():
     spec = load_run(SAMPLES / "spurious")
     # nothing was forgotten, whatever the recovery does: a small budget decides it as well

@@ -12,7 +12,7 @@ from forgetdiag.analyses.report import ANALYSES, ReportSettings, build_report, s
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (JsonOpt, ModelOptions, QuietOpt, SeedOpt, command, command_line,
                                    model_options, print_renderable, progress_bar, warn)
-from forgetdiag.cli.recover import ControlOpt, LrOpt, RecoveryProbeOpt, ShotsOpt
+from forgetdiag.cli.recover import ControlOpt, LrOpt, MinStepsOpt, RecoveryProbeOpt, ShotsOpt
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 from forgetdiag.render.report import report_summary, write_report_html
@@ -56,6 +56,7 @@ def report_cmd(
     feature_items: Annotated[int, Opt("--feature-items", min=2, help="Probe prompts for the feature shifts (a seeded sample).")] = ReportSettings.feature_items,
     shots: ShotsOpt = None,
     lr: LrOpt = None,
+    min_steps: MinStepsOpt = RecoverySettings.min_steps,
     seed: SeedOpt = 0,
     options: ModelOptions = None,
     quiet: QuietOpt = False,
@@ -73,7 +74,7 @@ def report_cmd(
     out = out or Path(f"{spec.name}-report.html")
     inputs = [p for p in (run, spec.before, spec.after, spec.control, spec.run, *spec.landscape) if p]
     guard_outputs([out, json_path], inputs)
-    settings = ReportSettings(recovery=RecoverySettings(shots=shots, lr=lr, seed=seed), grid=grid,
+    settings = ReportSettings(recovery=RecoverySettings(shots=shots, lr=lr, min_steps=min_steps, seed=seed), grid=grid,
                               landscape_items=landscape_items, feature_items=feature_items,
                               skip=tuple(skip or ()), seed=seed)
     with progress_bar(quiet) as progress:
