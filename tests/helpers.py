@@ -159,35 +159,45 @@ def qa_items(n_names: int = 64, n_cities: int = 16, stride: int = 3):
     return names, cities, items
 
 
-def teach(model, tokenizer, items, *, epochs: int = 200, lr: float = 2e-3, seed: int = 0) -> None:
-    """Train ``model`` until it answers every item exactly (asserted), then stop.
+def _train_until_exact(model, tokenizer, items, *, epochs: int, lr: float, seed: int, what: str,
+                       schedule: str = "cosine") -> None:
+    """Train on ``items`` (``schedule`` first, then cosine rounds at half the rate while an item
+    is still missed, at most four rounds in all); then assert that every item is answered exactly.
 
-    A cosine schedule to zero: the last steps are small, so the model settles in a minimum
-    whatever the kernels' rounding (a constant rate left some draws part-trained)."""
+    A cosine schedule ends with small steps, so the model settles whatever the kernels'
+    rounding; the extra rounds catch the rare draw that settles one item short."""
     from forgetdiag.evaluate import encode, score
     from forgetdiag.training import TrainConfig, train
 
     encoded = encode(tokenizer, items)
-    train(model, encoded, TrainConfig(epochs=epochs, lr=lr, batch_size=16, schedule="cosine",
-                                      seed=seed + TEST_SEED), pad_id=0)
-    learned = score(model, encoded, pad_id=0).exact_match
-    assert learned == 1.0, f"planted run did not learn its items ({learned:.3f})"
+    for round_ in range(4):
+        train(model, encoded, TrainConfig(epochs=epochs, lr=lr / 2**round_, batch_size=16,
+                                          schedule=schedule if round_ == 0 else "cosine",
+                                          seed=seed + TEST_SEED + 1000 * round_), pad_id=0)
+        learned = score(model, encoded, pad_id=0).exact_match
+        if learned == 1.0:
+            return
+    raise AssertionError(f"planted run did not {what} ({learned:.3f} exact after four rounds)")
 
 
-def reformat(model, tokenizer, items, *, prefix: str = " who", epochs: int = 20, lr: float = 2e-3,
+def teach(model, tokenizer, items, *, epochs: int = 200, lr: float = 2e-3, seed: int = 0) -> None:
+    """Train ``model`` until it answers every item exactly (asserted)."""
+    _train_until_exact(model, tokenizer, items, epochs=epochs, lr=lr, seed=seed, what="learn its items")
+
+
+def reformat(model, tokenizer, items, *, suffix: str = " who", epochs: int = 20, lr: float = 2e-3,
              seed: int = 0):
-    """Spurious forgetting planted: train ``model`` to answer ``prefix`` + the old answer.
+    """Spurious forgetting planted: train ``model`` to follow the old answer with ``suffix``
+    instead of stopping.
 
-    Every fact is still said (asserted), only the format changed: the knowledge is intact by
-    construction. Returns the re-formatted items."""
-    from forgetdiag.evaluate import encode, score
+    Every fact is still said where it was (asserted), only the stop changed: the knowledge is
+    intact by construction, and re-aligning it means learning where to stop again, the same
+    for every entity (a change in front of the answer instead moves where the fact must be
+    recalled, and whether recovery finds it there varied with the draw). Returns the
+    re-formatted items."""
     from forgetdiag.probes import ProbeItem
-    from forgetdiag.training import TrainConfig, train
 
-    shifted = [ProbeItem(i.prompt, prefix + i.answer, i.group) for i in items]
-    encoded = encode(tokenizer, shifted)
-    train(model, encoded, TrainConfig(epochs=epochs, lr=lr, batch_size=16, seed=seed + TEST_SEED),
-          pad_id=0)
-    kept = score(model, encoded, pad_id=0).exact_match
-    assert kept == 1.0, f"planted re-formatting lost facts ({kept:.3f})"
+    shifted = [ProbeItem(i.prompt, i.answer + suffix, i.group) for i in items]
+    _train_until_exact(model, tokenizer, shifted, epochs=epochs, lr=lr, seed=seed, schedule="constant",
+                       what="keep every fact while re-formatting")
     return shifted
