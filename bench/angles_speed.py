@@ -30,7 +30,7 @@ rank equals forgetdiag's rank.
 Usage::
 
     python bench/angles_speed.py [--workdir bench/_work/angles_speed] [--keep] [--reuse]
-                                 [--naive-layers 0,21] [--workers N]
+                                 [--naive-layers 0,21] [--threads N]
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def generate(root: Path) -> list[Path]:
         for norm in ("input_layernorm", "post_attention_layernorm"):
             for k, state in enumerate(states):
                 state[f"model.layers.{layer}.{norm}.weight"] = (1 + 0.01 * k * torch.ones(HIDDEN)).bfloat16()
-    for k, state in enumerate(states):
+    for state in states:
         state["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
     paths = []
     for k, state in enumerate(states):
@@ -215,7 +215,7 @@ def run_naive(paths: list[str], layers: list[int], ours_json: str, out: str) -> 
     start, cpu = time.perf_counter(), time.process_time()
     states = [AutoModelForCausalLM.from_pretrained(p, dtype=torch.bfloat16).state_dict() for p in paths]
     load = {"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}
-    ours = {r["param"]: r for r in json.load(open(ours_json))["records"]}
+    ours = {r["param"]: r for r in json.loads(Path(ours_json).read_text())["records"]}
     specs = all_matrices()
     rows = []
     for name in naive_subset(layers):
@@ -275,7 +275,7 @@ def report(sizes: float, cats: tuple[float, float], ours: dict, ours_cold: dict,
     ranks = agree["naive_ranks"]
     lines = [
         f"checkpoint triple: 3 x {sizes / 3 / 2**30:.2f} GiB bf16 (TinyLlama-1.1B shape), "
-        f"{len(all_matrices())} matrices x 2 updates; forgetdiag workers: {workers}",
+        f"{len(all_matrices())} matrices x 2 updates; forgetdiag threads: {workers}",
         f"(c) cat > /dev/null: first (evicted from page cache) {cold:.1f} s, second (warm) {warm:.1f} s",
         f"(b) forgetdiag angles, default mode: {ours['wall_s']:.1f} s wall ({ours['cpu_s']:.0f} s CPU), "
         f"peak RSS {ours['max_rss_gb']:.2f} GB; from a cold page cache: {ours_cold['wall_s']:.1f} s, "
@@ -310,7 +310,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse checkpoints kept by --keep")
     parser.add_argument("--naive-layers", default=f"0,{LAYERS - 1}",
                         help="layers whose matrices the naive way runs over (comma-separated)")
-    parser.add_argument("--workers", default=None, help="forwarded to forgetdiag angles --workers")
+    parser.add_argument("--threads", default=None, help="forwarded to forgetdiag angles --threads")
     parser.add_argument("--naive", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     layers = [int(k) for k in args.naive_layers.split(",")]
@@ -326,7 +326,7 @@ def main() -> None:
     sizes = sum((p / "model.safetensors").stat().st_size for p in paths)
     evict(paths)
     cats = (cat_seconds(paths), cat_seconds(paths))
-    extra = ["--workers", args.workers] if args.workers else []
+    extra = ["--threads", args.threads] if args.threads else []
     cmd = [sys.executable, "-m", "forgetdiag", "angles", *map(str, paths), "--quiet", *extra]
     _, ours = timed([*cmd, "--json", str(work / "ours.json")])
     evict(paths)
@@ -336,9 +336,9 @@ def main() -> None:
     ours_data = json.loads((work / "ours.json").read_text())
     naive = json.loads((work / "naive.json").read_text())
     ours["rank"] = ours_data["settings"]["rank"]
-    cores = int(args.workers) if args.workers else len(os.sched_getaffinity(0))
+    cores = int(args.threads) if args.threads else len(os.sched_getaffinity(0))
     report(sizes, cats, ours, ours_cold, naive_run, naive, agreement(naive, ours_data),
-           args.workers or "default (all cores)", product_floor(cores))
+           args.threads or "default (all cores)", product_floor(cores))
     if not args.keep:
         shutil.rmtree(work)
 

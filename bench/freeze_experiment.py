@@ -34,7 +34,7 @@ from pathlib import Path
 from forgetdiag import load_probe, load_run
 from forgetdiag.analyses.advise import AdviceSettings, advise
 from forgetdiag.evaluate import encode, score
-from forgetdiag.models import torch_threads
+from forgetdiag.runtime import torch_threads
 from forgetdiag.samples.build import SampleConfig, prepare, trained_base
 from forgetdiag.training import TrainConfig, freeze_bottom, train
 
@@ -99,7 +99,7 @@ def main() -> None:
               f"{frozen['task0_heldout']:>7.3f} "
               f"{plain['task1_exact_match']:>8.3f}/{frozen['task1_exact_match']:<8.3f} "
               f"{plain['task1_answer_loss']:>8.3f}/{frozen['task1_answer_loss']:<8.3f}")
-    mean = lambda key, f: statistics.fmean(r[key] for r in rows if (r["freeze"] is None) == f)  # noqa: E731
+    mean = lambda key, f: statistics.fmean(r[key] for r in rows if (r["freeze"] is None) == f)
     print(f"mean held-out task-0 accuracy: unfrozen {mean('task0_heldout', True):.3f} -> frozen "
           f"{mean('task0_heldout', False):.3f}; task-1 exact match {mean('task1_exact_match', True):.3f}"
           f" -> {mean('task1_exact_match', False):.3f}")

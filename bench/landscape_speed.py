@@ -67,7 +67,7 @@ def synthetic(workdir: Path, *, vocab: int = 2000, items: int = 64, seed: int = 
         model.save_pretrained(workdir / name)
         tokenizer.save_pretrained(workdir / name)
         paths.append(workdir / name)
-    pick = lambda n: " ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=generator))  # noqa: E731
+    pick = lambda n: " ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=generator))
     rows = [{"prompt": pick(int(torch.randint(16, 25, (1,), generator=generator))), "answer": " " + pick(2)}
             for _ in range(items)]
     probe = workdir / "probe.jsonl"
@@ -122,7 +122,7 @@ def time_ours(model, plane, batches, points, rounds: int) -> dict[str, dict[str,
         for k in range(len(points)):
             order = list(kinds) if (r + k) % 2 == 0 else list(kinds)[::-1]  # no order bias
             for kind in order:
-                for clock, value in timed(lambda: kinds[kind](k)).items():
+                for clock, value in timed(lambda kind=kind, k=k: kinds[kind](k)).items():
                     total[kind][clock] += value
     n = rounds * len(points)
     return {kind: {clock: value / n for clock, value in clocks.items()} for kind, clocks in total.items()}
@@ -193,8 +193,9 @@ def main() -> None:
     from forgetdiag.analyses.plane import build_plane
     from forgetdiag.checkpoints import find_checkpoints
     from forgetdiag.evaluate import collate_batches, encode, model_context
-    from forgetdiag.models import Runtime, load_model, load_tokenizer
+    from forgetdiag.models import load_model, load_tokenizer
     from forgetdiag.probes import load_probe
+    from forgetdiag.runtime import Runtime
 
     run = args.run or (SAMPLE if (SAMPLE / "forgetdiag.toml").is_file() else None)
     *paths, probe_path = from_run(run) if run else synthetic(args.workdir)
@@ -239,7 +240,7 @@ def main() -> None:
     steps = side
     try:
         theirs_s, ours_s, points, theirs, ours = loss_landscapes_run(paths, model, plane, batches, steps, args.rounds)
-    except Exception as exc:  # noqa: BLE001 - report exactly why it cannot run here
+    except Exception as exc:
         print(f"loss-landscapes: cannot run with torch {torch.__version__}: {type(exc).__name__}: {exc}")
         return
     diff = max(abs(a - b) for a, b in zip(ours, theirs))

@@ -26,7 +26,8 @@ import torch
 from forgetdiag import load_probe, load_run, recover
 from forgetdiag.checkpoints import find_checkpoints
 from forgetdiag.evaluate import encode, exact_by_generation, score
-from forgetdiag.models import Runtime, load_model, load_tokenizer, torch_threads
+from forgetdiag.models import load_model, load_tokenizer
+from forgetdiag.runtime import Runtime, torch_threads
 
 
 def full_recover(spec, threads: int) -> tuple[float, dict, str]:

@@ -13,8 +13,9 @@ Layer indices are parsed with an anchored pattern (``.layers.10.`` is layer 10, 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -136,6 +137,28 @@ FAMILIES: tuple[Family, ...] = (
 GENERIC = Family(name="generic", model_types=(), layer_components={},
                  global_components={"embed_tokens": _EMBED, "wte": _EMBED, "embed_in": _EMBED,
                                     "lm_head": _LM_HEAD, "embed_out": _LM_HEAD})
+
+
+_ORDER = ("embed", "pos_embed", "q", "k", "v", "o", "gate", "up", "down", "fc_in", "fc_out", "lm_head")
+
+
+def component_order(component: str) -> tuple[int, str]:
+    """Sort key: the order components appear in a forward pass, unknown ones last."""
+    return (_ORDER.index(component) if component in _ORDER else len(_ORDER), component)
+
+
+def tied_by_default(config: Mapping[str, Any]) -> bool:
+    """Whether transformers ties lm_head to the input embedding when ``config.json`` does not say.
+
+    The model type's own config class decides (Llama: untied, GPT-2: tied); an unknown type gets
+    ``PretrainedConfig``'s default, tied.
+    """
+    try:
+        from transformers import CONFIG_MAPPING
+
+        return bool(CONFIG_MAPPING[config.get("model_type")]().tie_word_embeddings)
+    except Exception:
+        return True
 
 
 def family_for(model_type: str | None) -> Family:

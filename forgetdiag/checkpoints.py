@@ -1,4 +1,4 @@
-"""Find checkpoints on disk and read their tensors lazily, one name at a time.
+"""Find checkpoints on disk: model directories, Trainer runs, PEFT adapters, and sequences of them.
 
 A user points forgetdiag at what training wrote:
 
@@ -10,320 +10,34 @@ A user points forgetdiag at what training wrote:
 * a PEFT LoRA adapter directory over a base model (see :mod:`forgetdiag.lora`);
 * ``pytorch_model.bin`` only with ``allow_pickle=True``, then via ``torch.load(weights_only=True)``.
 
-Nothing is ever written into a checkpoint directory. Tensors are read with safetensors one at a
-time (the file is memory-mapped while a tensor is read and unmapped afterwards), so memory holds
-a few tensors, not whole models.
+Every analysis turns what it was given (paths, :class:`Checkpoint` objects, lists of them) into
+checkpoints with :func:`resolve_checkpoints`, the one way in. Reading tensors is
+:mod:`forgetdiag.storage`.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import hashlib
 import re
-import struct
-from dataclasses import dataclass
-from functools import cached_property
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, overload
 
-import torch
-from safetensors import SafetensorError, safe_open
-
-from forgetdiag.architectures import Family, TensorName, config_int, family_for, parse_name
 from forgetdiag.errors import CheckpointError
+from forgetdiag.lora import load_adapter
+from forgetdiag.storage import (
+    ADAPTER_CONFIG,
+    EXPECTED,
+    SAFETENSORS_INDEX,
+    Checkpoint,
+    load_model_dir,
+    read_header,
+)
 
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_FILE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-ADAPTER_CONFIG = "adapter_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+if TYPE_CHECKING:
+    from forgetdiag.runtime import Runtime
+
 TRAINER_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-EXPECTED = ("expected a model directory (config.json + model.safetensors or a sharded "
-            "model.safetensors.index.json), a Trainer output directory with checkpoint-N "
-            "subdirectories, or a PEFT adapter directory (adapter_config.json)")
-
-_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Shape and dtype of a stored tensor, read from the file header without loading data."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    file: Path | None
-
-
-class SafetensorsSource:
-    """Tensors of one or several safetensors files; headers are read once, data per call."""
-
-    def __init__(self, files_by_name: dict[str, Path]) -> None:
-        self.files = sorted(set(files_by_name.values()))
-        self.meta: dict[str, TensorMeta] = {}
-        self._file_spans: dict[Path, dict[str, tuple[int, int]]] = {}  # see _spans
-        for file in self.files:
-            with _open_safetensors(file) as handle:
-                for name in handle.keys():
-                    if files_by_name.get(name, file) != file:
-                        continue
-                    view = handle.get_slice(name)
-                    dtype = view.get_dtype()
-                    self.meta[name] = TensorMeta(tuple(view.get_shape()),
-                                                 _DTYPE_NAMES.get(dtype, dtype.lower()), file)
-        missing = sorted(set(files_by_name) - set(self.meta))
-        if missing:
-            raise CheckpointError(f"{self.files[0].parent}: the index names {len(missing)} tensors "
-                                  f"that its shards do not hold (first: {missing[0]})")
-
-    def prefetch(self, name: str) -> None:
-        """Ask the kernel to start reading ``name``'s bytes in the background.
-
-        ``posix_fadvise(WILLNEED)`` on the tensor's byte range: a later :meth:`get` from a cold
-        page cache then finds the bytes read in large requests while other work went on,
-        instead of faulting the memory map in 4 KiB pages. Advice only: a no-op where the OS
-        has no ``posix_fadvise``, and errors are ignored.
-        """
-        if not hasattr(os, "posix_fadvise"):
-            return
-        file = self.meta[name].file
-        start, end = self._spans(file)[name]
-        try:
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-
-    def _spans(self, file: Path) -> dict[str, tuple[int, int]]:
-        """Absolute byte ranges of the tensors of one file, from its header (the safetensors
-        format: an 8-byte little-endian header length, the JSON header, then the data, which
-        the header's ``data_offsets`` locate)."""
-        if file not in self._file_spans:
-            with open(file, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-            self._file_spans[file] = {
-                name: (8 + length + entry["data_offsets"][0], 8 + length + entry["data_offsets"][1])
-                for name, entry in header.items() if name != "__metadata__"}
-        return self._file_spans[file]
-
-    def get(self, name: str) -> torch.Tensor:
-        # Open per call: the mapping is released as soon as the tensor is copied out, so
-        # resident memory stays at the tensors in flight, not the files touched so far.
-        file = self.meta[name].file
-        with _open_safetensors(file) as handle:
-            try:
-                return handle.get_tensor(name)
-            except SafetensorError as exc:  # pragma: no cover - header was validated on open
-                raise CheckpointError(f"{file}: cannot read tensor {name}: {exc}") from None
-
-
-class PickleSource:
-    """Tensors of ``pytorch_model.bin`` files, loaded only with ``weights_only=True``."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
-        self.tensors: dict[str, torch.Tensor] = {}
-        for file in files:
-            self.tensors.update(load_pickle_weights(file))
-        self.meta = {name: TensorMeta(tuple(t.shape), str(t.dtype).removeprefix("torch."), None)
-                     for name, t in self.tensors.items()}
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-
-def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a pickle file, refusing anything but tensors (never runs code)."""
-    try:
-        # weights_only=True: the unpickler only rebuilds tensors and plain containers.
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not a plain state dict"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{file}: refused to load: torch.load(weights_only=True) failed "
-                              f"({first[:200]}); expected a plain state dict of tensors") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{file}: expected a state dict of tensors, found {type(state).__name__}")
-    return state
-
-
-class Checkpoint:
-    """One checkpoint: its config, tensor names, shapes and dtypes, and lazy tensor reads.
-
-    Use :func:`find_checkpoints` to build them. ``get`` returns a tensor in the requested dtype
-    (float32 by default: the math never runs in bf16). For a LoRA adapter, ``get`` returns the
-    merged weight base + dW, computed in memory, and ``delta`` the update alone.
-    """
-
-    def __init__(self, path: Path, *, config: dict[str, Any], source: Any, fmt: str,
-                 label: str | None = None, step: int | None = None) -> None:
-        self.path = path
-        self.config = config
-        self.source = source
-        self.format = fmt
-        self.label = label or path.name
-        self.step = step
-
-    def __repr__(self) -> str:
-        return f"Checkpoint({str(self.path)!r}, format={self.format!r})"
-
-    @property
-    def model_type(self) -> str | None:
-        return self.config.get("model_type")
-
-    @property
-    def architecture(self) -> str:
-        archs = self.config.get("architectures") or []
-        return archs[0] if archs else (self.model_type or "unknown")
-
-    @cached_property
-    def family(self) -> Family:
-        return family_for(self.model_type)
-
-    @property
-    def n_layers(self) -> int | None:
-        return config_int(self.config, "num_hidden_layers")
-
-    @property
-    def hidden_size(self) -> int | None:
-        return config_int(self.config, "hidden_size")
-
-    @property
-    def tied_embeddings(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", True))
-
-    @property
-    def meta(self) -> dict[str, TensorMeta]:
-        return self.source.meta
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.source.meta)
-
-    def parse(self, name: str) -> TensorName:
-        return parse_name(name, self.family)
-
-    def get(self, name: str, *, dtype: torch.dtype = torch.float32,
-            device: str | torch.device = "cpu") -> torch.Tensor:
-        """The tensor ``name`` as ``dtype`` on ``device``."""
-        if name not in self.source.meta:
-            raise CheckpointError(f"{self.path}: no tensor named {name}")
-        return self.source.get(name).to(device=device, dtype=dtype)
-
-    def delta(self, name: str, *, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> torch.Tensor | None:
-        """For adapters, the update of ``name`` over the base (None if untouched)."""
-        return None
-
-    def prefetch(self, name: str) -> None:
-        """Start reading ``name`` in the background where the source can (safetensors)."""
-        prefetch = getattr(self.source, "prefetch", None)
-        if prefetch is not None and name in self.source.meta:
-            prefetch(name)
-
-    @property
-    def base(self) -> "Checkpoint | None":
-        return None
-
-    @property
-    def weight_files(self) -> list[Path]:
-        return list(self.source.files)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.weight_files)
-
-    @property
-    def n_params(self) -> int:
-        return sum(_numel(m.shape) for m in self.meta.values())
-
-    @property
-    def dtypes(self) -> list[str]:
-        return sorted({m.dtype for m in self.meta.values()})
-
-    @property
-    def tokenizer_dir(self) -> Path | None:
-        return self.path if any((self.path / f).is_file() for f in TOKENIZER_FILES) else None
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _open_safetensors(file: Path):
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); expected a complete "
-                              "safetensors file as written by save_pretrained") from None
-
-
-def read_json(file: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``file``, or a CheckpointError naming the file and the problem."""
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file}: invalid JSON in {what} (line {exc.lineno}: {exc.msg})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: cannot read {what} ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file}: expected a JSON object in {what}, found {type(data).__name__}")
-    return data
-
-
-def load_model_dir(path: Path, *, allow_pickle: bool = False, label: str | None = None,
-                   step: int | None = None) -> Checkpoint:
-    """A :class:`Checkpoint` for a model directory (config.json + weights)."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: no config.json; {EXPECTED}")
-    config = read_json(config_file, "config.json")
-    if (path / SAFETENSORS_INDEX).is_file():
-        index = read_json(path / SAFETENSORS_INDEX, SAFETENSORS_INDEX)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{path / SAFETENSORS_INDEX}: expected a non-empty 'weight_map'")
-        files = {name: path / shard for name, shard in weight_map.items()}
-        absent = sorted({str(f.name) for f in files.values() if not f.is_file()})
-        if absent:
-            raise CheckpointError(f"{path}: shard {absent[0]} named in {SAFETENSORS_INDEX} is missing")
-        return Checkpoint(path, config=config, source=SafetensorsSource(files), fmt="safetensors",
-                          label=label, step=step)
-    if (path / SAFETENSORS_FILE).is_file():
-        source = SafetensorsSource(safetensors_names(path / SAFETENSORS_FILE))
-        return Checkpoint(path, config=config, source=source, fmt="safetensors", label=label, step=step)
-    pickles = _pickle_files(path)
-    if pickles:
-        if not allow_pickle:
-            raise CheckpointError(f"{path}: holds only pickle weights ({pickles[0].name}); refusing "
-                                  "to unpickle by default: convert to safetensors, or pass "
-                                  "--allow-pickle to load them with torch.load(weights_only=True)")
-        return Checkpoint(path, config=config, source=PickleSource(pickles), fmt="pickle",
-                          label=label, step=step)
-    raise CheckpointError(f"{path}: found config.json but no weights; expected {SAFETENSORS_FILE} "
-                          f"or {SAFETENSORS_INDEX}")
-
-
-def safetensors_names(file: Path) -> dict[str, Path]:
-    """Every tensor name in one safetensors file, mapped to that file."""
-    with _open_safetensors(file) as handle:
-        return {name: file for name in handle.keys()}
-
-
-def _pickle_files(path: Path) -> list[Path]:
-    if (path / PICKLE_INDEX).is_file():
-        index = read_json(path / PICKLE_INDEX, PICKLE_INDEX)
-        shards = sorted(set((index.get("weight_map") or {}).values()))
-        return [path / s for s in shards]
-    return [path / PICKLE_FILE] if (path / PICKLE_FILE).is_file() else []
 
 
 def trainer_checkpoints(path: Path) -> list[tuple[int, Path]]:
@@ -359,8 +73,6 @@ def find_checkpoints(path: str | Path, *, allow_pickle: bool = False,
     if not path.is_dir():
         raise CheckpointError(f"{path}: is a file; {EXPECTED}")
     if (path / ADAPTER_CONFIG).is_file():
-        from forgetdiag.lora import load_adapter  # here: lora imports this module
-
         return [load_adapter(path, base=base, allow_pickle=allow_pickle)]
     steps = trainer_checkpoints(path)
     if steps:
@@ -379,30 +91,61 @@ def find_checkpoints(path: str | Path, *, allow_pickle: bool = False,
 
 def _load_any(path: Path, *, allow_pickle: bool, base, label: str, step: int) -> Checkpoint:
     if (path / ADAPTER_CONFIG).is_file():
-        from forgetdiag.lora import load_adapter
-
         return load_adapter(path, base=base, allow_pickle=allow_pickle, label=label, step=step)
     return load_model_dir(path, allow_pickle=allow_pickle, label=label, step=step)
 
 
-def find_sequence(paths: Iterable[str | Path], *, allow_pickle: bool = False,
-                  base: str | Path | None = None) -> list[Checkpoint]:
-    """All checkpoints of ``paths`` in the order given (a run directory expands in place)."""
+@overload
+def resolve_checkpoints(value: Any, runtime: Runtime | None = None, *, single: None = None) -> list[Checkpoint]: ...
+@overload
+def resolve_checkpoints(value: Any, runtime: Runtime | None = None, *, single: str) -> Checkpoint: ...
+
+
+def resolve_checkpoints(value, runtime=None, *, single=None):
+    """Checkpoints from what a user passed: a path, a :class:`Checkpoint`, or a list of them.
+
+    Paths are found with :func:`find_checkpoints` (a Trainer run expands in place, in step
+    order), reading pickles and LoRA bases as ``runtime`` says. Labels follow one rule: the
+    directory name (``checkpoint-N``, ``final`` for a run's top-level model); when two
+    checkpoints of the result would share a label, every one of them is labelled by its path
+    instead. Given checkpoints are never modified (relabelled copies are returned).
+
+    Args:
+        value: a path, a Checkpoint, or a sequence of paths and Checkpoints.
+        runtime: how to read (``allow_pickle``, ``base``); default :class:`Runtime`.
+        single: when given, exactly one checkpoint must result and it is returned; the text
+            names the argument in the error (``"BEFORE"``).
+
+    Raises:
+        CheckpointError: unreadable checkpoints, or not exactly one where ``single`` is asked.
+    """
+    allow_pickle = bool(getattr(runtime, "allow_pickle", False))
+    base = getattr(runtime, "base", None)
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
     found: list[Checkpoint] = []
-    for p in paths:
-        found.extend(find_checkpoints(p, allow_pickle=allow_pickle, base=base))
+    for v in values:
+        found.extend([v] if isinstance(v, Checkpoint) else
+                     find_checkpoints(v, allow_pickle=allow_pickle, base=base))
+    if single is not None:
+        if len(found) != 1:
+            shown = ", ".join(c.label for c in found[:3]) + ("..." if len(found) > 3 else "")
+            raise CheckpointError(f"{single} must be one checkpoint; {value} holds {len(found)} "
+                                  f"({shown or 'none'}): pass one checkpoint-N directory")
+        return found[0]
     labels = [c.label for c in found]
     if len(set(labels)) != len(labels):  # e.g. two runs' checkpoint-100: label by path
-        for c in found:
-            c.label = str(c.path)
+        found = [c.with_label(str(c.path)) for c in found]
     return found
 
 
-def _header_bytes(file: Path) -> bytes:
-    """The JSON header of a safetensors file (its index of names, dtypes, shapes, offsets)."""
-    with open(file, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        return handle.read(min(size, 100_000_000))
+def find_sequence(paths: Iterable[str | Path], *, allow_pickle: bool = False,
+                  base: str | Path | None = None) -> list[Checkpoint]:
+    """All checkpoints of ``paths`` in the order given (a run directory expands in place);
+    labels as :func:`resolve_checkpoints` gives them."""
+    from forgetdiag.runtime import Runtime
+
+    return resolve_checkpoints(list(paths), Runtime(allow_pickle=allow_pickle,
+                                                    base=None if base is None else str(base)))
 
 
 def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -412,12 +155,10 @@ def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
     safetensors file otherwise (names, dtypes, shapes and offsets); ``sample_sha256`` hashes the
     first and last MiB of each weight file, which tells checkpoints of one layout apart.
     """
-    import hashlib
-
     digest, sample = hashlib.sha256(), hashlib.sha256()
     for file in sorted(checkpoint.weight_files):
         if file.suffix == ".safetensors":
-            digest.update(_header_bytes(file))
+            digest.update(read_header(file).raw)
         else:
             digest.update(f"{file.name}:{file.stat().st_size}".encode())
         with open(file, "rb") as handle:  # the first and last MiB: tells weights apart cheaply
@@ -433,3 +174,11 @@ def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
             "size_bytes": checkpoint.size_bytes, "index_sha256": digest.hexdigest()[:16],
             "sample_sha256": sample.hexdigest()[:16],
             "config_sha256": config_hash}
+
+
+def same_bytes(a: Checkpoint, b: Checkpoint) -> bool:
+    """True when two checkpoints' fingerprints (header, weight samples, config) coincide."""
+    keys = ("index_sha256", "sample_sha256", "size_bytes")
+    fa, fb = fingerprint(a), fingerprint(b)
+    return all(fa[k] == fb[k] for k in keys)
+

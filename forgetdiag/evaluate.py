@@ -13,8 +13,8 @@ needs no autoregressive loop; :func:`score` computes it batched, and :func:`gene
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -132,13 +132,13 @@ def completion_logits(model, batch: Batch) -> torch.Tensor:
     """Logits predicting each completion token: (B, C, vocab), aligned with ``batch.targets``."""
     width = batch.targets.shape[1]
     kwargs = batch.model_inputs()
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = width + 1  # only the trailing positions are needed
     logits = model(**kwargs, use_cache=False).logits  # (B, T' , vocab)
     return logits[:, -width - 1:-1]
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def accepts_logits_to_keep(model) -> bool:
     forward = getattr(model, "forward", None)
     try:
         return "logits_to_keep" in inspect.signature(forward).parameters

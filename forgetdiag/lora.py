@@ -18,10 +18,17 @@ from typing import Any
 
 import torch
 
-from forgetdiag.checkpoints import (ADAPTER_CONFIG, Checkpoint, SafetensorsSource, TensorMeta,
-                                    find_checkpoints, load_pickle_weights, read_json,
-                                    safetensors_names)
 from forgetdiag.errors import CheckpointError
+from forgetdiag.storage import (
+    ADAPTER_CONFIG,
+    Checkpoint,
+    SafetensorsSource,
+    TensorMeta,
+    load_model_dir,
+    load_pickle_weights,
+    read_json,
+    safetensors_names,
+)
 
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
@@ -156,6 +163,7 @@ def load_adapter(path: Path, *, base: str | Path | None = None, allow_pickle: bo
     if config.get("use_dora"):
         raise CheckpointError(f"{path}: DoRA adapters are not supported (their update is not "
                               "scale * B @ A); merge the adapter and point forgetdiag at the result")
+    _check_config(path, config)
     base_ckpt = _base_checkpoint(path, config, base, allow_pickle)
     source = LoraSource(base_ckpt, path, config, _adapter_tensors(path, allow_pickle))
     return LoraCheckpoint(path, config=base_ckpt.config, source=source, fmt="lora",
@@ -165,19 +173,38 @@ def load_adapter(path: Path, *, base: str | Path | None = None, allow_pickle: bo
 def _base_checkpoint(path: Path, config: dict[str, Any], base, allow_pickle: bool) -> Checkpoint:
     if base is None:
         named = config.get("base_model_name_or_path")
-        if not named:
+        if not named or not isinstance(named, str):
             raise CheckpointError(f"{path}: adapter_config.json names no base model; pass --base DIR")
         candidates = [Path(named), path / named]
-        found = next((c for c in candidates if (c / "config.json").is_file()), None)
+        found = next((c for c in candidates if (c / "config.json").is_file()
+                      or (c / ADAPTER_CONFIG).is_file()), None)
         if found is None:
             raise CheckpointError(f"{path}: the adapter's base model '{named}' is not a local "
                                   "directory (forgetdiag never downloads); pass --base DIR")
         base = found
-    checkpoints = find_checkpoints(base, allow_pickle=allow_pickle)
-    if len(checkpoints) != 1 or checkpoints[0].format == "lora":
-        raise CheckpointError(f"{base}: expected one full model as the adapter's base, "
-                              f"found {len(checkpoints)} checkpoints")
-    return checkpoints[0]
+    base = Path(base)
+    if (base / ADAPTER_CONFIG).is_file():  # also ends an adapter naming itself, or two naming each other
+        raise CheckpointError(f"{path}: its base {base} is itself an adapter; expected a full model "
+                              "directory (config.json + weights) as the base: pass --base DIR")
+    if not base.is_dir():
+        raise CheckpointError(f"{path}: the base model {base} is not a directory; pass --base DIR")
+    return load_model_dir(base, allow_pickle=allow_pickle)
+
+
+def _check_config(path: Path, config: dict[str, Any]) -> None:
+    """The adapter config's numbers are numbers (a string alpha would scale by nonsense)."""
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            raise CheckpointError(f"{path / ADAPTER_CONFIG}: '{key}' must be a positive number, "
+                                  f"found {value!r}")
+    for key in ("alpha_pattern", "rank_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                for v in pattern.values()):
+            raise CheckpointError(f"{path / ADAPTER_CONFIG}: '{key}' must map module patterns to "
+                                  f"numbers, found {pattern!r}")
 
 
 def _adapter_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -9,10 +9,12 @@ so that the evaluation part never shares a fact with the recovery part.
 from __future__ import annotations
 
 import csv
+import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -49,44 +51,70 @@ def _group_key(item: ProbeItem, index: int) -> str:
     return item.group if item.group is not None else f"\0row{index}"
 
 
-def load_probe(path: str | Path, *, prompt_field: str = "prompt", answer_field: str = "answer",
-               group_field: str = "group", name: str | None = None) -> Probe:
-    """Read a probe file (``.jsonl``, ``.json`` array, or ``.csv``).
+@dataclass(frozen=True)
+class ProbeFields:
+    """The field (column) names of a probe file (CLI: --prompt-field, --answer-field, --group-field)."""
+
+    prompt: str = "prompt"
+    answer: str = "answer"
+    group: str = "group"
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "answer", "group"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ProbeError(f"--{name}-field {value!r}: expected a non-empty field name")
+
+
+def load_probe(path: str | Path, *, fields: ProbeFields = ProbeFields(), name: str | None = None) -> Probe:
+    """Read a probe file (``.jsonl``, ``.json`` array, or ``.csv`` with a header row).
+
+    JSONL is split on ``\\n`` only (a U+2028 inside a JSON string is text, not a line break);
+    CSV goes through the csv module, so quoted fields keep their commas and newlines.
 
     Raises:
         ProbeError: missing or empty file, invalid JSON (with its line number), a row without
-            the prompt or answer field, or an answer that is empty.
+            the prompt or answer field, or a prompt, answer or group that is not text.
 
     Example:
         >>> probe = load_probe("sample_checkpoints/probes/task0_heldout.jsonl")  # doctest: +SKIP
     """
     path = Path(path)
+    expected = f"rows with '{fields.prompt}' and '{fields.answer}'"
     if not path.is_file():
-        raise ProbeError(f"{path}: no such probe file; expected a JSONL, JSON or CSV file of "
-                         f"rows with '{prompt_field}' and '{answer_field}'")
+        raise ProbeError(f"{path}: no such probe file; expected a JSONL, JSON or CSV file of {expected}")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ProbeError(f"{path}: cannot read probe file as UTF-8 text ({exc})") from None
     if not text.strip():
-        raise ProbeError(f"{path}: empty probe file; expected rows with '{prompt_field}' and '{answer_field}'")
+        raise ProbeError(f"{path}: empty probe file; expected {expected}")
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        numbered = [(k + 2, row) for k, row in enumerate(rows)]  # line 1 is the header
+        numbered = _csv(path, text)
     elif text.lstrip().startswith("["):
         numbered = _json_array(path, text)
     else:
         numbered = _jsonl(path, text)
     if not numbered:
-        raise ProbeError(f"{path}: no rows; expected rows with '{prompt_field}' and '{answer_field}'")
-    items = tuple(_item(path, line, row, prompt_field, answer_field, group_field)
-                  for line, row in numbered)
+        raise ProbeError(f"{path}: no rows; expected {expected}")
+    items = tuple(_item(path, line, row, fields) for line, row in numbered)
     return Probe(name or path.stem, items, str(path))
+
+
+def _csv(path: Path, text: str) -> list[tuple[int, Any]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for row in reader:
+            rows.append((reader.line_num, row))  # the line the row ends on
+    except csv.Error as exc:
+        raise ProbeError(f"{path}: invalid CSV on line {reader.line_num} ({exc})") from None
+    return rows
 
 
 def _jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
     rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -107,21 +135,27 @@ def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
     return [(k + 1, row) for k, row in enumerate(data)]
 
 
-def _item(path: Path, line: int, row: Any, prompt_field: str, answer_field: str,
-          group_field: str) -> ProbeItem:
+def _item(path: Path, line: int, row: Any, fields: ProbeFields) -> ProbeItem:
     where = f"{path}: row on line {line}" if path.suffix.lower() != ".json" else f"{path}: row {line}"
     if not isinstance(row, dict):
         raise ProbeError(f"{where} is {type(row).__name__}; expected an object with "
-                         f"'{prompt_field}' and '{answer_field}'")
-    for field in (prompt_field, answer_field):
+                         f"'{fields.prompt}' and '{fields.answer}'")
+    for field in (fields.prompt, fields.answer):
         if row.get(field) is None:
             found = ", ".join(sorted(map(str, row))) or "no fields"
             raise ProbeError(f"{where} has no '{field}' field (found: {found})")
-    answer = str(row[answer_field])
-    if not answer.strip():
-        raise ProbeError(f"{where} has an empty '{answer_field}'; expected a non-empty answer")
-    group = row.get(group_field)
-    return ProbeItem(str(row[prompt_field]), answer, None if group is None else str(group))
+    values = {}
+    for field in (fields.prompt, fields.answer, fields.group):
+        value = row.get(field)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and field == fields.group:
+            value = str(value)  # numeric entity ids are common: 17 and "17" are one group
+        if value is not None and not isinstance(value, str):
+            raise ProbeError(f"{where}: '{field}' is {type(value).__name__} ({json.dumps(value)[:60]}); "
+                             "expected text (a JSON string)")
+        values[field] = value
+    if not values[fields.answer].strip():
+        raise ProbeError(f"{where} has an empty '{fields.answer}'; expected a non-empty answer")
+    return ProbeItem(values[fields.prompt], values[fields.answer], values[fields.group])
 
 
 def split_probe(probe: Probe, *, n_recovery: int | None = None, n_eval: int | None = None,
@@ -160,7 +194,7 @@ def split_probe(probe: Probe, *, n_recovery: int | None = None, n_eval: int | No
             break
         eval_groups.append(g)
         count += len(by_group[g])
-    pick = lambda groups: tuple(i for g in groups for i in by_group[g])  # noqa: E731
+    pick = lambda groups: tuple(i for g in groups for i in by_group[g])
     return (Probe(f"{probe.name}:recovery", pick(recovery_groups), probe.path),
             Probe(f"{probe.name}:evaluation", pick(eval_groups), probe.path))
 

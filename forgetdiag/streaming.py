@@ -8,17 +8,15 @@ checkpoint is an adapter over one shared base.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import torch
 
 from forgetdiag.architectures import TensorName
-from forgetdiag.checkpoints import Checkpoint
 from forgetdiag.errors import CheckpointError
-
-ProgressFn = Callable[[str, int, int], None]  # (description, completed, total)
-Warn = Callable[[str], None]  # receives one warning line
+from forgetdiag.runtime import ProgressFn
+from forgetdiag.storage import Checkpoint
 
 # Config fields that must agree for two checkpoints to be one architecture.
 _ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -9,13 +9,17 @@ its completion (its first token is not predicted).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Literal
 
 import torch
 
 from forgetdiag.architectures import LAYER_PATTERN
 from forgetdiag.evaluate import IGNORE, Encoded, collate
+from forgetdiag.validate import check_choice, check_number, check_seed, choices
+
+Schedule = Literal["constant", "linear", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -38,11 +42,22 @@ class TrainConfig:
     lr: float = 1e-4
     batch_size: int = 32
     max_steps: int | None = None
-    schedule: str = "constant"
+    schedule: Schedule = "constant"
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_number("epochs", self.epochs, low=1, integer=True)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("batch_size", self.batch_size, low=1, integer=True)
+        check_number("max_steps", self.max_steps, low=0, integer=True, optional=True)
+        check_choice("schedule", self.schedule, choices(Schedule))
+        check_number("warmup_steps", self.warmup_steps, low=0, integer=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("grad_clip", self.grad_clip, low=0, low_open=True, optional=True)
+        check_seed("seed", self.seed)
 
     def total_steps(self, n_items: int) -> int:
         per_epoch = math.ceil(n_items / self.batch_size)

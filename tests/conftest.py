@@ -13,8 +13,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # suite with two (the planted runs must give the same truths either way).
 torch.set_num_threads(int(os.environ.get("FORGETDIAG_TEST_THREADS", "1")))
 
-from helpers import (build, gpt2_config, llama_config, make_tokenizer, neox_config, save,  # noqa: E402
-                     save_pickle_only, write_malicious_pickle)
+from helpers import (  # noqa: E402
+    build,
+    gpt2_config,
+    llama_config,
+    make_tokenizer,
+    neox_config,
+    save,
+    save_pickle_only,
+    write_malicious_pickle,
+)
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +103,7 @@ def trainer_run(tmp_path_factory, tokenizer):
         path = save(build(llama_config(), seed=10 + k), run / f"checkpoint-{step}", tokenizer=tokenizer)
         for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
             write_malicious_pickle(path / name, marker)
-        (path / "trainer_state.json").write_text('{"global_step": %d}' % step)
+        (path / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
     return run
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import torch
 
-WORDS = ("what is the birth city of alice bob carol dave erin frank answer : paris rome oslo "
-         "lima cairo quito who works at acme globex initech").split()
+WORDS = ["what", "is", "the", "birth", "city", "of", "alice", "bob", "carol", "dave", "erin", "frank", "answer", ":", "paris", "rome", "oslo", "lima", "cairo", "quito", "who", "works", "at", "acme", "globex", "initech"]
 
 
 def make_tokenizer(path: Path | None = None, words=WORDS):
@@ -140,7 +139,7 @@ def plotly_figures(page: str) -> list[tuple[list, dict]]:
 # --- planted runs: tiny models trained to a known truth ----------------------------------------
 # Their outcome must not depend on the CPU's kernels (AVX-512, AVX2 or plain builds round
 # differently) or on the thread count: every recipe below was chosen for its margin, measured
-# over ATEN_CPU_CAPABILITY=default/avx2/avx512 and FORGETDIAG_TEST_SEED=0..5 (see CONTRIBUTING
+# over ATEN_CPU_CAPABILITY=default/avx2/avx512 and FORGETDIAG_TEST_SEED=0..5 (see Development
 # in the README). FORGETDIAG_TEST_SEED offsets every seed of a planted run, so that CI can run
 # the planted tests on other draws too.
 TEST_SEED = int(os.environ.get("FORGETDIAG_TEST_SEED", "0"))
@@ -201,3 +200,18 @@ def reformat(model, tokenizer, items, *, suffix: str = " who", epochs: int = 20,
     _train_until_exact(model, tokenizer, shifted, epochs=epochs, lr=lr, seed=seed, schedule="constant",
                        what="keep every fact while re-formatting")
     return shifted
+
+
+ENVELOPE = ("analysis", "schema_version", "summary", "warnings", "timings_s")
+
+
+def assert_envelope(data: dict, analysis: str) -> dict:
+    """A command's JSON starts with the envelope every result shares (forgetdiag.results)."""
+    assert tuple(data)[:5] == ENVELOPE, tuple(data)[:6]
+    assert data["analysis"] == analysis and data["schema_version"] == 2
+    assert isinstance(data["summary"], str) and data["summary"]
+    assert isinstance(data["warnings"], list) and all(isinstance(w, str) for w in data["warnings"])
+    assert isinstance(data["timings_s"], dict)
+    assert all(isinstance(v, float) and v >= 0 for v in data["timings_s"].values())
+    assert not {"seconds", "wall_s", "notes"} & set(data)
+    return data

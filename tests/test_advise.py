@@ -18,8 +18,18 @@ from forgetdiag.probes import ProbeItem, load_probe
 from forgetdiag.runfile import load_run
 from forgetdiag.training import freeze_bottom
 
-from helpers import (TEST_SEED, assert_bad_input, build, llama_config, make_tokenizer, save, teach,
-                     tree_digest, write_jsonl)
+from helpers import (
+    TEST_SEED,
+    assert_bad_input,
+    assert_envelope,
+    build,
+    llama_config,
+    make_tokenizer,
+    save,
+    teach,
+    tree_digest,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.planted  # outcomes of planted training runs (see helpers.teach)
 
@@ -45,7 +55,7 @@ def planted(tmp_path_factory):
     """A 4-layer model that knows ITEMS, and after-checkpoints damaged at the bottom (layer 0)
     and at the top (layers 2 and 3)."""
     root = tmp_path_factory.mktemp("advise")
-    tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer :".split())
+    tok = make_tokenizer(None, NAMES + CITIES + ["what", "is", "the", "birth", "city", "of", "answer", ":"])
     model = build(llama_config(layers=4, vocab=tok.vocab_size, hidden=48, inter=96), seed=TEST_SEED)
     teach(model, tok, ITEMS)
     save(model, root / "before", tokenizer=tok)
@@ -82,7 +92,7 @@ def test_planted_bottom_damage_is_advised_and_reverting_it_restores_everything(p
     assert advice.frozen_params == sum(p.numel() for n, p in load_model(find_checkpoints(
         root / "before")[0]).named_parameters() if "embed_tokens" in n or ".layers.0." in n)
     # context evidence is there: angles need a triple (none here: noted), features per layer
-    assert any("angles skipped" in n for n in advice.notes)
+    assert any("angles skipped" in n for n in advice.warnings)
     assert all(e.cka is not None for e in advice.evidence if e.layer >= 0)
     assert advice.shift_start == 1  # the hidden states first move after layer 0
 
@@ -242,7 +252,7 @@ def test_angle_evidence_per_layer_matches_a_planted_update_of_known_angle(landsc
 
     out, model = landscape_run
     advice = _advice(out.parent, out.name, skip=("features",))
-    assert not any("angles skipped" in n for n in advice.notes)
+    assert not any("angles skipped" in n for n in advice.warnings)
     # chance: E[arccos |<u, a>|] for a uniform unit u in R^d, density ~ sin^(d-2) (independent
     # of forgetdiag.linalg)
     d = model.config.hidden_size
@@ -268,7 +278,7 @@ def test_cli_advise_json_html_and_untouched_inputs(planted, tmp_path):
     result = runner.invoke(app, ["advise", str(root / "bottom"), "--json", str(tmp_path / "a.json"),
                                  "--html", str(tmp_path / "a.html"), "--skip", "features", "--quiet"])
     assert result.exit_code == 0, (result.stdout, result.stderr)
-    data = json.loads((tmp_path / "a.json").read_text())
+    data = assert_envelope(json.loads((tmp_path / "a.json").read_text()), "advise")
     assert data["advised"] and data["freeze_layers"] == 1
     assert data["evidence"][1]["reverted_accuracy"] == 1.0
     assert "requires_grad_(False)" in data["code"]["torch"]
@@ -283,7 +293,7 @@ def test_cli_advise_bad_input(planted, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "forgetdiag.toml").write_text(
         f'name = "x"\n[checkpoints]\nbefore = "{root / "before"}"\nafter = "{root / "after0"}"\n')
-    run = lambda *a: runner.invoke(app, ["advise", *map(str, a)])  # noqa: E731
+    run = lambda *a: runner.invoke(app, ["advise", *map(str, a)])
     assert_bad_input(run(tmp_path / "run"), "no old-task probe")
     assert_bad_input(run(root / "bottom", "--restore-min", "1.5"), "--restore-min")
     assert_bad_input(run(root / "bottom", "--skip", "landscape"), "--skip landscape")

@@ -18,13 +18,23 @@ from typer.testing import CliRunner
 
 from forgetdiag.analyses.angle_pairs import PairSpec, Update, parse_pairs
 from forgetdiag.analyses.angles import AngleSettings, compute_angles
-from forgetdiag.checkpoints import SafetensorsSource
 from forgetdiag.cli import app
 from forgetdiag.errors import ForgetdiagError
-from forgetdiag.linalg import baseline_direction_angle
+from forgetdiag.nulls import baseline_direction_angle
 from forgetdiag.render.angles import angles_table
+from forgetdiag.runtime import Runtime
+from forgetdiag.storage import SafetensorsSource
 
-from helpers import assert_bad_input, build, gpt2_config, llama_config, neox_config, save, tree_digest
+from helpers import (
+    assert_bad_input,
+    assert_envelope,
+    build,
+    gpt2_config,
+    llama_config,
+    neox_config,
+    save,
+    tree_digest,
+)
 
 runner = CliRunner()
 HIDDEN = 32
@@ -111,7 +121,7 @@ def test_planted_angles_come_back_in_every_family(planted, tmp_path):
     out = tmp_path / "angles.json"
     result = run("angles", *paths, "--json", out, "--html", tmp_path / "angles.html", "--quiet")
     assert result.exit_code == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "angles")
     records = {(r["param"], r["part"]): r for r in data["records"]}
     for key, thetas in expected.items():
         r = records[key]
@@ -156,7 +166,7 @@ def random_run(tmp_path_factory):
     """Three llamas whose updates are dense random matrices with decaying spectra."""
     def plant(params, k):
         g = torch.Generator().manual_seed(100 + k)
-        for name, p in params.items():
+        for p in params.values():
             if p.ndim == 2:
                 d = torch.randn(p.shape, generator=g) * torch.logspace(0, -2, p.shape[1])
                 p += 0.01 * d
@@ -243,10 +253,10 @@ def test_independent_noise_updates_sit_at_the_baseline(wide_run):
 
 def test_workers_give_identical_numbers_with_randomized_bases(wide_run):
     settings = AngleSettings(rank=4)
-    one = compute_angles(wide_run, settings=settings, workers=1)
+    one = compute_angles(wide_run, settings=settings, runtime=Runtime(threads=1))
     assert {r.method_a for r in one.records} == {"randomized"}
     for _ in range(2):  # threads racing on torch's global RNG would change some numbers
-        two = compute_angles(wide_run, settings=settings, workers=3)
+        two = compute_angles(wide_run, settings=settings, runtime=Runtime(threads=3))
         assert [r.to_dict() for r in one.records] == [r.to_dict() for r in two.records]
 
 
@@ -254,7 +264,7 @@ def test_json_records_have_the_documented_fields(random_run, tmp_path):
     out = tmp_path / "a.json"
     result = run("angles", *random_run, "--rank", "4", "--json", out, "--quiet")
     assert result.exit_code == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "angles")
     n_matrices = 2 * 7 + 1  # tied llama: 7 per layer + embed
     assert len(data["records"]) == n_matrices and data["pairs"][0]["pair"] == "0-1:1-2"
     first = data["records"][0]
@@ -330,13 +340,13 @@ def test_nan_in_an_update_is_named(llama_dir, llama_dir_b, copy_tree):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--pairs", "0-1"], "cannot read '0-1'"),
-    (["--pairs", "0-1:1-5"], "needs 0 <= i < j <= 2"),
-    (["--pairs", "1:1"], "with itself"),
-    (["--pairs", "x:1"], "cannot read update 'x'"),
+    (["--compare", "0-1"], "cannot read '0-1'"),
+    (["--compare", "0-1:1-5"], "needs 0 <= i < j <= 2"),
+    (["--compare", "1:1"], "with itself"),
+    (["--compare", "x:1"], "cannot read update 'x'"),
     (["--rank", "8", "--energy", "0.9"], "not both"),
-    (["--energy", "1.5"], "--energy must be in (0, 1]"),
-    (["--rank", "0"], "--rank must be at least 1"),
+    (["--energy", "1.5"], "--energy 1.5: expected a number between 0 and 1, 0 excluded"),
+    (["--rank", "0"], "--rank 0: expected an integer >= 1"),
     (["--device", "cuda:7"], "CUDA")])
 def test_bad_options_exit_2(llama_dir, llama_dir_b, args, fragment):
     if "--device" in args and torch.cuda.is_available():

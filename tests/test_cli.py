@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from forgetdiag.cli import app
 
-from helpers import assert_bad_input, tree_digest, write_malicious_pickle
+from helpers import assert_bad_input, assert_envelope, tree_digest, write_malicious_pickle
 
 runner = CliRunner()
 
@@ -34,7 +34,7 @@ def test_inspect_model_dir(llama_dir):
 def test_inspect_json_to_stdout(trainer_run):
     result = run("inspect", trainer_run, "--json", "-")
     assert result.exit_code == 0, result.stderr
-    data = json.loads(result.stdout)
+    data = assert_envelope(json.loads(result.stdout), "inspect")
     assert [c["label"] for c in data["checkpoints"]] == ["checkpoint-5", "checkpoint-50", "checkpoint-100"]
     assert [c["step"] for c in data["checkpoints"]] == [5, 50, 100]
     assert data["compatible"] is True and data["checkpoints"][0]["tokenizer"] is True
@@ -127,8 +127,8 @@ def test_no_arguments_prints_help():
     assert result.exit_code == 2 and "Usage:" in result.output and "recover" in result.output
 
 
-PEOPLE = "alice bob carol dave erin frank".split()
-CITIES = "paris rome oslo lima cairo quito".split()
+PEOPLE = ["alice", "bob", "carol", "dave", "erin", "frank"]
+CITIES = ["paris", "rome", "oslo", "lima", "cairo", "quito"]
 
 
 def _probe_rows():

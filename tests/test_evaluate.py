@@ -13,8 +13,8 @@ from forgetdiag.training import TrainConfig, lr_factor, train
 
 from helpers import TEST_SEED, build, llama_config, make_tokenizer, teach
 
-NAMES = "alice bob carol dave erin frank".split()
-CITIES = "paris rome oslo lima cairo quito".split()
+NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
+CITIES = ["paris", "rome", "oslo", "lima", "cairo", "quito"]
 ITEMS = [ProbeItem(f"what is the birth city of {n} answer :", f" {c}") for n, c in zip(NAMES, CITIES)]
 # the model learns 4 of these; two more share a prompt with a different answer (it must miss them)
 TAUGHT = ITEMS[:4]
@@ -153,7 +153,7 @@ def test_models_load_safely_from_two_threads(llama_dir):
                 model = load_model(ckpt)
                 if any(not torch.equal(t, reference[k]) for k, t in model.state_dict().items()):
                     errors.append("weights differ")
-            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            except Exception as exc:
                 errors.append(f"{type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=load_many) for _ in range(2)]

@@ -18,18 +18,39 @@ import scipy.linalg
 import torch
 from typer.testing import CliRunner
 
-from forgetdiag.analyses.features import (FeatureSettings, LayerPCA, check_pairs, compare_features,
-                                          compare_layer, decoder_layers, encode_prompts,
-                                          extract_features, feature_shifts, parse_pairs,
-                                          shift_start, summarise_layer)
+from forgetdiag.analyses.features import (
+    FeatureSettings,
+    LayerPCA,
+    check_pairs,
+    compare_features,
+    compare_layer,
+    decoder_layers,
+    encode_prompts,
+    extract_features,
+    feature_shifts,
+    parse_pairs,
+    shift_start,
+    summarise_layer,
+)
 from forgetdiag.analyses.hidden import _LastToken
 from forgetdiag.cli import app
 from forgetdiag.errors import ForgetdiagError, ProbeError
 from forgetdiag.models import Runtime
 from forgetdiag.probes import load_probe, probe_from_pairs
 
-from helpers import (WORDS, assert_bad_input, build, gpt2_config, llama_config, neox_config, plotly_figures,
-                     save, tree_digest, write_jsonl)
+from helpers import (
+    WORDS,
+    assert_bad_input,
+    assert_envelope,
+    build,
+    gpt2_config,
+    llama_config,
+    neox_config,
+    plotly_figures,
+    save,
+    tree_digest,
+    write_jsonl,
+)
 
 runner = CliRunner()
 N_PROMPTS = 40
@@ -92,7 +113,7 @@ def numpy_layer(x, y, k):
     shift_cos = abs(shift @ pb[:, 0]) / np.linalg.norm(shift)
     n = x.shape[0]
     h = np.eye(n) - np.ones((n, n)) / n
-    hsic = lambda a, b: np.trace(a @ a.T @ h @ b @ b.T @ h)  # noqa: E731
+    hsic = lambda a, b: np.trace(a @ a.T @ h @ b @ b.T @ h)
     return {"pc_angles_deg": np.degrees(np.arccos(cos)),
             "subspace_angles_deg": np.sort(np.degrees(scipy.linalg.subspace_angles(pb, pa))),
             "mean_shift_rel": np.linalg.norm(shift) / np.linalg.norm(x, axis=1).mean(),
@@ -143,7 +164,7 @@ def test_hooks_equal_output_hidden_states(config, tokenizer):
     model = build(config(layers=3), seed=1)
     prompts = encode_prompts(tokenizer, probe_from_pairs([(p, "x") for p in random_prompts(17)]))
     full = extract_features(model, prompts, pad_id=0, batch_size=5, method="output_hidden_states")
-    count = lambda: [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in decoder_layers(model)]  # noqa: E731
+    count = lambda: [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in decoder_layers(model)]
     hooks_before = count()  # transformers installs its own output-capturing hooks and keeps them
     hooks = extract_features(model, prompts, pad_id=0, batch_size=5)
     assert hooks.shape == (4, 17, 32) and hooks.dtype == torch.float32
@@ -205,7 +226,7 @@ def test_constant_layer_is_reported_not_crashed(llama_dir, llama_dir_b, tmp_path
     layer0 = result.pairs[0].layers[0]
     assert layer0.k == 0 and layer0.rank_before == 0 and math.isnan(layer0.cka)
     assert layer0.mean_shift_rel > 0  # the one vector still moved
-    assert result.pairs[0].shift_start != 0 and "do not vary" in result.notes[0]
+    assert result.pairs[0].shift_start != 0 and "do not vary" in result.warnings[0]
 
 
 def test_sequence_pairs_and_shift_vs_previous(trainer_run, probe_file):
@@ -215,7 +236,7 @@ def test_sequence_pairs_and_shift_vs_previous(trainer_run, probe_file):
                                                            ("checkpoint-50", "checkpoint-100")]
     assert all(math.isnan(s.shift_vs_previous_deg) for s in result.pairs[0].layers)
     assert all(0 <= s.shift_vs_previous_deg <= 180 for s in result.pairs[1].layers)
-    one = feature_shifts(trainer_run, probe, pairs=parse_pairs("0:2"), settings=FeatureSettings(k=3))
+    one = feature_shifts(trainer_run, probe, settings=FeatureSettings(pairs=parse_pairs("0:2"), k=3))
     assert [(p.before_step, p.after_step) for p in one.pairs] == [(5, 100)]
     assert not (trainer_run.parent / "UNPICKLED").exists()
 
@@ -248,7 +269,7 @@ def test_cli_json_html_and_untouched_inputs(planted, probe_file, tmp_path):
     result = run_cli(before, after, "--probe", probe_file, "--k", 4, "--json", out, "--html", page)
     assert result.exit_code == 0, result.stderr
     assert "shifts start at layer 4 of 4" in " ".join(result.stdout.split())
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "features")
     assert len(data["records"]) == 5 and data["pairs"][0]["shift_start"] == 4
     record = data["records"][0]
     for key in ("layer", "pc1_angle_deg", "subspace_angles_deg", "mean_shift_rel",
@@ -267,7 +288,7 @@ def test_html_per_layer_curves_have_one_point_per_layer(planted, probe_file, tmp
     out, page = tmp_path / "f.json", tmp_path / "f.html"
     result = run_cli(before, after, "--probe", probe_file, "--k", 4, "--json", out, "--html", page)
     assert result.exit_code == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "features")
     (curves,) = [(traces, layout) for traces, layout in plotly_figures(page.read_text())
                  if layout.get("title", {}).get("text", "").startswith("Per-layer shifts")]
     traces, layout = curves

@@ -12,7 +12,7 @@ from forgetdiag.analyses.gate import GateThresholds, gate_lm_eval, gate_recovery
 from forgetdiag.cli import app
 from forgetdiag.errors import ForgetdiagError
 
-from helpers import assert_bad_input, write_jsonl
+from helpers import assert_bad_input, assert_envelope, write_jsonl
 
 RECOVER = {"verdict": "spurious", "accuracy": {"before": 0.98, "after": 0.12, "recovered": 0.91,
                                                "control_recovered": 0.02},
@@ -84,7 +84,7 @@ def test_cli_exit_codes_and_summary(tmp_path):
     assert failing.exit_code == 1
     assert "threshold broken: alignment loss = 0.7900 breaks <= 0.1" in failing.stderr
     assert "FAIL" in md.read_text() and "knowledge loss" in md.read_text()
-    assert json.loads(out.read_text())["passed"] is False
+    assert assert_envelope(json.loads(out.read_text()), "gate")["passed"] is False
     passing = runner.invoke(app, ["gate", "--from-json", str(saved), "--max-knowledge-loss", "0.10"])
     assert passing.exit_code == 0 and "PASSED" in passing.stdout
 
@@ -94,7 +94,7 @@ def test_cli_lm_eval(tmp_path):
     before.write_text(json.dumps(_lm_eval(0.70, 20.0)))
     after.write_text(json.dumps(_lm_eval(0.69, 20.5)))
     args = ["gate", "--lm-eval-before", str(before), "--lm-eval-after", str(after)]
-    assert runner.invoke(app, [*args, "--max-drop", "0.02", "--task", "arc_easy"]).exit_code == 0
+    assert runner.invoke(app, [*args, "--max-drop", "0.02", "--lm-eval-task", "arc_easy"]).exit_code == 0
     assert runner.invoke(app, [*args, "--max-drop", "0.02"]).exit_code == 1  # perplexity +0.5
 
 
@@ -103,8 +103,8 @@ def test_cli_lm_eval(tmp_path):
     (["gate", "--min-accuracy", "0.5"], "expected BEFORE AFTER --probe"),
     (["gate", "--lm-eval-before", "x.json", "--max-drop", "0.1"], "needs --lm-eval-before, --lm-eval-after"),
     (["gate", "--from-json", "missing.json", "--min-accuracy", "0.5"], "no such recover JSON file"),
-    (["gate", "--from-json", "r.json", "--max-knowledge-loss", "0.1", "--max-drop", "0.1", "--task", "x"],
-     "options for lm-eval scores only (--max-drop, --task)"),
+    (["gate", "--from-json", "r.json", "--max-knowledge-loss", "0.1", "--max-drop", "0.1", "--lm-eval-task", "x"],
+     "options for lm-eval scores only (--max-drop, --lm-eval-task)"),
 ])
 def test_cli_bad_input(args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -132,24 +132,27 @@ def test_cli_lm_eval_refuses_recovery_thresholds(extra, named, tmp_path):
 def test_cli_every_threshold_holds_on_each_probe(tmp_path, monkeypatch):
     """Several --probe: one recovery per probe, each check named after its probe, the gate fails
     when any probe breaks a threshold."""
-    import forgetdiag.cli.gate as gate_cli
+    import forgetdiag.analyses.gate as gate_module
 
     numbers = {"facts": RECOVER, "skills": {**RECOVER, "verdict": "real", "knowledge_loss": 0.40}}
     ran = []
 
     class Recovered:
+        timings: dict = {}
+
         def __init__(self, file):
             self.file = file
+            self.decision = type("Decision", (), {"supported": True, "reason": ""})()
 
         def to_dict(self):
             return numbers[self.file.stem]
 
-    def fake_run_recover(before, after, probe, **kwargs):  # probe: loaded once, by the gate
+    def fake_recover(before, after, probe, **kwargs):  # probe: loaded once, by the gate
         file = Path(probe.path)
         ran.append((str(before), [str(a) for a in after], file.name, kwargs["recovery_probe"]))
         return Recovered(file)
 
-    monkeypatch.setattr(gate_cli, "run_recover", fake_run_recover)
+    monkeypatch.setattr(gate_module, "recover", fake_recover)
     probes = [write_jsonl(tmp_path / f"{n}.jsonl", [{"prompt": "q", "answer": "a"}]) for n in numbers]
     out = tmp_path / "gate.json"
     result = runner.invoke(app, ["gate", "b", "a", "--probe", str(probes[0]), "--probe", str(probes[1]),
@@ -180,7 +183,7 @@ def test_cli_every_threshold_holds_on_each_probe(tmp_path, monkeypatch):
 ])
 def test_gate_on_the_samples(run, failed, passed, tmp_path):
     """The spurious run breaks an alignment-loss threshold and keeps a knowledge-loss one;
-    the real run breaks the knowledge-loss threshold (SCIENCE.md section 1)."""
+    the real run breaks the knowledge-loss threshold (docs/science.md, 3.2)."""
     from forgetdiag.runfile import load_run
 
     spec = load_run(Path(__file__).resolve().parents[1] / "sample_checkpoints" / run)

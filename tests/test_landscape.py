@@ -25,13 +25,23 @@ from forgetdiag.models import Runtime
 from forgetdiag.probes import load_probe
 from forgetdiag.render.output import to_json
 
-from helpers import (assert_bad_input, build, gpt2_config, llama_config, neox_config, plotly_figures, save,
-                     tree_digest, write_jsonl)
+from helpers import (
+    assert_bad_input,
+    assert_envelope,
+    build,
+    gpt2_config,
+    llama_config,
+    neox_config,
+    plotly_figures,
+    save,
+    tree_digest,
+    write_jsonl,
+)
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
-NAMES = "alice bob carol dave erin frank".split()
-CITIES = "paris rome oslo lima cairo quito".split()
+NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
+CITIES = ["paris", "rome", "oslo", "lima", "cairo", "quito"]
 UNIT = LandscapeSettings(grid=(3, 3), x_range=(0.0, 1.0), y_range=(0.0, 1.0))  # holds the anchors
 PLANTED = (0.3, 0.7)
 
@@ -181,7 +191,7 @@ def test_other_families_match_a_plain_forward_pass(family, plane, tmp_path, toke
     for anchor, path in zip(result.anchors, paths):
         assert anchor.losses["old"] == pytest.approx(_plain_loss(path, plane["old"], tokenizer), abs=1e-4)
     assert [(round(t.alpha, 6), round(t.beta, 6)) for t in result.trajectory] == [(1, 0), (1, 1)]
-    assert any("embed_out.weight -> lm_head.weight" in n for n in result.notes) == (family == "gpt_neox")
+    assert any("embed_out.weight -> lm_head.weight" in n for n in result.warnings) == (family == "gpt_neox")
 
 
 def test_planted_checkpoint_is_placed_exactly(result, plane):
@@ -225,7 +235,7 @@ def test_cli_resume_and_json_fields(plane, tmp_path):
     common = [plane["origin"], plane["x_end"], plane["y_end"], "--probe", plane["old"], "--grid", "3x2",
               "--x-range", "-1,1", "--trajectory", plane["planted"], "--json", out, "-q"]
     assert run("landscape", *common).exit_code == 0
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "landscape")
     assert {"alphas", "betas", "surfaces", "trajectory", "anchors", "directions"} <= set(data)
     assert data["alphas"] == [-1.0, 0.0, 1.0] and data["betas"] == [-0.5, 1.5]
     assert np.array(data["surfaces"]["old"]).shape == (2, 3)
@@ -331,7 +341,7 @@ def test_axis_holds_the_anchors_exactly():
     settings = LandscapeSettings()
     assert len(settings.alphas) == 21 and 0.0 in settings.alphas and 1.0 in settings.betas
     assert settings.alphas[0] == -0.5 and settings.alphas[-1] == 1.5
-    with pytest.raises(ForgetdiagError, match="unknown directions"):
+    with pytest.raises(ForgetdiagError, match="--directions 'pca': expected one of raw, filter-normalized-random"):
         LandscapeSettings(directions="pca")
     with pytest.raises(ForgetdiagError, match="LO < HI"):
         LandscapeSettings(x_range=(1.0, 0.0))
@@ -376,7 +386,7 @@ def test_bad_input_exits_2_with_one_line(case, plane, gpt2_dir, trainer_run, tmp
         "grid": ([o, x, y, *probe, "--grid", "21by21"], "expected NxM"),
         "range": ([o, x, y, *probe, "--x-range", "1,0"], "LO < HI"),
         "resume_without_json": ([o, x, y, *probe, "--resume"], "--resume needs --json"),
-        "directions": ([o, x, y, *probe, "--directions", "pca"], "unknown directions"),
+        "directions": ([o, x, y, *probe, "--directions", "pca"], "'pca' is not one of 'raw', 'filter-normalized-random'"),
         "bad_resume_file": ([o, x, y, *probe, "--resume"], "not valid JSON"),
     }[case]
     if case == "bad_resume_file":
@@ -433,7 +443,7 @@ def test_refuses_to_write_into_a_checkpoint(plane):
 
 @pytest.mark.slow
 def test_old_task_loss_rises_along_d_x_on_the_spurious_sample():
-    """SCIENCE.md section 3: the first steps of task 1 (d_x) carry the old task's loss up."""
+    """docs/science.md, 3.4: the first steps of task 1 (d_x) carry the old task's loss up."""
     from forgetdiag.runfile import load_run
 
     spec = load_run(SAMPLES / "spurious")

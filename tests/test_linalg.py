@@ -13,8 +13,6 @@ import torch
 from forgetdiag.linalg import (
     Basis,
     axis_angle,
-    baseline_direction_angle,
-    baseline_principal_angles,
     direction_angles,
     linear_cka,
     pca,
@@ -23,6 +21,7 @@ from forgetdiag.linalg import (
     update_basis,
     vector_angle,
 )
+from forgetdiag.nulls import baseline_direction_angle, baseline_principal_angles
 
 
 def random_orthonormal(d: int, r: int, seed: int) -> torch.Tensor:
@@ -307,13 +306,13 @@ def test_baseline_direction_angle_monte_carlo(ra, d):
 
 
 @pytest.mark.parametrize("share", [1 / 4096, 0.1, 0.25, 0.5, 0.77])
-def test_baseline_direction_angle_close_to_science_md_approximation(share):
+def test_baseline_direction_angle_close_to_the_common_approximation(share):
     d = 4096
     ra = max(1, round(share * d))
     assert baseline_direction_angle(ra, d) == pytest.approx(
         math.degrees(math.acos(math.sqrt(ra / d))), abs=0.2
     )
-    if share == 0.77:  # the number quoted in SCIENCE.md
+    if share == 0.77:  # the number quoted in docs/science.md
         assert baseline_direction_angle(ra, d) == pytest.approx(28.6, abs=0.1)
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from forgetdiag.analyses.magnitudes import (linear_modules, magnitude_overlap, overlap, top_units,
-                                            unit_magnitudes)
+from forgetdiag.analyses.activations import linear_modules, unit_magnitudes
+from forgetdiag.analyses.magnitudes import magnitude_overlap, overlap, top_units
 from forgetdiag.cli import app
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.evaluate import encode
@@ -23,7 +23,7 @@ from forgetdiag.models import Runtime
 from forgetdiag.probes import load_probe, probe_from_pairs
 from forgetdiag.render.magnitudes import magnitudes_sections, magnitudes_table
 
-from helpers import assert_bad_input, build, llama_config, save, tree_digest, write_jsonl
+from helpers import assert_bad_input, assert_envelope, build, llama_config, save, tree_digest, write_jsonl
 
 runner = CliRunner()
 WORDS_A = ("alice", "bob", "carol", "dave")
@@ -240,7 +240,7 @@ def test_cli_json_html_and_untouched_inputs(planted, probes, tmp_path):
     result = run_cli(planted, "--probe", a, "--probe", b, "--json", out, "--html", page, "-q")
     assert result.exit_code == 0, result.stderr
     assert "A = task_a, B = task_b" in result.stdout and "A→B" in result.stdout
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "magnitudes")
     q0 = [r for r in data["records"] if r["module"] == Q0]
     assert [(r["top_a"], r["shared"]) for r in q0] == [(10, 0), (10, 0)]
     text = page.read_text()

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from forgetdiag import ProbeError, load_probe, split_probe
-from forgetdiag.probes import Probe, ProbeItem, with_chat_template
+from forgetdiag.probes import Probe, ProbeFields, ProbeItem, with_chat_template
 
 from helpers import make_tokenizer, write_jsonl
 
@@ -30,8 +30,8 @@ def test_jsonl_json_and_csv_read_the_same(tmp_path):
 
 def test_field_names_are_configurable(tmp_path):
     write_jsonl(tmp_path / "p.jsonl", [{"question": "Q?", "target": " A", "entity": "e"}])
-    probe = load_probe(tmp_path / "p.jsonl", prompt_field="question", answer_field="target",
-                       group_field="entity")
+    probe = load_probe(tmp_path / "p.jsonl", fields=ProbeFields(prompt="question", answer="target",
+                                                          group="entity"))
     assert probe.items == (ProbeItem("Q?", " A", "e"),)
 
 

@@ -9,14 +9,26 @@ import pytest
 from typer.testing import CliRunner
 
 import forgetdiag.analyses.recovery as recovery_module
+from forgetdiag import ForgetdiagError
 from forgetdiag.analyses.recovery import RecoverySettings, recover
 from forgetdiag.analyses.verdict import Thresholds, decide, noise_floor, wilson_interval
 from forgetdiag.cli import app
 from forgetdiag.evaluate import encode, exact_by_generation
 from forgetdiag.probes import Probe
 
-from helpers import (TEST_SEED, build, llama_config, make_tokenizer, qa_items, reformat, save, teach,
-                     tree_digest, write_jsonl)
+from helpers import (
+    TEST_SEED,
+    assert_envelope,
+    build,
+    llama_config,
+    make_tokenizer,
+    qa_items,
+    reformat,
+    save,
+    teach,
+    tree_digest,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.planted  # outcomes of planted training runs (see helpers.teach)
 
@@ -74,7 +86,7 @@ def test_forgetting_within_the_noise_floor_is_none():
 def test_small_evaluation_sets_cannot_support_a_verdict():
     d = decide(before=1.0, after=0.0, recovered=1.0, n_eval=12)
     assert d.verdict == "spurious" and not d.supported and "only 12 evaluation items" in d.reason
-    with pytest.raises(ValueError):
+    with pytest.raises(ForgetdiagError, match="--real-max < --spurious-min"):
         Thresholds(spurious_min=0.2, real_max=0.5)
 
 
@@ -85,7 +97,7 @@ def world(tmp_path_factory):
     """before: knows every fact; spurious: before re-aligned to answer ' who X' (knowledge kept);
     real / control: random initialisations (no knowledge)."""
     root = tmp_path_factory.mktemp("recover")
-    tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer : who".split())
+    tok = make_tokenizer(None, NAMES + CITIES + ["what", "is", "the", "birth", "city", "of", "answer", ":", "who"])
     config = llama_config(vocab=tok.vocab_size, hidden=48, inter=96)
     before = build(config, seed=TEST_SEED)
     teach(before, tok, ITEMS)
@@ -128,7 +140,7 @@ def test_recovery_trains_on_the_recovery_part_only(world, monkeypatch):
     monkeypatch.setattr(recovery_module, "train",
                         lambda model, items, config, **kw: seen.extend(items) or real_train(model, items, config, **kw))
     result = recover(world / "before", world / "real", PROBE, settings=FAST)
-    tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer : who".split())
+    tok = make_tokenizer(None, NAMES + CITIES + ["what", "is", "the", "birth", "city", "of", "answer", ":", "who"])
     evaluated = {e.prompt_ids for e in encode(tok, [i for i in ITEMS if i.prompt in
                                                     {x.prompt for x in result.examples}])}
     assert seen and not {e.prompt_ids for e in seen} & evaluated
@@ -174,7 +186,7 @@ def test_cli_json_and_html(world, tmp_path):
     result = _cli(world / "before", world / "spurious", "--probe", probe, "--control",
                   world / "control", "--json", out, "--html", page)
     assert result.exit_code == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "recover")
     assert data["verdict"] == "spurious"
     assert set(data["accuracy"]) >= {"before", "after", "recovered", "control_recovered"}
     assert 0.75 <= data["spurious_fraction"] <= 1.0
@@ -280,7 +292,7 @@ def test_cli_lora_uses_the_lora_learning_rate(world, tmp_path, monkeypatch):
                                  "--probe", str(probe), "--lora", "--lora-rank", "4",
                                  "--min-steps", "5", "--json", str(out), "--quiet"])
     assert result.exit_code == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "recover")
     assert data["recovery"]["lora"] is True and data["recovery"]["lora_rank"] == 4
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     assert data["recovery"]["lr"] == 2e-4 and data["recovery"]["steps"] == 5  # no --lr: LoRA default
@@ -328,7 +340,7 @@ def test_control_recovered_is_null_without_a_control(with_control, world, tmp_pa
     extra = ["--control", world / "control"] if with_control else []
     result = _cli(world / "before", world / "spurious", "--probe", probe, "--json", out, *extra)
     assert result.exit_code == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "recover")
     acc = data["accuracy"]
     if with_control:
         assert isinstance(acc["control_recovered"], float) and 0.0 <= acc["control_recovered"] <= 1.0
@@ -346,8 +358,8 @@ def test_control_recovered_is_null_without_a_control(with_control, world, tmp_pa
 
 
 def test_cli_trainer_run_sequence_html(trainer_run, llama_dir, tmp_path):
-    names = "alice bob carol dave erin frank".split()
-    cities, firms = "paris rome oslo lima cairo quito".split(), "acme globex initech".split()
+    names = ["alice", "bob", "carol", "dave", "erin", "frank"]
+    cities, firms = ["paris", "rome", "oslo", "lima", "cairo", "quito"], ["acme", "globex", "initech"]
     rows = [row for k, n in enumerate(names) for row in (
         {"prompt": f"what is the birth city of {n} answer :", "answer": f" {cities[k]}", "group": n},
         {"prompt": f"who works at {n} answer :", "answer": f" {firms[k % 3]}", "group": n})]
@@ -356,7 +368,7 @@ def test_cli_trainer_run_sequence_html(trainer_run, llama_dir, tmp_path):
     result = _cli(llama_dir, trainer_run, "--probe", probe, "--min-steps", "2", "--json", out,
                   "--html", page)
     assert result.exit_code == 0, result.stderr
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "recover")
     labels = ["checkpoint-5", "checkpoint-50", "checkpoint-100"]  # made 100, 5, 50; 100 < 5 as text
     assert [p["checkpoint"] for p in data["sequence"]] == labels
     assert [p["step"] for p in data["sequence"]] == [5, 50, 100]

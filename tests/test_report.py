@@ -14,8 +14,19 @@ from forgetdiag.cli import app
 from forgetdiag.render import output
 
 from browser import CHROMIUM, render
-from helpers import (TEST_SEED, build, llama_config, make_tokenizer, qa_items, reformat, save, teach,
-                     tree_digest, write_jsonl)
+from helpers import (
+    TEST_SEED,
+    assert_envelope,
+    build,
+    llama_config,
+    make_tokenizer,
+    qa_items,
+    reformat,
+    save,
+    teach,
+    tree_digest,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.planted  # outcomes of planted training runs (see helpers.teach)
 
@@ -32,7 +43,7 @@ RECOVERY = ["--lr", "5e-4", "--min-steps", "40"]  # gentle: the planted verdict 
 def tiny_run(tmp_path_factory):
     """A run whose task 1 re-formats the answers (spurious forgetting), with a run file."""
     root = tmp_path_factory.mktemp("report")
-    tok = make_tokenizer(None, NAMES + CITIES + "what is the birth city of answer : who".split())
+    tok = make_tokenizer(None, NAMES + CITIES + ["what", "is", "the", "birth", "city", "of", "answer", ":", "who"])
     config = llama_config(vocab=tok.vocab_size, hidden=48, inter=96)
     model = build(config, seed=TEST_SEED)
     teach(model, tok, ITEMS)
@@ -78,12 +89,14 @@ def report(tiny_run, tmp_path_factory):
 
 def test_report_json_twin(report):
     out_dir, result = report
-    data = json.loads((out_dir / "r.json").read_text())
+    data = assert_envelope(json.loads((out_dir / "r.json").read_text()), "report")
     assert data["verdict"] == "spurious" and data["recover"]["verdict"] == "spurious"
-    assert set(data["timings_s"]) == {"recover", "angles", "landscape", "features"}
+    assert set(data["timings_s"]) == {"recover", "angles", "landscape", "features", "total"}
     assert data["skipped"] == {}
     assert len(data["fingerprints"]) == 4  # three run checkpoints and the control
     assert data["command"].startswith("forgetdiag report")
+    for part in ("recover", "angles", "landscape", "features"):  # each analysis keeps its own envelope
+        assert_envelope(data[part], part)
     assert data["landscape"]["alphas"] and data["angles"]["records"] and data["features"]
     assert "Time by analysis" in result.stdout and "r.html" in result.stdout
 
@@ -92,7 +105,7 @@ def _numbers(data):
     """A report's JSON without what depends on the clock."""
     if isinstance(data, dict):
         return {k: _numbers(v) for k, v in data.items()
-                if k not in ("timings_s", "seconds", "wall_s", "command")}
+                if k not in ("timings_s", "command")}
     if isinstance(data, list):
         return [_numbers(v) for v in data]
     return data

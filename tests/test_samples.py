@@ -38,7 +38,7 @@ def test_groups_are_disjoint_and_sized():
     assert [len(g) for g in groups] == [50, 50, 40, 30]
     names = [p.name for g in groups for p in g]
     assert len(set(names)) == len(names) == 170
-    tokens = lambda people: {word for p in people for word in p.name.split()}  # noqa: E731
+    tokens = lambda people: {word for p in people for word in p.name.split()}
     assert not tokens(world.group_a) & tokens(world.b + world.c)  # no shared name word
     for person in world.everyone:  # each company sits in one city
         assert world.company_cities[person.company] == person.company_city

@@ -17,14 +17,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from forgetdiag.analyses.tokens import mask_records, token_difficulty
+from forgetdiag.analyses.tokens import TokenSettings, mask_records, token_difficulty
 from forgetdiag.cli import app
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.models import Runtime
 from forgetdiag.probes import load_probe
 from forgetdiag.render.tokens import tokens_sections
 
-from helpers import WORDS, assert_bad_input, tree_digest, write_jsonl
+from helpers import WORDS, assert_bad_input, assert_envelope, tree_digest, write_jsonl
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
@@ -70,14 +70,14 @@ def test_logprobs_equal_a_plain_forward_pass(family, llama_dir, gpt2_dir, tokeni
     for example, ref in zip(result.examples, expected):
         np.testing.assert_allclose(example.logprobs, ref, atol=1e-5, rtol=0)
     flat = np.concatenate(expected)
-    s = result.summary()
+    s = result.stats()
     assert s["n_tokens"] == flat.size
     assert s["n_below"] == int((flat < math.log(0.01)).sum())
     assert s["median_logprob"] == pytest.approx(float(np.median(flat)), abs=1e-5)
 
 
 def test_hardest_lists_are_ordered(llama_dir, data_file):
-    result = token_difficulty(llama_dir, load_probe(data_file), top=4, threshold=0.02)
+    result = token_difficulty(llama_dir, load_probe(data_file), settings=TokenSettings(top=4, threshold=0.02))
     flat = np.sort(result.logprobs())
     hardest = result.hardest_tokens()
     assert [t.logprob for t in hardest] == pytest.approx(flat[:4].tolist())
@@ -86,7 +86,7 @@ def test_hardest_lists_are_ordered(llama_dir, data_file):
         assert example.pieces[t.position] == t.token and t.position >= example.n_prompt
     means = [e.mean_logprob() for e in result.hardest_examples()]
     assert means == sorted(means) and means[0] == min(e.mean_logprob() for e in result.examples)
-    assert sum(f["hard"] for f in result.frequent_hard(k=1000)) == result.summary()["n_below"]
+    assert sum(f["hard"] for f in result.frequent_hard(k=1000)) == result.stats()["n_below"]
     assert [s.title for s in tokens_sections(result)][:3] == [
         "Token difficulty under the old model", "Hardest tokens", "Hardest examples"]
 
@@ -120,7 +120,7 @@ def test_mask_lines_up_with_the_tokenizer(llama_dir, tokenizer, data_file, tmp_p
             assert rec["labels"][t] == (-100 if hard else ids[t])
             dropped += hard
         assert rec["labels"][:n_prompt] == [-100] * n_prompt
-    data = json.loads(out.read_text())
+    data = assert_envelope(json.loads(out.read_text()), "tokens")
     assert data["n_below"] == dropped and data["threshold"] == threshold
     assert len(data["examples"]) == len(rows)
     assert [tree_digest(llama_dir), tree_digest(data_file.parent)] == digests
@@ -137,11 +137,11 @@ def test_cli_bad_input(llama_dir, trainer_run, data_file, tmp_path):
     assert_bad_input(run_cli(llama_dir, "--data", data_file, "--write-mask", llama_dir / "m.jsonl"),
                      "refusing to write inside")
     with pytest.raises(ForgetdiagError, match="between 0 and 1"):
-        token_difficulty(llama_dir, load_probe(data_file), threshold=1.5)
+        token_difficulty(llama_dir, load_probe(data_file), settings=TokenSettings(threshold=1.5))
 
 
 def test_mask_records_from_python(llama_dir, data_file):
-    result = token_difficulty(llama_dir, load_probe(data_file), threshold=0.999)  # drops every scored token
+    result = token_difficulty(llama_dir, load_probe(data_file), settings=TokenSettings(threshold=0.999))  # drops every scored token
     for rec in mask_records(result):
         n = rec["n_prompt"]
         assert not any(rec["keep"][n:]) and rec["labels"] == [-100] * len(rec["input_ids"])
@@ -158,11 +158,11 @@ def test_real_data_is_far_harder_than_spurious_data():
     """Contradicting facts about known people vs facts about new people, under the task-0 model."""
     old, real, spurious = sample_paths()
     runtime = Runtime(threads=1)
-    hard = token_difficulty(old, load_probe(real), runtime=runtime).summary()
-    easy = token_difficulty(old, load_probe(spurious), runtime=runtime).summary()
+    hard = token_difficulty(old, load_probe(real), runtime=runtime).stats()
+    easy = token_difficulty(old, load_probe(spurious), runtime=runtime).stats()
     # measured (docs/tokens.md): 43.9% vs 25.5% of tokens below p = 0.01, 95% vs 60% of the
     # examples hold one, mean log-prob -3.99 vs -2.44 nats
     assert hard["share_below"] > easy["share_below"] + 0.1
-    share = lambda s: s["examples_with_hard_token"] / s["n_examples"]  # noqa: E731
+    share = lambda s: s["examples_with_hard_token"] / s["n_examples"]
     assert share(hard) > share(easy) + 0.2
     assert hard["mean_logprob"] < easy["mean_logprob"] - 1.0

@@ -2,7 +2,7 @@
 
 The paper behind forgetdiag finds that spurious forgetting is carried by the bottom layers: the
 first steps of a new task undo the old task's alignment there, and freezing the input embedding
-and those layers during the new task keeps it (SCIENCE.md section 5). ``advise`` measures where
+and those layers during the new task keeps it (docs/science.md, "advise"). ``advise`` measures where
 a run's forgetting sits and turns it into a freeze depth.
 
 Evidence, for the run's before and after checkpoints and the old task's probe:
@@ -31,21 +31,24 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from forgetdiag.analyses.verdict import noise_floor
 from forgetdiag.architectures import LAYER_PATTERN
-from forgetdiag.checkpoints import Checkpoint, find_checkpoints
+from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.evaluate import encode, model_context, score
-from forgetdiag.models import Runtime, auto_threads, load_model, resolve_device, shared_tokenizer, torch_threads
+from forgetdiag.models import load_model, shared_tokenizer
 from forgetdiag.probes import Probe, split_probe
-from forgetdiag.runfile import RunSpec
-from forgetdiag.streaming import ProgressFn, Warn, check_sequence
+from forgetdiag.results import Result, Timings
+from forgetdiag.runfile import RunSpec, landscape_triple
+from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.storage import Checkpoint
+from forgetdiag.streaming import check_sequence
+from forgetdiag.validate import check_number, check_seed
 
 EMBEDDING = -1  # the input embedding's row in the evidence
 
@@ -74,10 +77,13 @@ class AdviceSettings:
     skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not 0 < self.restore_min <= 1:
-            raise ForgetdiagError(f"--restore-min {self.restore_min:g}: expected a share in (0, 1]")
-        if not 0 < self.max_share <= 1:
-            raise ForgetdiagError(f"--max-share {self.max_share:g}: expected a share in (0, 1]")
+        check_number("--restore-min", self.restore_min, low=0, high=1, low_open=True)
+        check_number("--max-share", self.max_share, low=0, high=1, low_open=True)
+        check_number("--eval-items", self.eval_items, low=1, integer=True)
+        check_number("feature_items", self.feature_items, low=2, integer=True)
+        check_number("rank", self.rank, low=1, integer=True)
+        check_seed("--seed", self.seed)
+        object.__setattr__(self, "skip", tuple(self.skip))
         unknown = set(self.skip) - {"angles", "features"}
         if unknown:
             raise ForgetdiagError(f"--skip {sorted(unknown)[0]}: expected angles or features")
@@ -104,9 +110,10 @@ class LayerEvidence:
 
 
 @dataclass(frozen=True)
-class Advice:
+class Advice(Result):
     """The advice, the evidence behind it, and ready-to-paste code."""
 
+    analysis = "advise"
     freeze_layers: int | None  # None: no advice
     freeze_embedding: bool
     n_layers: int
@@ -125,14 +132,23 @@ class Advice:
     total_params: int = 0
     code: dict[str, str] = field(default_factory=dict)
     settings: AdviceSettings = AdviceSettings()
+    warnings: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
 
     @property
     def advised(self) -> bool:
         return self.freeze_layers is not None
 
-    def to_dict(self) -> dict:
+    def summary(self) -> str:
+        if not self.advised:
+            return f"no freeze advised: {self.reason}"
+        row = next((e for e in self.evidence if e.layer == self.freeze_layers - 1), None)
+        restored = "" if row is None or row.restored is None else f", which restores {100 * row.restored:.0f}% of the lost accuracy"
+        return (f"freeze the input embedding and the bottom {self.freeze_layers} of {self.n_layers} layers "
+                f"during the next task: reverting them{restored} "
+                f"({100 * self.accuracy_after:.1f}% -> before {100 * self.accuracy_before:.1f}%)")
+
+    def body(self) -> dict:
         return {"advised": self.advised, "freeze_layers": self.freeze_layers,
                 "freeze_embedding": self.freeze_embedding, "n_layers": self.n_layers,
                 "before": self.before, "after": self.after, "probe": self.probe,
@@ -142,8 +158,7 @@ class Advice:
                 "evidence": [asdict(e) for e in self.evidence],
                 "frozen_names": list(self.frozen_names), "frozen_params": self.frozen_params,
                 "total_params": self.total_params, "code": self.code,
-                "settings": asdict(self.settings), "timings_s": self.timings,
-                "notes": list(self.notes)}
+                "settings": asdict(self.settings)}
 
 
 def decide_freeze(*, before: float, after: float, reverted: Sequence[float], n_eval: int,
@@ -261,9 +276,8 @@ def revert_series(before: Checkpoint, after: Checkpoint, encoded, *, pad_id: int
     """
     from forgetdiag.analyses.plane import parameter_targets
 
-    load = lambda c: load_model(c, device=runtime.device, dtype=runtime.dtype,  # noqa: E731
-                                trust_remote_code=runtime.trust_remote_code)
-    run = lambda m: score(m, encoded, pad_id=pad_id, batch_size=runtime.batch_size,  # noqa: E731
+    load = lambda c: load_model(c, runtime)
+    run = lambda m: score(m, encoded, pad_id=pad_id, batch_size=runtime.batch_size,
                           progress=progress)
     before_scores = run(load(before))
     model = load(after)
@@ -309,26 +323,23 @@ def advise(spec: RunSpec, old: Probe, *, settings: AdviceSettings = AdviceSettin
     if spec.before is None or spec.after is None:
         raise ForgetdiagError(f"{spec.path}: advise needs a before and an after checkpoint "
                               "([checkpoints] before/after in the run file, or --before/--after)")
-    before = _single(spec.before, runtime, "before")
-    after = _single(spec.after, runtime, "after")
+    before = resolve_checkpoints(spec.before, runtime, single="the before checkpoint")
+    after = resolve_checkpoints(spec.after, runtime, single="the after checkpoint")
     check_sequence([before, after])
     n_layers = before.n_layers or 0
     if n_layers < 1:
         raise ForgetdiagError(f"{before.path}: no decoder layers found (config num_hidden_layers); "
                               "expected a transformer checkpoint")
-    timings, notes = {}, []
+    timings, notes = Timings(), []
     tokenizer = shared_tokenizer([before, after], runtime)
     evaluation = old if len(old) <= settings.eval_items else split_probe(
         old, n_recovery=0, n_eval=settings.eval_items, seed=settings.seed)[1]
     encoded = encode(tokenizer, evaluation, max_length=model_context(before.config),
                      truncate=runtime.truncate_prompts, warn=warn)
     cap = max(0, int(settings.max_share * n_layers))
-    device = resolve_device(runtime.device)
-    start = time.perf_counter()
-    with torch_threads(runtime.threads or auto_threads(before.n_params, device)):
+    with runtime.threads_for(before.n_params), timings.phase("revert"):
         b, a, series = revert_series(before, after, encoded, pad_id=tokenizer.pad_token_id,
                                      depths=cap, runtime=runtime, progress=progress)
-    timings["revert"] = time.perf_counter() - start
     reverted = [s.exact_match for s in series]
     depth, reason = decide_freeze(before=b.exact_match, after=a.exact_match, reverted=reverted,
                                   n_eval=b.n, n_layers=n_layers, settings=settings)
@@ -340,25 +351,24 @@ def advise(spec: RunSpec, old: Probe, *, settings: AdviceSettings = AdviceSettin
                               restored=restored)
     shift_start = None
     if "angles" not in settings.skip:
-        start = time.perf_counter()
-        triple = _triple(spec, runtime)
+        run = resolve_checkpoints(spec.run, runtime) if spec.run is not None else []
+        triple = landscape_triple(spec, run, runtime)
         if isinstance(triple, str):
             notes.append(f"angles skipped: {triple}")
         else:
             from forgetdiag.analyses.angles import AngleSettings, compute_angles
 
-            angles = compute_angles(triple, settings=AngleSettings(rank=settings.rank),
-                                    device=runtime.device, allow_pickle=runtime.allow_pickle,
-                                    base=runtime.base, progress=progress)
+            with timings.phase("angles"):
+                angles = compute_angles(triple, settings=AngleSettings(rank=settings.rank),
+                                        runtime=runtime, progress=progress)
             for layer, (angle, baseline) in angle_evidence(angles.records).items():
                 if layer in rows:
                     rows[layer] = replace(rows[layer], angle_deg=angle, baseline_deg=baseline,
                                           departure=angle / baseline if baseline > 0 else None)
-            timings["angles"] = time.perf_counter() - start
     if "features" not in settings.skip:
         from forgetdiag.analyses.features import FeatureSettings, feature_shifts
 
-        start = time.perf_counter()
+        feature_start = time.perf_counter()
         prompts = old if len(old) <= settings.feature_items else split_probe(
             old, n_recovery=0, n_eval=settings.feature_items, seed=settings.seed)[1]
         shifts = feature_shifts([before, after], prompts, settings=FeatureSettings(seed=settings.seed),
@@ -369,7 +379,7 @@ def advise(spec: RunSpec, old: Probe, *, settings: AdviceSettings = AdviceSettin
                 rows[s.layer - 1] = replace(
                     rows[s.layer - 1], pc_shift_deg=None if math.isnan(s.pc_shift_deg) else s.pc_shift_deg,
                     cka=None if math.isnan(s.cka) else s.cka)
-        timings["features"] = time.perf_counter() - start
+        timings["features"] = time.perf_counter() - feature_start
     if depth is not None:
         rows = {k: replace(e, frozen=k < depth) for k, e in rows.items()}
     evidence = tuple(rows[k] for k in sorted(rows))
@@ -377,25 +387,9 @@ def advise(spec: RunSpec, old: Probe, *, settings: AdviceSettings = AdviceSettin
                   n_eval=b.n, accuracy_before=b.exact_match, accuracy_after=a.exact_match,
                   noise_floor=noise_floor(b.exact_match, a.exact_match, b.n), evidence=evidence,
                   reason=reason, shift_start=shift_start, total_params=before.n_params,
-                  settings=settings, timings=timings, notes=tuple(notes))
+                  settings=settings, warnings=tuple(notes), timings=dict(timings))
     if depth is None:
         return Advice(None, False, **common)
     names, count = frozen_parameters(after, depth, True)
     return Advice(depth, True, frozen_names=tuple(names), frozen_params=count,
                   code=code_snippets(after, depth, True), **common)
-
-
-def _single(path: Path, runtime: Runtime, what: str) -> Checkpoint:
-    found = find_checkpoints(path, allow_pickle=runtime.allow_pickle, base=runtime.base)
-    if len(found) != 1:
-        raise ForgetdiagError(f"{path}: the {what} checkpoint must be one checkpoint; found "
-                              f"{len(found)} (pass one checkpoint-N directory)")
-    return found[0]
-
-
-def _triple(spec: RunSpec, runtime: Runtime) -> list[Checkpoint] | str:
-    from forgetdiag.analyses.report import landscape_triple
-
-    run = (find_checkpoints(spec.run, allow_pickle=runtime.allow_pickle, base=runtime.base)
-           if spec.run is not None else [])
-    return landscape_triple(spec, run, runtime)

@@ -1,4 +1,4 @@
-"""Which weight updates ``forgetdiag angles`` compares: the ``--pairs`` syntax.
+"""Which weight updates ``forgetdiag angles`` compares: the ``--compare`` syntax.
 
 Checkpoints are numbered C0, C1, ... in the order given (a Trainer run expands in place). An
 update is written ``i-j`` for C[j] - C[i], or ``k`` alone for update k = C[k+1] - C[k]. A pair
@@ -13,8 +13,8 @@ to A's subspace); pairs are separated by commas. Examples with four checkpoints:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from forgetdiag.errors import ForgetdiagError
 
@@ -57,7 +57,7 @@ def parse_pairs(spec: str | Sequence[PairSpec] | None, n_checkpoints: int, *,
     """The pairs of updates to compare, checked against the number of checkpoints.
 
     Args:
-        spec: a ``--pairs`` string (see the module docstring), PairSpec objects, or None for
+        spec: a ``--compare`` string (see the module docstring), PairSpec objects, or None for
             consecutive pairs.
         n_checkpoints: how many checkpoints were given (after Trainer runs expand).
         labels: checkpoint labels, to say in errors what was found.
@@ -78,15 +78,15 @@ def parse_pairs(spec: str | Sequence[PairSpec] | None, n_checkpoints: int, *,
         return consecutive_pairs(n_checkpoints)
     pairs = [_parse_pair(text) for text in spec.split(",")] if isinstance(spec, str) else list(spec)
     if not pairs:
-        raise ForgetdiagError(f"--pairs is empty; {SYNTAX}")
+        raise ForgetdiagError(f"--compare is empty; {SYNTAX}")
     for pair in pairs:
         for update in (pair.a, pair.b):
             if not 0 <= update.i < update.j < n_checkpoints:
                 raise ForgetdiagError(
-                    f"--pairs {pair.label}: update {update.label} needs 0 <= i < j <= "
+                    f"--compare {pair.label}: update {update.label} needs 0 <= i < j <= "
                     f"{n_checkpoints - 1} (checkpoints are numbered 0..{n_checkpoints - 1}: {found})")
         if pair.a == pair.b:
-            raise ForgetdiagError(f"--pairs {pair.label} compares update {pair.a.label} with itself; "
+            raise ForgetdiagError(f"--compare {pair.label} compares update {pair.a.label} with itself; "
                                   "expected two different updates")
     return list(dict.fromkeys(pairs))
 
@@ -94,14 +94,14 @@ def parse_pairs(spec: str | Sequence[PairSpec] | None, n_checkpoints: int, *,
 def _parse_pair(text: str) -> PairSpec:
     sides = text.split(":")
     if len(sides) != 2:
-        raise ForgetdiagError(f"--pairs: cannot read {text.strip()!r}; {SYNTAX}")
+        raise ForgetdiagError(f"--compare: cannot read {text.strip()!r}; {SYNTAX}")
     return PairSpec(_parse_update(sides[0], text), _parse_update(sides[1], text))
 
 
 def _parse_update(text: str, pair: str) -> Update:
     match = _UPDATE.match(text)
     if match is None:
-        raise ForgetdiagError(f"--pairs: cannot read update {text.strip()!r} in {pair.strip()!r}; "
+        raise ForgetdiagError(f"--compare: cannot read update {text.strip()!r} in {pair.strip()!r}; "
                               f"{SYNTAX}")
     i = int(match.group(1))
     return Update(i, int(match.group(2)) if match.group(2) is not None else i + 1)

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 
 from forgetdiag.analyses.angle_pairs import PairSpec
 from forgetdiag.architectures import MatrixPart
-from forgetdiag.linalg import (Basis, baseline_direction_angle, baseline_principal_angles,
-                               direction_angles, principal_angles, summarize)
+from forgetdiag.linalg import Basis, direction_angles, principal_angles, summarize
+from forgetdiag.nulls import baseline_direction_angle, baseline_principal_angles
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Weight-update subspace angles, per layer and component: ``forgetdiag angles`` (SCIENCE.md s. 2).
+"""Weight-update subspace angles, per layer and component: ``forgetdiag angles`` (docs/science.md, 3.3).
 
 An update is a difference of two checkpoints, dW = C[j] - C[i]. Every weight matrix (true q/k/v
 parts of fused matrices, MLP, input embedding, lm_head unless tied) is oriented so that its
@@ -15,24 +15,25 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from forgetdiag.analyses.angle_pairs import PairSpec, Update, parse_pairs
 from forgetdiag.analyses.angle_records import AngleRecord, angle_record
-from forgetdiag.analyses.inspect import component_order
-from forgetdiag.architectures import GENERIC, MatrixPart, matrix_parts
-from forgetdiag.checkpoints import Checkpoint, find_sequence
+from forgetdiag.architectures import GENERIC, MatrixPart, component_order, matrix_parts
+from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import CheckpointError, ForgetdiagError
 from forgetdiag.linalg import Basis, update_basis
-from forgetdiag.models import resolve_device, torch_threads
-from forgetdiag.streaming import ProgressFn, SequenceCheck, check_sequence, stream_updates
+from forgetdiag.results import Result, Timings
+from forgetdiag.runtime import ProgressFn, Runtime, Warn, torch_threads
+from forgetdiag.storage import Checkpoint
+from forgetdiag.streaming import SequenceCheck, check_sequence, stream_updates
+from forgetdiag.validate import check_number, check_seed
 
 DEFAULT_RANK = 32
 _GLOBAL_FIRST = ("embed", "pos_embed")  # global matrices shown before layer 0; others after
@@ -40,9 +41,12 @@ _GLOBAL_FIRST = ("embed", "pos_embed")  # global matrices shown before layer 0; 
 
 @dataclass(frozen=True)
 class AngleSettings:
-    """How bases are chosen (CLI options of the same names).
+    """Which updates are compared and how their bases are chosen (CLI options of the same
+    names; ``far_deg`` is ``--far``).
 
     Attributes:
+        compare: which updates to compare, ``A:B`` pairs (see :mod:`.angle_pairs`), e.g.
+            ``0-1:1-2``; default: consecutive updates.
         rank: keep the top ``rank`` directions of each update (the fast default, 32; randomized
             SVD when ``rank + oversample`` is at most 1/8 of the matrix's smaller side).
         energy: instead keep the fewest directions holding this share of ||dW||_F^2 (the
@@ -59,6 +63,7 @@ class AngleSettings:
         far_deg: renderers mark a mean angle further than this from its null baseline.
     """
 
+    compare: str | None = None
     rank: int | None = None
     energy: float | None = None
     rtol: float = 1e-4
@@ -73,13 +78,16 @@ class AngleSettings:
         if self.rank is not None and self.energy is not None:
             raise ForgetdiagError("give --rank or --energy, not both (rank: fixed top-k, "
                                   "randomized SVD; energy: the paper's share of ||dW||^2, exact SVD)")
-        if self.rank is not None and self.rank < 1:
-            raise ForgetdiagError(f"--rank must be at least 1, got {self.rank}")
-        if self.energy is not None and not 0.0 < self.energy <= 1.0:
-            raise ForgetdiagError(f"--energy must be in (0, 1], e.g. 0.99; got {self.energy}")
-        if not 0.0 <= self.rtol < 1.0 or self.min_update < 0 or self.niter < 0 or self.far_deg < 0:
-            raise ForgetdiagError(f"need 0 <= rtol < 1, min_update >= 0, niter >= 0, far_deg >= 0; "
-                                  f"got {self.rtol}, {self.min_update}, {self.niter}, {self.far_deg}")
+        if self.compare is not None and not isinstance(self.compare, str):
+            raise ForgetdiagError(f"--compare {self.compare!r}: expected text such as 0-1:1-2")
+        check_number("--rank", self.rank, low=1, integer=True, optional=True)
+        check_number("--energy", self.energy, low=0.0, high=1.0, low_open=True, optional=True)
+        check_number("--rtol", self.rtol, low=0.0, high=1.0, high_open=True)
+        check_number("--min-update", self.min_update, low=0.0)
+        check_seed("--seed", self.seed)
+        check_number("--oversample", self.oversample, low=0, integer=True, optional=True)
+        check_number("--niter", self.niter, low=0, integer=True)
+        check_number("--far", self.far_deg, low=0.0, high=90.0)
 
     @property
     def mode(self) -> str:
@@ -93,9 +101,10 @@ class AngleSettings:
 
 
 @dataclass(frozen=True)
-class AnglesResult:
+class AnglesResult(Result):
     """Everything ``forgetdiag angles`` computed; ``to_dict()`` is its JSON."""
 
+    analysis = "angles"
     checkpoints: tuple[str, ...]
     paths: tuple[str, ...]
     architecture: str
@@ -107,14 +116,29 @@ class AnglesResult:
     device: str
     workers: int
     records: tuple[AngleRecord, ...]
-    notes: tuple[str, ...]
-    seconds: float
+    warnings: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
 
     def for_pair(self, pair: PairSpec) -> list[AngleRecord]:
         """The records of one pair, in forward-pass order."""
         return [r for r in self.records if r.pair == pair.label]
 
-    def to_dict(self) -> dict:
+    def summary(self) -> str:
+        parts = []
+        for pair in self.pairs:
+            ok = [r for r in self.for_pair(pair) if r.ok]
+            if not ok:
+                parts.append(f"{pair.label}: no matrix changed in both updates")
+                continue
+            mean = sum(r.angle_deg for r in ok) / len(ok)
+            null = sum(r.baseline_deg for r in ok) / len(ok)
+            far = sum(r.gap_deg > self.settings.far_deg for r in ok)
+            parts.append(f"{pair.label}: mean angle {mean:.1f} deg over {len(ok)} matrices against "
+                         f"{null:.1f} deg for unrelated subspaces; {far} sit more than "
+                         f"{self.settings.far_deg:g} deg below it")
+        return "; ".join(parts)
+
+    def body(self) -> dict:
         updates = sorted({u for p in self.pairs for u in (p.a, p.b)})
         return {
             "checkpoints": [{"index": k, "label": label, "path": path}
@@ -127,27 +151,23 @@ class AnglesResult:
             "settings": {**asdict(self.settings), "mode": self.settings.mode,
                          "rank": self.settings.top_k, "device": self.device, "workers": self.workers},
             "records": [r.to_dict() for r in self.records],
-            "notes": list(self.notes), "seconds": self.seconds,
         }
 
 
-def compute_angles(checkpoints: Sequence[str | Path] | Sequence[Checkpoint], *,
-                   pairs: str | Sequence[PairSpec] | None = None,
-                   settings: AngleSettings | None = None, device: str = "cpu",
-                   workers: int | None = None, allow_pickle: bool = False,
-                   base: str | Path | None = None, progress: ProgressFn | None = None) -> AnglesResult:
+def compute_angles(checkpoints: Sequence[str | Path | Checkpoint] | str | Path, *,
+                   settings: AngleSettings = AngleSettings(), runtime: Runtime = Runtime(),
+                   progress: ProgressFn | None = None, warn: Warn | None = None) -> AnglesResult:
     """Subspace angles between weight updates of one run, per layer and component.
 
     Args:
         checkpoints: paths (model, adapter or Trainer run directories; a run expands to its
             checkpoints) or :class:`Checkpoint` objects, in training order C0, C1, ...
-        pairs: which updates to compare (see :func:`parse_pairs`); default: consecutive
-            updates, (C1 - C0 vs C2 - C1), (C2 - C1 vs C3 - C2), ...
-        settings: how bases are chosen (default :class:`AngleSettings`: top 32, randomized).
-        device: where the SVDs run (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
-        workers: CPU threads to use (default: all cores); see :func:`plan_threads`.
-        allow_pickle, base: passed to :func:`forgetdiag.checkpoints.find_sequence`.
+        settings: which updates to compare (``compare``; default: consecutive updates, C1 - C0
+            vs C2 - C1, ...) and how bases are chosen (default: top 32, randomized).
+        runtime: where the SVDs run (``device``), CPU threads (``threads``, default: every
+            core; see :func:`plan_threads`), and how checkpoints are read.
         progress: called as ``progress("computing angles", done, total)`` per matrix part.
+        warn: unused (notes are in the result's ``warnings``).
 
     Returns:
         :class:`AnglesResult` with one :class:`AngleRecord` per (pair, parameter, part).
@@ -160,18 +180,14 @@ def compute_angles(checkpoints: Sequence[str | Path] | Sequence[Checkpoint], *,
         >>> r = compute_angles(["runs/t0/final", "runs/t1/checkpoint-150", "runs/t1/final"])  # doctest: +SKIP
         >>> [(x.layer, x.component, round(x.angle_deg)) for x in r.records][:2]  # doctest: +SKIP
     """
-    start = time.perf_counter()
-    settings = settings or AngleSettings()
-    if all(isinstance(c, Checkpoint) for c in checkpoints):
-        found = list(checkpoints)
-    else:
-        found = find_sequence(checkpoints, allow_pickle=allow_pickle, base=base)
-    specs = parse_pairs(pairs, len(found), labels=[c.label for c in found])
+    timings = Timings()
+    found = resolve_checkpoints(checkpoints, runtime)
+    specs = parse_pairs(settings.compare, len(found), labels=[c.label for c in found])
     check = check_sequence(found)
     targets, notes = comparable_parts(found[0], check)
-    torch_device = resolve_device(device)
-    pool_size, threads = plan_threads(workers, torch_device)
-    with torch_threads(threads):
+    torch_device = runtime.torch_device
+    pool_size, threads = plan_threads(runtime.threads, torch_device)
+    with timings.phase("angles"), torch_threads(threads):
         records = _run(found, specs, targets, check, settings, torch_device, pool_size, progress)
     first = found[0]
     return AnglesResult(
@@ -179,11 +195,12 @@ def compute_angles(checkpoints: Sequence[str | Path] | Sequence[Checkpoint], *,
         architecture=first.architecture, family=first.family.name, n_layers=first.n_layers,
         hidden_size=first.hidden_size, pairs=tuple(specs), settings=settings,
         device=str(torch_device), workers=pool_size * (threads or 1), records=tuple(records),
-        notes=tuple(check.notes) + tuple(notes), seconds=time.perf_counter() - start)
+        warnings=tuple(check.notes) + tuple(notes), timings=dict(timings))
 
 
 def plan_threads(workers: int | None, device: torch.device) -> tuple[int, int | None]:
-    """(matrices processed at once, torch intra-op threads) for ``workers`` CPU threads.
+    """(matrices processed at once, torch intra-op threads) for ``workers`` CPU threads
+    (``--threads``; None: every core this process may use).
 
     On CPU each matrix part is one single-threaded job and ``workers`` jobs run at once, while
     the main thread reads the next tensors. On TinyLlama-sized matrices (2 cores) giving the
@@ -192,8 +209,6 @@ def plan_threads(workers: int | None, device: torch.device) -> tuple[int, int | 
     scale across threads. Each randomized basis draws from its own seeded generator, so jobs
     run fully in parallel with the reading. On a GPU one job at a time feeds the device.
     """
-    if workers is not None and workers < 1:
-        raise ForgetdiagError(f"--workers must be at least 1, got {workers}")
     if device.type != "cpu":
         return 1, None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

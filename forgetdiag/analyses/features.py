@@ -1,4 +1,4 @@
-"""Per-layer feature shifts and principal-component shifts (SCIENCE.md section 4).
+"""Per-layer feature shifts and principal-component shifts (docs/science.md, section 3.5).
 
 For every hidden-state index (0 = embedding output, l = output of decoder layer l; the last
 index is after the final norm, exactly as transformers' ``output_hidden_states`` numbers them),
@@ -19,25 +19,27 @@ from __future__ import annotations
 
 import math
 import re
-import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 
 from forgetdiag import linalg
-from forgetdiag.checkpoints import Checkpoint, find_checkpoints, find_sequence
+from forgetdiag.analyses.hidden import decoder_layers, encode_prompts, extract_features  # noqa: F401
+from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
 from forgetdiag.evaluate import Encoded, model_context
-from forgetdiag.models import (shared_tokenizer, Runtime, auto_threads, load_model, resolve_device,
-                               torch_threads)
+from forgetdiag.models import load_model, shared_tokenizer
 from forgetdiag.probes import Probe, with_chat_template
-from forgetdiag.streaming import ProgressFn, check_sequence
-from forgetdiag.analyses.hidden import (METHODS, decoder_layers, encode_prompts,  # noqa: F401
-                                        extract_features)
+from forgetdiag.results import Result, Timings
+from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.storage import Checkpoint
+from forgetdiag.streaming import check_sequence
+from forgetdiag.validate import check_choice, check_number, check_seed, choices
 
-Warn = Callable[[str], None]
+Method = Literal["hooks", "output_hidden_states"]
 # A principal direction whose standard deviation is below this share of the mean feature norm
 # is float32 rounding, not structure (features are stored in float32: ~6e-8 relative error).
 RANK_RTOL = 1e-5
@@ -49,6 +51,8 @@ class FeatureSettings:
     """What is compared and where the shift is said to start (CLI options of the same names).
 
     Attributes:
+        pairs: (i, j) indices into the expanded checkpoint list to compare, before i and after
+            j (CLI: ``--pairs 0:1,0:3``); default: consecutive checkpoints.
         k: top principal components compared per layer (angles of matching PCs, principal
             angles between the top-k subspaces). The probe needs more than k prompts.
         pc_shift_min: a layer whose top-k PC subspace turns by at least this many degrees (mean
@@ -62,22 +66,26 @@ class FeatureSettings:
             (transformers' own output: every token of every layer; for checks and benchmarks).
     """
 
+    pairs: tuple[tuple[int, int], ...] | None = None
     k: int = 8
     pc_shift_min: float = 10.0
     cka_drop_min: float = 0.05
     max_points: int = 500
     seed: int = 0
-    method: str = "hooks"
+    method: Method = "hooks"
 
     def __post_init__(self) -> None:
-        if self.k < 1 or self.max_points < 0:
-            raise ForgetdiagError(f"need k >= 1 and max_points >= 0, got k={self.k}, "
-                                  f"max_points={self.max_points}")
-        if not 0 < self.pc_shift_min <= 90 or not 0 < self.cka_drop_min <= 1:
-            raise ForgetdiagError(f"need 0 < pc-shift-min <= 90 and 0 < cka-drop-min <= 1, got "
-                                  f"{self.pc_shift_min} and {self.cka_drop_min}")
-        if self.method not in METHODS:
-            raise ForgetdiagError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.pairs is not None:
+            object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
+            for pair in self.pairs:
+                if len(pair) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) for k in pair):
+                    raise ForgetdiagError(f"--pairs {pair!r}: expected I:J pairs of checkpoint indices")
+        check_number("--k", self.k, low=1, integer=True)
+        check_number("--max-points", self.max_points, low=0, integer=True)
+        check_number("--pc-shift-min", self.pc_shift_min, low=0, high=90, low_open=True)
+        check_number("--cka-drop-min", self.cka_drop_min, low=0, high=1, low_open=True)
+        check_seed("--seed", self.seed)
+        check_choice("method", self.method, choices(Method))
 
 
 @dataclass(frozen=True)
@@ -135,9 +143,10 @@ class PairShift:
 
 
 @dataclass(frozen=True)
-class FeaturesResult:
+class FeaturesResult(Result):
     """Everything ``forgetdiag features`` computed; ``to_dict()`` is its JSON."""
 
+    analysis = "features"
     checkpoints: tuple[str, ...]
     probe: str
     n_prompts: int
@@ -145,8 +154,8 @@ class FeaturesResult:
     hidden_size: int
     pairs: tuple[PairShift, ...]
     settings: FeatureSettings
+    warnings: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
 
     def records(self) -> list[dict]:
         """One flat record per (pair, layer): loads straight into pandas."""
@@ -158,14 +167,16 @@ class FeaturesResult:
                              "shift_start": s.layer == pair.shift_start})
         return rows
 
-    def to_dict(self) -> dict:
-        return {"summary": [summary_text(self, p) for p in self.pairs],
-                "checkpoints": list(self.checkpoints), "probe": self.probe,
+    def summary(self) -> str:
+        return "; ".join(summary_text(self, p) for p in self.pairs)
+
+    def body(self) -> dict:
+        return {"checkpoints": list(self.checkpoints), "probe": self.probe,
                 "n_prompts": self.n_prompts, "n_layers": self.n_layers,
                 "hidden_size": self.hidden_size, "settings": asdict(self.settings),
-                "pairs": [{"before": p.before, "after": p.after, "shift_start": p.shift_start}
-                          for p in self.pairs],
-                "records": self.records(), "timings_s": self.timings, "notes": list(self.notes)}
+                "pairs": [{"before": p.before, "after": p.after, "shift_start": p.shift_start,
+                           "summary": summary_text(self, p)} for p in self.pairs],
+                "records": self.records()}
 
 
 def summary_text(result: FeaturesResult, pair: PairShift) -> str:
@@ -246,7 +257,7 @@ def project(layer: int, xb: torch.Tensor, xa: torch.Tensor, pb: LayerPCA,
             return None
         e2, y_axis = pb.components[1], "before PC2"
     basis = torch.stack([e1, e2 / torch.linalg.vector_norm(e2)]).mT  # (d, 2)
-    to_plane = lambda x: ((x.to(torch.float64) - pb.mean) @ basis).numpy()  # noqa: E731
+    to_plane = lambda x: ((x.to(torch.float64) - pb.mean) @ basis).numpy()
     return Projection(layer, y_axis, to_plane(xb), to_plane(xa))
 
 
@@ -314,14 +325,6 @@ def check_pairs(pairs: Sequence[tuple[int, int]] | None, n: int) -> list[tuple[i
     return pairs
 
 
-def _checkpoints(value, runtime: Runtime) -> list[Checkpoint]:
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not any(isinstance(v, Checkpoint) for v in values):  # paths: labels made unique
-        return find_sequence(values, allow_pickle=runtime.allow_pickle, base=runtime.base)
-    return [c for v in values for c in ([v] if isinstance(v, Checkpoint) else find_checkpoints(
-        v, allow_pickle=runtime.allow_pickle, base=runtime.base))]
-
-
 def _prompts(checkpoints: Sequence[Checkpoint], probe: Probe, runtime: Runtime,
              warn: Warn | None) -> tuple[list[Encoded], int]:
     """Encoded prompts and the pad id, after checking that every checkpoint shares a tokenizer."""
@@ -335,8 +338,7 @@ def _prompts(checkpoints: Sequence[Checkpoint], probe: Probe, runtime: Runtime,
 
 def _extract(checkpoint: Checkpoint, prompts, pad_id: int, runtime: Runtime,
              settings: FeatureSettings, progress) -> torch.Tensor:
-    model = load_model(checkpoint, device=runtime.device, dtype=runtime.dtype,
-                       trust_remote_code=runtime.trust_remote_code)
+    model = load_model(checkpoint, runtime)
     feats = extract_features(model, prompts, pad_id=pad_id, batch_size=runtime.batch_size,
                              method=settings.method, progress=progress,
                              label=f"hidden states {checkpoint.label}")
@@ -391,8 +393,8 @@ def _notes(pairs: Sequence[PairShift], settings: FeatureSettings) -> list[str]:
     return notes
 
 
-def feature_shifts(checkpoints, probe: Probe, *, pairs: Sequence[tuple[int, int]] | None = None,
-                   settings: FeatureSettings = FeatureSettings(), runtime: Runtime = Runtime(),
+def feature_shifts(checkpoints, probe: Probe, *, settings: FeatureSettings = FeatureSettings(),
+                   runtime: Runtime = Runtime(),
                    progress: ProgressFn | None = None, warn: Warn | None = None) -> FeaturesResult:
     """Per-layer feature and principal-component shifts between checkpoints.
 
@@ -400,8 +402,9 @@ def feature_shifts(checkpoints, probe: Probe, *, pairs: Sequence[tuple[int, int]
         checkpoints: two or more checkpoints in training order (paths, a Trainer run
             directory, or :class:`Checkpoint` objects); the default pairs are consecutive.
         probe: prompts of the old task (answers are not used).
-        pairs: (i, j) indices into the expanded checkpoint list: before i, after j.
-        settings, runtime: what is compared; how models run (device, dtype, batch size...).
+        settings: what is compared (``pairs``: (i, j) indices into the expanded checkpoint
+            list, before i, after j; default consecutive ones) and where a shift starts.
+        runtime: how models run (device, dtype, batch size...).
         progress: ``progress(description, done, total)`` per batch of prompts.
         warn: receives warnings (truncated prompts).
 
@@ -413,31 +416,28 @@ def feature_shifts(checkpoints, probe: Probe, *, pairs: Sequence[tuple[int, int]
         ...                    load_probe("old.jsonl"))  # doctest: +SKIP
         >>> r.pairs[0].shift_start, r.records()[0]["cka"]  # doctest: +SKIP
     """
-    cks = _checkpoints(checkpoints, runtime)
-    pairs = check_pairs(pairs, len(cks))
+    cks = resolve_checkpoints(checkpoints, runtime)
+    pairs = check_pairs(settings.pairs, len(cks))
     used = sorted({k for p in pairs for k in p})
     check_sequence([cks[k] for k in used])
     prompts, pad_id = _prompts([cks[k] for k in used], probe, runtime, warn)
     _check_k(len(prompts), cks[used[0]].hidden_size, settings.k, f"probe {probe.name}")
-    device = resolve_device(runtime.device)
-    feats, pcas, done, timings = {}, {}, {}, {"hidden_states": 0.0, "statistics": 0.0}
-    with torch_threads(runtime.threads or auto_threads(cks[used[0]].n_params, device)):
+    feats, pcas, done, timings = {}, {}, {}, Timings()
+    with runtime.threads_for(cks[used[0]].n_params):
         for c in used:
-            start = time.perf_counter()
-            feats[c] = _extract(cks[c], prompts, pad_id, runtime, settings, progress)
-            timings["hidden_states"] += time.perf_counter() - start
-            start = time.perf_counter()
-            pcas[c] = [summarise_layer(x, k=settings.k) for x in feats[c]]
-            for p, (i, j) in enumerate(pairs):
-                if i in feats and j in feats and p not in done:
-                    chained = p > 0 and pairs[p - 1][1] == i  # compare with the previous shift
-                    done[p] = _pair(i, j, feats, pcas, cks, settings, pairs[p - 1] if chained else None)
-            waiting = {k for p, pair in enumerate(pairs) if p not in done for k in pair}
-            feats = {k: v for k, v in feats.items() if k in waiting}  # drop what no pair needs
-            timings["statistics"] += time.perf_counter() - start
+            with timings.phase("hidden_states"):
+                feats[c] = _extract(cks[c], prompts, pad_id, runtime, settings, progress)
+            with timings.phase("statistics"):
+                pcas[c] = [summarise_layer(x, k=settings.k) for x in feats[c]]
+                for p, (i, j) in enumerate(pairs):
+                    if i in feats and j in feats and p not in done:
+                        chained = p > 0 and pairs[p - 1][1] == i  # compare with the previous shift
+                        done[p] = _pair(i, j, feats, pcas, cks, settings, pairs[p - 1] if chained else None)
+                waiting = {k for p, pair in enumerate(pairs) if p not in done for k in pair}
+                feats = {k: v for k, v in feats.items() if k in waiting}  # drop what no pair needs
     results = tuple(done[p] for p in range(len(pairs)))
     first = next(iter(pcas.values()))
     return FeaturesResult(
         checkpoints=tuple(c.label for c in cks), probe=probe.name, n_prompts=len(prompts),
         n_layers=len(first) - 1, hidden_size=int(first[0].mean.shape[0]), pairs=results,
-        settings=settings, timings=timings, notes=tuple(_notes(results, settings)))
+        settings=settings, warnings=tuple(_notes(results, settings)), timings=dict(timings))

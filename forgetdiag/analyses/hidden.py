@@ -8,16 +8,15 @@ the final norm, as ``output_hidden_states`` numbers them.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
 from forgetdiag.evaluate import Encoded, batches_by_length, collate
 from forgetdiag.probes import Probe
-from forgetdiag.streaming import ProgressFn
+from forgetdiag.runtime import ProgressFn, Warn
 
-Warn = Callable[[str], None]
 METHODS = ("hooks", "output_hidden_states")
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-from forgetdiag.architectures import GENERIC, matrix_parts
-from forgetdiag.checkpoints import Checkpoint, find_sequence
-from forgetdiag.streaming import ProgressFn, check_sequence, require_finite
+from forgetdiag.architectures import GENERIC, component_order, matrix_parts
+from forgetdiag.checkpoints import resolve_checkpoints
+from forgetdiag.results import Result, Timings
+from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.storage import Checkpoint
+from forgetdiag.streaming import check_sequence, require_finite
 
 
 @dataclass(frozen=True)
@@ -36,24 +39,37 @@ class CheckpointInfo:
 
 
 @dataclass(frozen=True)
-class InspectResult:
+class InspectSettings:
+    """What ``inspect`` reads.
+
+    Attributes:
+        check_values: read every tensor once and refuse NaN or Inf (named in the error).
+    """
+
+    check_values: bool = True
+
+
+@dataclass(frozen=True)
+class InspectResult(Result):
     """Checkpoints in sequence order, and what the sequence shares."""
 
+    analysis = "inspect"
     checkpoints: tuple[CheckpointInfo, ...]
     shared_tensors: int
-    notes: tuple[str, ...]
+    warnings: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def summary(self) -> str:
+        first = self.checkpoints[0]
+        what = (f"{len(self.checkpoints)} checkpoints of one architecture" if len(self.checkpoints) > 1
+                else "1 checkpoint")
+        values = "every weight finite" if all(c.values_checked for c in self.checkpoints) else "values not read"
+        return (f"{what}: {first.architecture} ({first.family} family), {first.n_layers} layers, "
+                f"{first.n_params} parameters; {values}")
+
+    def body(self) -> dict:
         return {"checkpoints": [asdict(c) for c in self.checkpoints],
-                "compatible": True, "shared_tensors": self.shared_tensors, "notes": list(self.notes)}
-
-
-_ORDER = ("embed", "pos_embed", "q", "k", "v", "o", "gate", "up", "down", "fc_in", "fc_out", "lm_head")
-
-
-def component_order(component: str) -> tuple[int, str]:
-    """Sort key: the order components appear in a forward pass, unknown ones last."""
-    return (_ORDER.index(component) if component in _ORDER else len(_ORDER), component)
+                "compatible": True, "shared_tensors": self.shared_tensors}
 
 
 def describe(checkpoint: Checkpoint, *, values_checked: bool = False) -> CheckpointInfo:
@@ -83,30 +99,33 @@ def describe(checkpoint: Checkpoint, *, values_checked: bool = False) -> Checkpo
         tied_embeddings=checkpoint.tied_embeddings, lora=lora, values_checked=values_checked)
 
 
-def inspect_checkpoints(paths: Sequence[str | Path], *, allow_pickle: bool = False,
-                        base: str | Path | None = None, check_values: bool = True,
-                        progress: ProgressFn | None = None) -> InspectResult:
+def inspect_checkpoints(paths: Sequence[str | Path | Checkpoint] | str | Path, *,
+                        settings: InspectSettings = InspectSettings(), runtime: Runtime = Runtime(),
+                        progress: ProgressFn | None = None, warn: Warn | None = None) -> InspectResult:
     """Find the checkpoints at ``paths`` (one sequence, in order) and describe them.
 
     Args:
-        paths: model, adapter or Trainer output directories.
-        allow_pickle: also read ``pytorch_model.bin`` (with ``weights_only=True``).
-        base: base model of LoRA adapters.
-        check_values: read every tensor once and refuse NaN or Inf (named in the error).
+        paths: model, adapter or Trainer output directories (or :class:`Checkpoint` objects).
+        settings: whether to read every value (:class:`InspectSettings`).
+        runtime: how checkpoints are read (``allow_pickle``, ``base``).
+        progress: ``progress("checking values", done, total)``.
+        warn: unused (inspect's findings are in the result's ``warnings``).
 
     Raises:
         CheckpointError: unreadable checkpoints, different architectures, NaN/Inf weights.
     """
-    checkpoints = find_sequence(paths, allow_pickle=allow_pickle, base=base)
+    checkpoints = resolve_checkpoints(paths, runtime)
     check = check_sequence(checkpoints)
-    if check_values:
+    timings = Timings()
+    if settings.check_values:
         total = sum(len(c.names) for c in checkpoints)
         done = 0
-        for c in checkpoints:
-            for name in c.names:
-                require_finite(c.get(name), name, c)
-                done += 1
-                if progress is not None:
-                    progress("checking values", done, total)
-    return InspectResult(tuple(describe(c, values_checked=check_values) for c in checkpoints),
-                         len(check.names), check.notes)
+        with timings.phase("values"):
+            for c in checkpoints:
+                for name in c.names:
+                    require_finite(c.get(name), name, c)
+                    done += 1
+                    if progress is not None:
+                        progress("checking values", done, total)
+    return InspectResult(tuple(describe(c, values_checked=settings.check_values) for c in checkpoints),
+                         len(check.names), check.notes, dict(timings))

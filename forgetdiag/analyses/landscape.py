@@ -1,6 +1,6 @@
 """The 2-D loss surface in the plane of two updates, with the run's trajectory (``landscape``).
 
-SCIENCE.md section 3. The loss at (alpha, beta) is the mean answer-token cross-entropy of a probe
+docs/science.md, section 3.4. The loss at (alpha, beta) is the mean answer-token cross-entropy of a probe
 (:func:`forgetdiag.evaluate.answer_loss`, the quantity ``score`` reports) for the model with
 weights theta_0 + alpha d_x + beta d_y; one surface per probe. With raw directions, (0, 0),
 (1, 0) and (1, 1) are ORIGIN, X_END and Y_END exactly.
@@ -17,27 +17,30 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
 from forgetdiag.analyses.landscape_grid import GridState, read_saved, restore
-from forgetdiag.analyses.plane import (DIRECTIONS, NEARLY_PARALLEL_DEG, RANDOM, RAW, Placement,
-                                       PlaneInfo, build_plane)
-from forgetdiag.checkpoints import Checkpoint, find_checkpoints
-from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
+from forgetdiag.analyses.plane import NEARLY_PARALLEL_DEG, RANDOM, Placement, PlaneInfo, build_plane
+from forgetdiag.checkpoints import resolve_checkpoints
+from forgetdiag.errors import ForgetdiagError, ProbeError
 from forgetdiag.evaluate import answer_loss, collate_batches, encode, model_context
-from forgetdiag.models import (Runtime, auto_threads, load_model, load_tokenizer, resolve_device,
-                               torch_threads)
+from forgetdiag.models import load_model, load_tokenizer
 from forgetdiag.probes import Probe, load_probe, with_chat_template
-from forgetdiag.streaming import ProgressFn, check_sequence
+from forgetdiag.results import Result
+from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.storage import Checkpoint
+from forgetdiag.streaming import check_sequence
+from forgetdiag.validate import check_choice, check_number, check_seed, choices
 
 __all__ = ["AnchorPoint", "LandscapeResult", "LandscapeSettings", "Placement", "PlaneInfo",
            "ProbeInfo", "landscape", "read_saved"]
 
-Warn = Callable[[str], None]
+Directions = Literal["raw", "filter-normalized-random"]
 GRID_DESCRIPTION = "evaluating grid points"
 
 
@@ -53,18 +56,19 @@ class LandscapeSettings:
         x_range, y_range: the alpha and beta ranges, ends included.
     """
 
-    directions: str = RAW
+    directions: Directions = "raw"
     seed: int = 0
     grid: tuple[int, int] = (21, 21)
     x_range: tuple[float, float] = (-0.5, 1.5)
     y_range: tuple[float, float] = (-0.5, 1.5)
 
     def __post_init__(self) -> None:
-        if self.directions not in DIRECTIONS:
-            raise ForgetdiagError(f"unknown directions {self.directions!r}; expected one of "
-                                  f"{', '.join(DIRECTIONS)}")
-        if len(self.grid) != 2 or min(self.grid) < 1:
-            raise ForgetdiagError(f"grid must be two counts of at least 1 point, got {self.grid}")
+        check_choice("--directions", self.directions, choices(Directions))
+        check_seed("--seed", self.seed)
+        if not isinstance(self.grid, (tuple, list)) or len(self.grid) != 2:
+            raise ForgetdiagError(f"--grid {self.grid!r}: expected two counts, points along alpha and beta")
+        for n in self.grid:
+            check_number("--grid", n, low=1, integer=True)
         for name, (lo, hi) in (("x range", self.x_range), ("y range", self.y_range)):
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
                 raise ForgetdiagError(f"{name} must be two finite numbers LO < HI, got {lo}, {hi}")
@@ -113,7 +117,7 @@ class AnchorPoint:
 
 
 @dataclass(frozen=True)
-class LandscapeResult:
+class LandscapeResult(Result):
     """Loss surfaces on the plane, anchor losses, and the trajectory's coordinates.
 
     Attributes:
@@ -127,6 +131,7 @@ class LandscapeResult:
         evaluated: points evaluated by this call (the others came from ``resume``).
     """
 
+    analysis = "landscape"
     plane: PlaneInfo
     alphas: tuple[float, ...]
     betas: tuple[float, ...]
@@ -138,9 +143,8 @@ class LandscapeResult:
     dtype: str
     device: str
     evaluated: int = 0
-    seconds: float = 0.0
     warnings: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -150,16 +154,28 @@ class LandscapeResult:
         """(n_betas, n_alphas) mean of the probes' surfaces."""
         return np.mean(np.stack([self.surfaces[p.name] for p in self.probes]), axis=0)
 
-    def to_dict(self) -> dict:
+    def summary(self) -> str:
+        by_point = {a.point: a for a in self.anchors}
+        parts = []
+        for p in self.probes:
+            losses = [f"{a.point} {a.losses[p.name]:.3g}" for a in self.anchors if a.computed
+                      and math.isfinite(a.losses[p.name])]
+            surface = self.surfaces[p.name]
+            low = f"; lowest on the grid {np.nanmin(surface):.3g}" if np.isfinite(surface).any() else ""
+            parts.append(f"{p.name} loss: {', '.join(losses) or 'not computed yet'}{low}")
+        done = "" if self.complete else f" (partial: {int(self.computed.sum())} of {self.computed.size} points)"
+        plane = ("raw directions" if "x_end" in by_point else "random directions")
+        return f"{plane}, {len(self.trajectory)} checkpoints placed{done}; " + "; ".join(parts)
+
+    def body(self) -> dict:
         """Plain data for JSON; ``surfaces`` are rows over betas of values over alphas."""
-        return {"analysis": "landscape", "complete": self.complete,
+        return {"complete": self.complete,
                 "directions": self.plane.to_dict(), "alphas": list(self.alphas),
                 "betas": list(self.betas), "probes": [asdict(p) for p in self.probes],
                 "surfaces": {name: s.tolist() for name, s in self.surfaces.items()},
                 "computed": self.computed.tolist(), "anchors": [a.to_dict() for a in self.anchors],
                 "trajectory": [t.to_dict() for t in self.trajectory], "dtype": self.dtype,
-                "device": self.device, "evaluated": self.evaluated, "seconds": self.seconds,
-                "warnings": list(self.warnings), "notes": list(self.notes)}
+                "device": self.device, "evaluated": self.evaluated}
 
 
 @dataclass
@@ -190,26 +206,8 @@ class _Frame:
             surfaces={n: grid.values[p].copy() for p, n in enumerate(names)},
             computed=grid.done.copy(), anchors=anchors, trajectory=tuple(self.placements),
             dtype=self.dtype, device=self.device, evaluated=self.evaluated,
-            seconds=time.perf_counter() - self.start, warnings=tuple(self.warnings),
-            notes=tuple(self.notes))
-
-
-def _one(value: str | Path | Checkpoint, runtime: Runtime, what: str) -> Checkpoint:
-    if isinstance(value, Checkpoint):
-        return value
-    found = find_checkpoints(value, allow_pickle=runtime.allow_pickle, base=runtime.base)
-    if len(found) != 1:
-        raise CheckpointError(f"{what} must be one checkpoint; {value} holds {len(found)} "
-                              f"({', '.join(c.label for c in found[:3])}...): pass one checkpoint-N directory")
-    return found[0]
-
-
-def _many(values: Sequence[str | Path | Checkpoint], runtime: Runtime) -> list[Checkpoint]:
-    out: list[Checkpoint] = []
-    for v in values:
-        out.extend([v] if isinstance(v, Checkpoint) else
-                   find_checkpoints(v, allow_pickle=runtime.allow_pickle, base=runtime.base))
-    return out
+            warnings=tuple(self.warnings) + tuple(self.notes),
+            timings={"landscape": time.perf_counter() - self.start})
 
 
 def _unique_names(probes: Sequence[Probe]) -> list[Probe]:
@@ -228,7 +226,7 @@ def _unique_names(probes: Sequence[Probe]) -> list[Probe]:
 def _prepare_probes(origin: Checkpoint, model, probes: Sequence[Probe], runtime: Runtime,
                     device, warn: Warn) -> tuple[list[ProbeInfo], list[list]]:
     """Tokenize each probe with the origin's tokenizer and collate its batches once."""
-    tokenizer = load_tokenizer(origin, path=runtime.tokenizer, trust_remote_code=runtime.trust_remote_code)
+    tokenizer = load_tokenizer(origin, runtime)
     infos, batches = [], []
     for probe in probes:
         if runtime.chat_template:
@@ -271,9 +269,10 @@ def _evaluate(model, plane, batches: Sequence[list], grid: GridState, frame: _Fr
 
 def _anchors(origin, x_end, y_end, trajectory, settings: LandscapeSettings, runtime: Runtime):
     """Anchor checkpoints, their points on the plane, and the checkpoints to place."""
-    anchors = [_one(origin, runtime, "ORIGIN")]
-    ends = [_one(v, runtime, what) for v, what in ((x_end, "X_END"), (y_end, "Y_END")) if v is not None]
-    placed = _many(trajectory, runtime)
+    anchors = [resolve_checkpoints(origin, runtime, single="ORIGIN")]
+    ends = [resolve_checkpoints(v, runtime, single=what)
+            for v, what in ((x_end, "X_END"), (y_end, "Y_END")) if v is not None]
+    placed = resolve_checkpoints(list(trajectory), runtime)
     if settings.directions == RANDOM:
         return anchors, [("origin", 0.0, 0.0)], ends + placed
     if len(ends) != 2:
@@ -323,11 +322,10 @@ def landscape(origin: str | Path | Checkpoint, x_end: str | Path | Checkpoint | 
     if not probes:
         raise ProbeError("no probe given; expected at least one probe file (--probe)")
     check_sequence([*anchors, *placed])  # different architectures fail before anything loads
-    device = resolve_device(runtime.device)
-    with torch_threads(runtime.threads or auto_threads(anchors[0].n_params, device)):
+    device = runtime.torch_device
+    with runtime.threads_for(anchors[0].n_params):
         start = time.perf_counter()
-        model = load_model(anchors[0], device=device, dtype=runtime.dtype,
-                           trust_remote_code=runtime.trust_remote_code).requires_grad_(False)
+        model = load_model(anchors[0], runtime).requires_grad_(False)
         infos, batches = _prepare_probes(anchors[0], model, probes, runtime, device, warn)
         plane, info, placements, notes = build_plane(model, anchors, placed, mode=settings.directions,
                                                      seed=settings.seed, progress=progress)

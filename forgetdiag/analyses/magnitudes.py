@@ -1,6 +1,6 @@
 """Which output units of each linear layer a task drives, and how much tasks share them (MIGU).
 
-SCIENCE.md section 5. For every linear layer (``nn.Linear`` and GPT-2's ``Conv1D``) and every
+docs/science.md, section 3.6. For every linear layer (``nn.Linear`` and GPT-2's ``Conv1D``) and every
 output unit i, the task's magnitude is ``n_i = sum over tokens of |h_i|``, where h is the
 layer's output and the tokens are every unpadded position of every probe item as
 :func:`forgetdiag.evaluate.encode` makes it: prompt tokens (with the tokenizer's BOS), answer
@@ -26,127 +26,25 @@ compute logits at one position only.
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from forgetdiag.checkpoints import Checkpoint, find_sequence
+from forgetdiag.analyses.activations import Magnitudes, unit_magnitudes
+from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import CheckpointError, ForgetdiagError
-from forgetdiag.evaluate import Encoded, _accepts_logits_to_keep, batches_by_length, collate, encode, model_context
-from forgetdiag.models import (shared_tokenizer, Runtime, auto_threads, load_model, resolve_device,
-                               torch_threads)
+from forgetdiag.evaluate import Encoded, encode, model_context
+from forgetdiag.models import load_model, shared_tokenizer
 from forgetdiag.probes import Probe, split_probe, with_chat_template
-from forgetdiag.streaming import ProgressFn, Warn, check_sequence
+from forgetdiag.results import Result, Timings
+from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.storage import Checkpoint
+from forgetdiag.streaming import check_sequence
+from forgetdiag.validate import check_number
 
 TOKENS_USED = "prompt + answer + EOS tokens of every item (padding masked)"
-
-
-def linear_modules(model, *, include_head: bool = False) -> dict[str, torch.nn.Module]:
-    """Every ``nn.Linear`` and GPT-2 ``Conv1D`` of ``model`` by module name, in model order.
-
-    Args:
-        model: a transformers causal LM.
-        include_head: also the output head (``get_output_embeddings()``), whose units are
-            vocabulary entries.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (torch.nn.Linear, Conv1D)) and (include_head or m is not head)}
-
-
-class _Recorder:
-    """Forward hooks adding ``sum over unpadded tokens of |output|`` per unit (float64).
-
-    Use as a context manager: the hooks are removed on exit, whatever happens inside.
-    """
-
-    def __init__(self, modules: dict[str, torch.nn.Module]) -> None:
-        self.sums: dict[str, torch.Tensor] = {}  # name -> (units,) float64
-        self.skipped: set[str] = set()  # outputs not shaped (batch, tokens, units), e.g. MoE experts
-        self.mask: torch.Tensor | None = None  # (B, T) of the batch being run
-        self.handles = []
-        try:
-            for name, module in modules.items():
-                self.handles.append(module.register_forward_hook(functools.partial(self._add, name)))
-        except BaseException:
-            self.remove()
-            raise
-
-    def _add(self, name: str, module, args, output) -> None:
-        if not isinstance(output, torch.Tensor) or output.shape[:-1] != self.mask.shape:
-            self.skipped.add(name)
-            return
-        mask = self.mask.to(device=output.device, dtype=torch.float32)
-        batch_sum = torch.einsum("btu,bt->u", output.detach().float().abs(), mask)  # (units,)
-        total = self.sums.get(name)
-        self.sums[name] = batch_sum.double() if total is None else total + batch_sum.double()
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-    def __enter__(self) -> "_Recorder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-@dataclass(frozen=True)
-class Magnitudes:
-    """Per-unit magnitudes of one model on one task.
-
-    Attributes:
-        sums: module name -> (units,) float64, ``sum over tokens of |output unit|``.
-        n_tokens: unpadded tokens summed over.
-        skipped: linear modules left out (their output is not per token, e.g. MoE experts).
-    """
-
-    sums: dict[str, torch.Tensor]
-    n_tokens: int
-    skipped: tuple[str, ...] = ()
-
-
-@torch.inference_mode()
-def unit_magnitudes(model, encoded: Sequence[Encoded], *, pad_id: int, batch_size: int = 32,
-                    include_head: bool = False, progress: ProgressFn | None = None,
-                    label: str = "magnitudes") -> Magnitudes:
-    """``n_i = sum over tokens of |h_i|`` for every output unit of every linear layer.
-
-    Args:
-        model: a causal LM (its device is used).
-        encoded: items from :func:`forgetdiag.evaluate.encode`; every unpadded position of
-            prompt + completion counts.
-        pad_id: any valid token id (padding is masked).
-        batch_size: items per forward pass.
-        include_head: also the output head (then full logits are computed).
-        progress: ``progress(label, done, total)`` after each batch.
-
-    Returns:
-        :class:`Magnitudes`; memory held is one float64 vector per linear layer.
-    """
-    modules = linear_modules(model, include_head=include_head)
-    device = next(model.parameters()).device
-    extra = {"logits_to_keep": 1} if not include_head and _accepts_logits_to_keep(model) else {}
-    groups = batches_by_length(encoded, batch_size)
-    n_tokens = 0
-    with _Recorder(modules) as recorder:
-        for done, idx in enumerate(groups):
-            batch = collate([encoded[k] for k in idx], pad_id, device)
-            recorder.mask = batch.attention_mask  # (B, T)
-            model(**batch.model_inputs(), use_cache=False, **extra)
-            n_tokens += int(batch.attention_mask.sum())
-            if progress is not None:
-                progress(label, done + 1, len(groups))
-    sums = {name: recorder.sums[name].cpu() for name in modules if name in recorder.sums}
-    skipped = tuple(name for name in modules if name in recorder.skipped or name not in recorder.sums)
-    return Magnitudes(sums, n_tokens, skipped)
 
 
 def top_units(n: torch.Tensor, quantile: float = 0.7) -> torch.Tensor:
@@ -251,14 +149,6 @@ def compare_tasks(parts: Sequence[Sequence[Magnitudes]], *, quantile: float,
     return tuple(out)
 
 
-def _checkpoints(value, runtime: Runtime) -> list[Checkpoint]:
-    values = value if isinstance(value, (list, tuple)) else [value]
-    if all(isinstance(v, Checkpoint) for v in values):
-        return list(values)
-    return find_sequence([v.path if isinstance(v, Checkpoint) else v for v in values],
-                         allow_pickle=runtime.allow_pickle, base=runtime.base)
-
-
 def _task_names(probes: Sequence[Probe]) -> tuple[str, ...]:
     if len(probes) < 2:
         raise ForgetdiagError(f"magnitudes compares tasks and needs at least 2 probes (one "
@@ -288,7 +178,24 @@ def _encode_tasks(checkpoints: Sequence[Checkpoint], probes: Sequence[Probe], ru
 
 
 @dataclass(frozen=True)
-class MagnitudesResult:
+class MagnitudeSettings:
+    """What ``magnitudes`` measures (CLI options of the same names).
+
+    Attributes:
+        quantile: T in (0, 1); a task's top set holds the units strictly above the T-quantile
+            of the layer's magnitudes (0.7: about the top 30%, as in MIGU).
+        include_head: also measure the output head (its units are vocabulary entries).
+    """
+
+    quantile: float = 0.7
+    include_head: bool = False
+
+    def __post_init__(self) -> None:
+        check_number("--quantile", self.quantile, low=0, high=1, low_open=True, high_open=True)
+
+
+@dataclass(frozen=True)
+class MagnitudesResult(Result):
     """Everything ``forgetdiag magnitudes`` computed; ``to_dict()`` is its JSON.
 
     Attributes:
@@ -297,15 +204,17 @@ class MagnitudesResult:
         quantile: T; top sets are above the T-quantile.
         include_head: whether the output head was measured.
         checkpoints: one :class:`CheckpointOverlap` per checkpoint, in training order.
-        notes: what was left out, in words.
+        warnings: what was left out, in words.
     """
 
+    analysis = "magnitudes"
     tasks: tuple[str, ...]
     n_items: tuple[int, ...]
     quantile: float
     include_head: bool
     checkpoints: tuple[CheckpointOverlap, ...]
-    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
 
     def pairs(self) -> list[tuple[int, int]]:
         """Every ordered pair of different tasks, as indices into ``tasks``."""
@@ -336,13 +245,16 @@ class MagnitudesResult:
                  "split_half_b": pooled_split_half(c.modules, b)}
                 for c in self.checkpoints for a, b in self.pairs()]
 
-    def to_dict(self) -> dict:
-        return {"summary": summary_text(self), "tasks": list(self.tasks),
+    def summary(self) -> str:
+        return summary_text(self)
+
+    def body(self) -> dict:
+        return {"tasks": list(self.tasks),
                 "n_items": list(self.n_items), "quantile": self.quantile,
                 "tokens": TOKENS_USED, "include_head": self.include_head,
                 "checkpoints": [{"label": c.label, "step": c.step, "n_tokens": list(c.n_tokens),
                                  "linear_layers": len(c.modules)} for c in self.checkpoints],
-                "trend": self.trend(), "records": self.records(), "notes": list(self.notes)}
+                "trend": self.trend(), "records": self.records()}
 
 
 def summary_text(result: MagnitudesResult) -> str:
@@ -379,8 +291,8 @@ def _checkpoint_overlap(ckpt: Checkpoint, parts: Sequence[Sequence[Magnitudes]],
                              tuple(sum(m.n_tokens for m in p) for p in parts))
 
 
-def magnitude_overlap(checkpoints, probes: Sequence[Probe], *, quantile: float = 0.7,
-                      include_head: bool = False, runtime: Runtime = Runtime(),
+def magnitude_overlap(checkpoints, probes: Sequence[Probe], *,
+                      settings: MagnitudeSettings = MagnitudeSettings(), runtime: Runtime = Runtime(),
                       progress: ProgressFn | None = None,
                       warn: Warn | None = None) -> MagnitudesResult:
     """Per linear layer, how much the tasks' most driven output units overlap (MIGU).
@@ -390,9 +302,8 @@ def magnitude_overlap(checkpoints, probes: Sequence[Probe], *, quantile: float =
             checkpoint-N in step order); paths or :class:`Checkpoint` objects.
         probes: one probe per task (at least two); every item's prompt + answer + EOS tokens
             are summed over.
-        quantile: T in (0, 1); a task's top set holds the units strictly above the T-quantile
-            of the layer's magnitudes (0.7: about the top 30%).
-        include_head: also measure the output head (its units are vocabulary entries).
+        settings: the quantile T and whether the output head is measured
+            (:class:`MagnitudeSettings`).
         runtime: how models run (device, dtype, batch size, tokenizer, threads...).
         progress: ``progress(description, done, total)`` callback.
         warn: receives warnings (truncated prompts, skipped modules).
@@ -407,29 +318,25 @@ def magnitude_overlap(checkpoints, probes: Sequence[Probe], *, quantile: float =
         >>> r.trend()[-1]["overlap"]  # doctest: +SKIP
     """
     tasks = _task_names(probes)
-    if not 0 < quantile < 1:
-        raise ForgetdiagError(f"the quantile must lie strictly between 0 and 1, got {quantile}")
-    cks = _checkpoints(checkpoints, runtime)
+    cks = resolve_checkpoints(checkpoints, runtime)
     check_sequence(cks)
     encoded, pad_id = _encode_tasks(cks, probes, runtime, warn)
-    device = resolve_device(runtime.device)
-    results, skipped = [], set()
-    with torch_threads(runtime.threads or auto_threads(cks[0].n_params, device)):
+    results, skipped, timings = [], set(), Timings()
+    with runtime.threads_for(cks[0].n_params), timings.phase("magnitudes"):
         for ckpt in cks:
-            model = load_model(ckpt, device=device, dtype=runtime.dtype,
-                               trust_remote_code=runtime.trust_remote_code)
+            model = load_model(ckpt, runtime)
             parts = [[unit_magnitudes(model, enc, pad_id=pad_id, batch_size=runtime.batch_size,
-                                      include_head=include_head, progress=progress,
+                                      include_head=settings.include_head, progress=progress,
                                       label=f"{ckpt.label}: {task} ({k + 1}/{len(halves)})")
                       for k, enc in enumerate(halves)] for task, halves in zip(tasks, encoded)]
             del model
             skipped.update(name for p in parts for m in p for name in m.skipped)
-            results.append(_checkpoint_overlap(ckpt, parts, quantile))
+            results.append(_checkpoint_overlap(ckpt, parts, settings.quantile))
     notes = []
     if skipped:
         notes.append(f"{len(skipped)} linear layers whose output is not one vector per token "
                      f"were left out (first: {min(skipped)})")
         if warn is not None:
             warn(notes[-1])
-    return MagnitudesResult(tasks, tuple(len(p) for p in probes), quantile, include_head,
-                            tuple(results), tuple(notes))
+    return MagnitudesResult(tasks, tuple(len(p) for p in probes), settings.quantile,
+                            settings.include_head, tuple(results), tuple(notes), dict(timings))

@@ -1,6 +1,6 @@
 """The plane of a loss surface: theta_0 + alpha d_x + beta d_y, and where checkpoints sit on it.
 
-Raw directions (SCIENCE.md section 3) are d_x = X_END - ORIGIN and d_y = Y_END - X_END, not
+Raw directions (docs/science.md, section 3.4) are d_x = X_END - ORIGIN and d_y = Y_END - X_END, not
 normalised, so that (0, 0), (1, 0) and (1, 1) are the three checkpoints. Filter-normalised
 random directions (Li et al. 2018) are the option: per filter (a row of a stored ``(out, in)``
 matrix, a column of a GPT-2 ``Conv1D``), a Gaussian direction rescaled to the norm of the
@@ -18,16 +18,17 @@ streamed one name at a time; the off-plane residual |theta - theta_0 - D c| come
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from forgetdiag.architectures import TensorName
-from forgetdiag.checkpoints import Checkpoint
 from forgetdiag.errors import CheckpointError
-from forgetdiag.streaming import ProgressFn, SequenceCheck, check_sequence, require_finite, stream_tensors
+from forgetdiag.runtime import ProgressFn
+from forgetdiag.storage import Checkpoint
+from forgetdiag.streaming import SequenceCheck, check_sequence, require_finite, stream_tensors
 
 RAW = "raw"
 RANDOM = "filter-normalized-random"

@@ -1,4 +1,4 @@
-"""Few-shot recovery probes: is the forgetting spurious or real? (SCIENCE.md section 1)
+"""Few-shot recovery probes: is the forgetting spurious or real? (docs/science.md, "Recovery probe")
 
 Split the old task's probe by group into a recovery part R and a disjoint evaluation part E.
 Score BEFORE and AFTER on E; fine-tune an in-memory copy of AFTER on R only (loss on answer
@@ -10,26 +10,30 @@ the old knowledge, to measure what the budget teaches by itself. The accuracies 
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal
 
 from forgetdiag.analyses.verdict import Decision, Thresholds, decide, wilson_interval
-from forgetdiag.checkpoints import Checkpoint, find_checkpoints
-from forgetdiag.errors import CheckpointError, ProbeError
+from forgetdiag.checkpoints import resolve_checkpoints
+from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
 from forgetdiag.evaluate import Encoded, encode, generate_greedy, model_context, score
-from forgetdiag.models import (Runtime, auto_threads, load_model, resolve_device, shared_tokenizer,
-                               torch_threads)
+from forgetdiag.models import load_model, shared_tokenizer
 from forgetdiag.probes import Probe, split_probe, with_chat_template
-from forgetdiag.streaming import ProgressFn, Warn, check_sequence
+from forgetdiag.results import Result, Timings
+from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.storage import Checkpoint
+from forgetdiag.streaming import check_sequence
 from forgetdiag.training import TrainConfig, train
+from forgetdiag.validate import check_choice, check_number, check_seed, choices
 
+Metric = Literal["exact_match", "first_token"]
 
 
 @dataclass(frozen=True)
 class RecoverySettings:
-    """The recovery budget and the split (CLI options of the same names).
+    """The recovery budget, the split and the verdict thresholds (CLI options of the same names).
 
     Attributes:
         shots: rows in the recovery part, taken as whole groups (default: half of the groups).
@@ -43,6 +47,7 @@ class RecoverySettings:
         seed: split and training seed.
         metric: what the verdict uses: ``exact_match`` (the paper's) or ``first_token``.
         examples: evaluation items whose greedy answers are shown.
+        thresholds: where the verdict's lines are drawn (:class:`Thresholds`).
     """
 
     shots: int | None = None
@@ -54,8 +59,23 @@ class RecoverySettings:
     lora: bool = False
     lora_rank: int = 16
     seed: int = 0
-    metric: str = "exact_match"
+    metric: Metric = "exact_match"
     examples: int = 5
+    thresholds: Thresholds = Thresholds()
+
+    def __post_init__(self) -> None:
+        check_number("--shots", self.shots, low=1, integer=True, optional=True)
+        check_number("--eval", self.n_eval, low=1, integer=True, optional=True)
+        check_number("--epochs", self.epochs, low=1, integer=True)
+        check_number("--min-steps", self.min_steps, low=1, integer=True)
+        check_number("--lr", self.lr, low=0, low_open=True, optional=True)
+        check_number("--recovery-batch", self.batch_size, low=1, integer=True)
+        check_number("--lora-rank", self.lora_rank, low=1, integer=True)
+        check_seed("--seed", self.seed)
+        check_choice("--metric", self.metric, choices(Metric))
+        check_number("examples", self.examples, low=0, integer=True)
+        if not isinstance(self.thresholds, Thresholds):
+            raise ForgetdiagError(f"thresholds: expected a Thresholds, found {type(self.thresholds).__name__}")
 
 
 def default_lr(n_params: int, *, lora: bool = False) -> float:
@@ -110,9 +130,10 @@ class PointResult:
 
 
 @dataclass(frozen=True)
-class RecoveryResult:
+class RecoveryResult(Result):
     """Everything ``forgetdiag recover`` computed; ``to_dict()`` is its JSON."""
 
+    analysis = "recover"
     before: str
     after: str
     control: str | None
@@ -123,13 +144,12 @@ class RecoveryResult:
     scores: dict[str, Score | None]
     decision: Decision
     settings: RecoverySettings
-    thresholds: Thresholds
     lr: float
     steps: int
     sequence: tuple[PointResult, ...] = ()
     examples: tuple[Example, ...] = ()
+    warnings: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
 
     @property
     def verdict(self) -> str:
@@ -139,19 +159,24 @@ class RecoveryResult:
         """The verdict metric per model: before, after, recovered, control, control_recovered."""
         return {k: (s.value(self.metric) if s is not None else None) for k, s in self.scores.items()}
 
-    def to_dict(self) -> dict:
+    def summary(self) -> str:
+        return summary_text(self)
+
+    def body(self) -> dict:
         d = self.decision
+        settings = asdict(self.settings)
+        thresholds = settings.pop("thresholds")
         return {
             "verdict": d.verdict, "supported": d.supported, "reason": d.reason,
-            "summary": summary_text(self), "metric": self.metric, "accuracy": self.accuracy(),
+            "metric": self.metric, "accuracy": self.accuracy(),
             "forgetting": d.forgetting, "alignment_loss": d.alignment_loss,
             "knowledge_loss": d.knowledge_loss, "control_gain": d.control_gain,
             "spurious_fraction": d.spurious_fraction, "noise_floor": d.noise_floor,
             "scores": {k: (asdict(s) if s else None) for k, s in self.scores.items()},
             "checkpoints": {"before": self.before, "after": self.after, "control": self.control},
             "probe": self.probe, "n_recovery": self.n_recovery, "n_eval": self.n_eval,
-            "recovery": {**asdict(self.settings), "lr": self.lr, "steps": self.steps},
-            "thresholds": asdict(self.thresholds),
+            "recovery": {**settings, "lr": self.lr, "steps": self.steps},
+            "thresholds": thresholds,
             "sequence": [{"checkpoint": p.label, "step": p.step,
                           "accuracy": p.after.value(self.metric),
                           "recovered": p.recovered.value(self.metric), "verdict": p.decision.verdict,
@@ -159,14 +184,13 @@ class RecoveryResult:
                           "after": asdict(p.after), "recovered_scores": asdict(p.recovered)}
                          for p in self.sequence],
             "examples": [asdict(e) for e in self.examples],
-            "timings_s": self.timings, "notes": list(self.notes),
         }
 
 
 def summary_text(result: RecoveryResult) -> str:
     """The verdict in words a user understands, with the numbers behind it."""
     acc, d = result.accuracy(), result.decision
-    pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    pct = lambda x: f"{100 * x:.0f}%"
     control = (f"; the control reaches {pct(acc['control_recovered'])}"
                if acc["control_recovered"] is not None else "; no control was given, so the "
                "recovery budget's own effect is unknown")
@@ -197,7 +221,6 @@ class _Context:
 
     runtime: Runtime
     settings: RecoverySettings
-    thresholds: Thresholds
     tokenizer: object
     recovery: list[Encoded]
     evaluation: list[Encoded]
@@ -206,21 +229,13 @@ class _Context:
     progress: ProgressFn | None
     lr: float = 0.0
     steps: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def timed(self, key: str, start: float) -> None:
-        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - start
-
-
-def _load(checkpoint: Checkpoint, ctx: _Context):
-    return load_model(checkpoint, device=ctx.runtime.device, dtype=ctx.runtime.dtype,
-                      trust_remote_code=ctx.runtime.trust_remote_code)
+    timings: Timings = field(default_factory=Timings)
 
 
 def _score(model, ctx: _Context) -> Score:
     scores = score(model, ctx.evaluation, pad_id=ctx.pad_id, batch_size=ctx.runtime.batch_size,
                    progress=ctx.progress)
-    return _summarise(scores, ctx.settings.metric, ctx.thresholds.confidence)
+    return _summarise(scores, ctx.settings.metric, ctx.settings.thresholds.confidence)
 
 
 def _fine_tune(model, ctx: _Context) -> tuple[object, list[float]]:
@@ -249,41 +264,23 @@ def _says(model, ctx: _Context, k: int) -> list[str]:
 def _after_point(checkpoint: Checkpoint, ctx: _Context, before: Score,
                  control: Score | None, control_recovered: Score | None,
                  want_examples: bool) -> tuple[PointResult, tuple[Example, ...]]:
-    start = time.perf_counter()
-    model = _load(checkpoint, ctx)
-    after = _score(model, ctx)
-    said = _says(model, ctx, ctx.settings.examples) if want_examples else []
-    ctx.timed("evaluation", start)
-    start = time.perf_counter()
-    model, losses = _fine_tune(model, ctx)
-    recovered = _score(model, ctx)
-    redo = _says(model, ctx, ctx.settings.examples) if want_examples else []
-    ctx.timed("recovery", start)
+    with ctx.timings.phase("evaluation"):
+        model = load_model(checkpoint, ctx.runtime)
+        after = _score(model, ctx)
+        said = _says(model, ctx, ctx.settings.examples) if want_examples else []
+    with ctx.timings.phase("recovery"):
+        model, losses = _fine_tune(model, ctx)
+        recovered = _score(model, ctx)
+        redo = _says(model, ctx, ctx.settings.examples) if want_examples else []
     metric = ctx.settings.metric
     decision = decide(before=before.value(metric), after=after.value(metric),
                       recovered=recovered.value(metric), n_eval=after.n,
                       control=control.value(metric) if control else None,
                       control_recovered=control_recovered.value(metric) if control_recovered else None,
-                      thresholds=ctx.thresholds)
+                      thresholds=ctx.settings.thresholds)
     examples = tuple(Example(i.prompt, i.answer, a, r) for i, a, r in zip(ctx.eval_items, said, redo))
     return (PointResult(checkpoint.label, checkpoint.step, after, recovered, decision, tuple(losses)),
             examples)
-
-
-def _one(value, runtime: Runtime, what: str) -> Checkpoint:
-    found = _many(value, runtime)
-    if len(found) != 1:
-        raise CheckpointError(f"{what} must be one checkpoint; {value} holds {len(found)} "
-                              "(pass one checkpoint-N directory)")
-    return found[0]
-
-
-def _many(value, runtime: Runtime) -> list[Checkpoint]:
-    if isinstance(value, Checkpoint):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [c for v in value for c in _many(v, runtime)]
-    return find_checkpoints(value, allow_pickle=runtime.allow_pickle, base=runtime.base)
 
 
 def _prepare(before: Checkpoint, others: Sequence[Checkpoint], probe: Probe,
@@ -307,15 +304,15 @@ def _prepare(before: Checkpoint, others: Sequence[Checkpoint], probe: Probe,
         raise ProbeError(f"probe {probe.name}: {len(probe)} rows in {len(probe.groups)} groups leave "
                          f"{len(rec)} for recovery and {len(ev)} for evaluation; expected both non-empty")
     context = model_context(before.config)
-    enc = lambda p: encode(tokenizer, p, max_length=context, truncate=runtime.truncate_prompts, warn=warn)  # noqa: E731
+    enc = lambda p: encode(tokenizer, p, max_length=context, truncate=runtime.truncate_prompts, warn=warn)
     return tokenizer, rec, ev, enc(rec), enc(ev)
 
 
 def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
             control: str | Path | Checkpoint | None = None, recovery_probe: Probe | None = None,
-            settings: RecoverySettings = RecoverySettings(), thresholds: Thresholds = Thresholds(),
-            runtime: Runtime = Runtime(), at: str | Path | Checkpoint | None = None,
-            progress: ProgressFn | None = None, warn: Warn | None = None) -> RecoveryResult:
+            at: str | Path | Checkpoint | None = None, settings: RecoverySettings = RecoverySettings(),
+            runtime: Runtime = Runtime(), progress: ProgressFn | None = None,
+            warn: Warn | None = None) -> RecoveryResult:
     """Is the forgetting from BEFORE to AFTER spurious or real?
 
     Args:
@@ -327,7 +324,8 @@ def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
             ``recovery_probe`` gives the recovery examples (then all of ``probe`` is evaluated).
         control: a checkpoint that never held the old knowledge (strongly recommended).
         at: in sequence mode, the checkpoint whose verdict heads the result (default: the last).
-        settings, thresholds, runtime: the budget, the verdict thresholds, how models run.
+        settings: the budget, the split and the verdict thresholds.
+        runtime: how models run.
         progress: ``progress(description, done, total)`` callback.
         warn: receives warnings (a control equal to AFTER, truncated prompts).
 
@@ -341,9 +339,9 @@ def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
         >>> r.verdict, r.accuracy()  # doctest: +SKIP
     """
     warn = warn or (lambda message: None)
-    before_ckpt = _one(before, runtime, "BEFORE")
-    afters = _many(after, runtime)
-    control_ckpt = _one(control, runtime, "CONTROL") if control is not None else None
+    before_ckpt = resolve_checkpoints(before, runtime, single="BEFORE")
+    afters = resolve_checkpoints(after, runtime)
+    control_ckpt = resolve_checkpoints(control, runtime, single="CONTROL") if control is not None else None
     everything = [before_ckpt, *afters, *([control_ckpt] if control_ckpt else [])]
     check_sequence(everything)
     notes = []
@@ -354,24 +352,21 @@ def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
     tokenizer, rec, ev, rec_enc, ev_enc = _prepare(before_ckpt, everything[1:], probe,
                                                    recovery_probe, settings, runtime, warn)
     n_params = before_ckpt.n_params
-    ctx = _Context(runtime, settings, thresholds, tokenizer, rec_enc, ev_enc, ev.items,
+    ctx = _Context(runtime, settings, tokenizer, rec_enc, ev_enc, ev.items,
                    tokenizer.pad_token_id, progress,
                    lr=settings.lr or default_lr(n_params, lora=settings.lora))
     ctx.steps = max(settings.epochs * math.ceil(len(rec_enc) / min(settings.batch_size, len(rec_enc))),
                     settings.min_steps)
-    device = resolve_device(runtime.device)
-    with torch_threads(runtime.threads or auto_threads(n_params, device)):
-        start = time.perf_counter()
-        before_score = _score(_load(before_ckpt, ctx), ctx)
-        ctx.timed("evaluation", start)
+    with runtime.threads_for(n_params):
+        with ctx.timings.phase("evaluation"):
+            before_score = _score(load_model(before_ckpt, runtime), ctx)
         control_score = control_rec = None
         if control_ckpt is not None:
-            start = time.perf_counter()
-            model = _load(control_ckpt, ctx)
-            control_score = _score(model, ctx)
-            control_rec = _score(_fine_tune(model, ctx)[0], ctx)
-            del model
-            ctx.timed("control", start)
+            with ctx.timings.phase("control"):
+                model = load_model(control_ckpt, runtime)
+                control_score = _score(model, ctx)
+                control_rec = _score(_fine_tune(model, ctx)[0], ctx)
+                del model
         points, examples = [], ()
         for k, ckpt in enumerate(afters):
             point, ex = _after_point(ckpt, ctx, before_score, control_score, control_rec,
@@ -386,16 +381,16 @@ def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
         before=before_ckpt.label, after=afters[head].label,
         control=control_ckpt.label if control_ckpt else None, probe=probe.name,
         n_recovery=len(rec), n_eval=len(ev), metric=settings.metric, scores=scores,
-        decision=last.decision, settings=settings, thresholds=thresholds, lr=ctx.lr,
+        decision=last.decision, settings=settings, lr=ctx.lr,
         steps=ctx.steps, sequence=tuple(points) if len(points) > 1 else (),
-        examples=examples, timings=dict(ctx.timings), notes=tuple(notes))
+        examples=examples, warnings=tuple(notes), timings=dict(ctx.timings))
 
 
 def _headline(afters: Sequence[Checkpoint], at, runtime: Runtime) -> int:
     """Index of the after-checkpoint whose verdict heads the result."""
     if at is None:
         return len(afters) - 1
-    target = _one(at, runtime, "the headline checkpoint").path.resolve()
+    target = resolve_checkpoints(at, runtime, single="the headline checkpoint").path.resolve()
     for k, ckpt in enumerate(afters):
         if ckpt.path.resolve() == target:
             return k

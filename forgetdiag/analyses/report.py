@@ -17,22 +17,21 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import torch
-
-from forgetdiag import __version__
+from forgetdiag._version import __version__
 from forgetdiag.analyses.recovery import RecoveryResult, RecoverySettings, recover, summary_text
-from forgetdiag.analyses.verdict import Thresholds
-from forgetdiag.checkpoints import Checkpoint, find_checkpoints, fingerprint
-from forgetdiag.models import (Runtime, auto_threads, preload_classes, resolve_device, resolve_dtype,
-                               torch_threads)
-from forgetdiag.probes import Probe, load_probe, split_probe
-from forgetdiag.runfile import RunSpec
-from forgetdiag.streaming import ProgressFn, Warn
+from forgetdiag.checkpoints import fingerprint, resolve_checkpoints
+from forgetdiag.errors import ForgetdiagError
+from forgetdiag.models import preload_classes
+from forgetdiag.probes import Probe, ProbeFields, load_probe, split_probe
+from forgetdiag.results import Result
+from forgetdiag.runfile import RunSpec, landscape_triple
+from forgetdiag.runtime import ProgressFn, Runtime, Warn, torch_threads
+from forgetdiag.validate import check_number, check_seed
 
 ANALYSES = ("recover", "angles", "landscape", "features")
 
@@ -53,20 +52,20 @@ class ReportSettings:
     """What the report computes (CLI options of ``report``).
 
     Attributes:
-        recovery, thresholds: the recovery probe's budget and verdict thresholds.
+        recovery: the recovery probe's budget and verdict thresholds.
         grid: points per side of the loss surface.
         landscape_items: probe items per loss surface (a seeded sample, whole groups).
         feature_items: probe prompts for the feature shifts (a seeded sample).
         rank: top-k directions per update in the angles (randomized SVD).
-        skip: analyses not to run.
+        skip: analyses not to run (``recover``, ``angles``, ``landscape``, ``features``).
         seed: seed of the samples.
+        probe_fields: field names of the run's probe files.
         overlap: on a CPU with two or more cores and a model small enough to run on one
-            thread (:func:`forgetdiag.models.auto_threads`), run ``recover`` on one core and the
+            thread (:meth:`forgetdiag.runtime.Runtime.auto_threads`), run ``recover`` on one core and the
             other analyses on another, at the same time. The numbers are the same either way.
     """
 
     recovery: RecoverySettings = RecoverySettings()
-    thresholds: Thresholds = Thresholds()
     grid: int = 9
     landscape_items: int = 200
     feature_items: int = 500
@@ -74,6 +73,18 @@ class ReportSettings:
     skip: tuple[str, ...] = ()
     seed: int = 0
     overlap: bool = True
+    probe_fields: ProbeFields = ProbeFields()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "skip", tuple(self.skip))
+        unknown = sorted(set(self.skip) - set(ANALYSES))
+        if unknown:
+            raise ForgetdiagError(f"--skip {unknown[0]}: expected one of {', '.join(ANALYSES)}")
+        check_number("--grid", self.grid, low=2, integer=True)
+        check_number("--landscape-items", self.landscape_items, low=1, integer=True)
+        check_number("--feature-items", self.feature_items, low=2, integer=True)
+        check_number("rank", self.rank, low=1, integer=True)
+        check_seed("--seed", self.seed)
 
 
 class _Stopped(Exception):
@@ -81,22 +92,26 @@ class _Stopped(Exception):
 
 
 @dataclass(frozen=True)
-class ReportResult:
-    """Every analysis of one run (None where skipped), with provenance."""
+class ReportResult(Result):
+    """Every analysis of one run (None where skipped), with provenance.
 
+    ``timings`` holds each analysis' seconds and ``total``, the whole report's wall time (less
+    than their sum when analyses overlap).
+    """
+
+    analysis = "report"
     spec: RunSpec
     recovery: RecoveryResult | None
     angles: Any
     landscape: Any
     features: Any
     skipped: dict[str, str]
-    timings: dict[str, float]
     fingerprints: tuple[dict, ...]
     settings: ReportSettings
     command: str = ""
     version: str = __version__
-    notes: tuple[str, ...] = field(default_factory=tuple)
-    wall_s: float | None = None  # the whole report (less than the sum when analyses overlap)
+    warnings: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def verdict(self) -> str | None:
@@ -109,20 +124,22 @@ class ReportResult:
         text = summary_text(self.recovery)
         return text[0].upper() + text[1:] + "."
 
+    def summary(self) -> str:
+        return self.headline()
+
     def advice(self) -> str:
         return ADVICE.get(self.verdict or "", "")
 
-    def to_dict(self) -> dict:
-        part = lambda r: r.to_dict() if r is not None else None  # noqa: E731
+    def body(self) -> dict:
+        part = lambda r: r.to_dict() if r is not None else None
         return {
             "run": {"name": self.spec.name, "description": self.spec.description,
                     "file": str(self.spec.path), "expected_verdict": self.spec.expected_verdict},
-            "verdict": self.verdict, "headline": self.headline(), "advice": self.advice(),
+            "verdict": self.verdict, "advice": self.advice(),
             "recover": part(self.recovery), "angles": part(self.angles),
             "landscape": part(self.landscape), "features": part(self.features),
-            "skipped": self.skipped, "timings_s": self.timings,
-            "fingerprints": list(self.fingerprints), "command": self.command,
-            "forgetdiag_version": self.version, "notes": list(self.notes), "wall_s": self.wall_s,
+            "skipped": self.skipped, "fingerprints": list(self.fingerprints),
+            "command": self.command, "forgetdiag_version": self.version,
         }
 
 
@@ -133,23 +150,8 @@ def _sample(probe: Probe, n: int, seed: int) -> Probe:
     return replace(split_probe(probe, n_recovery=0, n_eval=n, seed=seed)[1], name=probe.name)
 
 
-def landscape_triple(spec: RunSpec, run: list[Checkpoint], runtime: Runtime) -> list[Checkpoint] | str:
-    """Origin, x end, y end: the run file's landscape, else before, after, last of the run."""
-    if spec.landscape:
-        paths = list(spec.landscape)
-    else:
-        paths = [p for p in (spec.before, spec.after) if p is not None]
-        if run and run[-1].path.resolve() not in {p.resolve() for p in paths}:
-            paths.append(run[-1].path)
-    found = [find_checkpoints(p, allow_pickle=runtime.allow_pickle, base=runtime.base) for p in paths]
-    if len(paths) != 3 or any(len(f) != 1 for f in found):
-        return ("needs three single checkpoints (origin, early update end, late update end): "
-                "set [checkpoints] landscape in the run file")
-    return [f[0] for f in found]
-
-
 def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
-                 runtime: Runtime = Runtime(), command: str = "", fields: dict | None = None,
+                 runtime: Runtime = Runtime(), command: str = "",
                  progress: ProgressFn | None = None, warn: Warn | None = None) -> ReportResult:
     """Run every analysis whose inputs ``spec`` provides.
 
@@ -158,15 +160,13 @@ def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
         settings: budgets and sizes (defaults keep a sample report under two minutes on CPU).
         runtime: how models run.
         command: the command line, recorded for provenance.
-        fields: probe field names (``prompt_field``, ``answer_field``, ``group_field``).
     """
     warn = warn or (lambda message: None)
     skipped, timings, notes = {}, {}, []
     for name in settings.skip:
         skipped[name] = "skipped on request"
-    run = (find_checkpoints(spec.run, allow_pickle=runtime.allow_pickle, base=runtime.base)
-           if spec.run is not None else [])
-    probes = {k: load_probe(p, **(fields or {})) for k, p in spec.probes.items()}
+    run = resolve_checkpoints(spec.run, runtime) if spec.run is not None else []
+    probes = {k: load_probe(p, fields=settings.probe_fields) for k, p in spec.probes.items()}
     old = probes.get("old")
     triple = landscape_triple(spec, run, runtime)
     results: dict[str, Any] = {}
@@ -193,8 +193,7 @@ def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
     def run_recover() -> None:
         attempt("recover", _missing_recover(spec, old), lambda: recover(
             spec.before, afters, old, control=spec.control, recovery_probe=probes.get("recovery"),
-            settings=settings.recovery, thresholds=settings.thresholds, runtime=runtime,
-            at=spec.after, progress=progress, warn=warn))
+            at=spec.after, settings=settings.recovery, runtime=runtime, progress=progress, warn=warn))
 
     def run_others(progress: ProgressFn | None) -> None:
         attempt("angles", no_triple, lambda: _angles(triple, settings, runtime, progress))
@@ -215,12 +214,11 @@ def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
     everything = {c.path.resolve(): c for c in [*run, *(triple if not no_triple else [])]}
     for p in (spec.before, spec.after, spec.control):
         if p is not None and p.resolve() not in everything:
-            everything.update({c.path.resolve(): c for c in find_checkpoints(
-                p, allow_pickle=runtime.allow_pickle, base=runtime.base)})
+            everything.update({c.path.resolve(): c for c in resolve_checkpoints(p, runtime)})
     return ReportResult(spec, results.get("recover"), results.get("angles"),
-                        results.get("landscape"), results.get("features"), skipped, timings,
+                        results.get("landscape"), results.get("features"), skipped,
                         tuple(fingerprint(c) for c in everything.values()), settings,
-                        command=command, notes=tuple(notes), wall_s=wall)
+                        command=command, warnings=tuple(notes), timings={**timings, "total": wall})
 
 
 def _can_overlap(checkpoints, runtime: Runtime) -> bool:
@@ -231,10 +229,8 @@ def _can_overlap(checkpoints, runtime: Runtime) -> bool:
     """
     if isinstance(checkpoints, str) or not checkpoints or (os.cpu_count() or 1) < 2:
         return False
-    device = resolve_device(runtime.device)
-    return (device.type == "cpu" and runtime.threads in (None, 1)
-            and resolve_dtype(runtime.dtype) == torch.float32
-            and auto_threads(checkpoints[0].n_params, device) == 1)
+    return (runtime.torch_device.type == "cpu" and runtime.threads in (None, 1)
+            and runtime.dtype == "float32" and runtime.auto_threads(checkpoints[0].n_params) == 1)
 
 
 def _overlapped(main: Callable[[], None], side: Callable[[ProgressFn | None], None],
@@ -276,8 +272,8 @@ def _missing_recover(spec: RunSpec, old: Probe | None) -> str | None:
 def _angles(triple, settings: ReportSettings, runtime: Runtime, progress):
     from forgetdiag.analyses.angles import AngleSettings, compute_angles
 
-    return compute_angles(triple, settings=AngleSettings(rank=settings.rank), device=runtime.device,
-                          allow_pickle=runtime.allow_pickle, base=runtime.base, progress=progress)
+    return compute_angles(triple, settings=AngleSettings(rank=settings.rank), runtime=runtime,
+                          progress=progress)
 
 
 def _landscape(triple, probes, run, settings: ReportSettings, runtime: Runtime, progress, warn):
@@ -293,13 +289,3 @@ def _features(triple, probe, settings: ReportSettings, runtime: Runtime, progres
 
     return feature_shifts(triple, probe, settings=FeatureSettings(seed=settings.seed),
                           runtime=runtime, progress=progress, warn=warn)
-
-
-def spec_from_options(*, before: Path | None, after: Path | None, control: Path | None,
-                      run: Path | None, probe: Path | None, recovery_probe: Path | None,
-                      new_probe: Path | None, name: str = "run") -> RunSpec:
-    """A :class:`RunSpec` from command-line options instead of a run file."""
-    probes = {k: Path(v) for k, v in (("old", probe), ("recovery", recovery_probe),
-                                      ("new", new_probe)) if v is not None}
-    return RunSpec(path=Path("<options>"), name=name, before=before, after=after,
-                   control=control, run=run, probes=probes)

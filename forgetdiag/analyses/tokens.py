@@ -1,6 +1,6 @@
 """How hard the new task's tokens are for the old model (selective token masking).
 
-SCIENCE.md section 5. Tokens of the new data that the old model finds very unlikely drive
+docs/science.md, section 3.7. Tokens of the new data that the old model finds very unlikely drive
 more forgetting: fitting them moves the weights furthest. Here every *completion* token of the
 new data (the answer's tokens, then EOS: what answer-only fine-tuning trains on, as
 :func:`forgetdiag.evaluate.encode` makes it) gets its teacher-forced log-probability under the
@@ -16,19 +16,40 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from forgetdiag.checkpoints import Checkpoint, find_checkpoints
-from forgetdiag.errors import CheckpointError, ForgetdiagError
+from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.evaluate import IGNORE, encode, model_context, token_logprobs
-from forgetdiag.models import Runtime, auto_threads, load_model, load_tokenizer, resolve_device, torch_threads
+from forgetdiag.models import load_model, load_tokenizer
 from forgetdiag.probes import Probe, with_chat_template
-from forgetdiag.streaming import ProgressFn, Warn
+from forgetdiag.results import Result, Timings
+from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.storage import Checkpoint
+from forgetdiag.validate import check_number
 
-DEFAULT_THRESHOLD = 0.01  # a token the old model gives less than 1% is "hard"
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """What ``tokens`` calls hard and how much it lists (CLI options of the same names).
+
+    Attributes:
+        threshold: probability in (0, 1) below which a token is hard (and dropped by the mask);
+            0.01: the old model gives it less than 1%.
+        top: hardest tokens, examples and token strings listed.
+    """
+
+    threshold: float = 0.01
+    top: int = 10
+
+    def __post_init__(self) -> None:
+        check_number("--threshold", self.threshold, low=0, high=1, low_open=True, high_open=True)
+        check_number("--top", self.top, low=1, integer=True)
+
+
+DEFAULT_THRESHOLD = TokenSettings.threshold
 
 
 @dataclass(frozen=True)
@@ -82,7 +103,7 @@ class HardToken:
 
 
 @dataclass(frozen=True)
-class TokensResult:
+class TokensResult(Result):
     """Everything ``forgetdiag tokens`` computed; ``to_dict()`` is its JSON.
 
     Attributes:
@@ -93,18 +114,21 @@ class TokensResult:
         examples: every row, in file order.
     """
 
+    analysis = "tokens"
     checkpoint: str
     data: str
     threshold: float
     top: int
     examples: tuple[TokenExample, ...]
+    warnings: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
 
     def logprobs(self) -> np.ndarray:
         """(n_tokens,) every scored completion token's log-probability, row by row."""
         flat = np.array([x for e in self.examples for x in e.logprobs], dtype=np.float64)
         return flat[~np.isnan(flat)]
 
-    def summary(self) -> dict[str, float | int]:
+    def stats(self) -> dict[str, float | int]:
         """Token counts, share below the threshold, and the log-probability distribution."""
         lp = self.logprobs()
         below = int((lp < math.log(self.threshold)).sum())
@@ -143,7 +167,10 @@ class TokensResult:
         return [{"token": t, "hard": hard[t], "occurrences": seen[t], "mean_logprob": total[t] / seen[t]}
                 for t in ranked[:self.top if k is None else k]]
 
-    def to_dict(self) -> dict:
+    def summary(self) -> str:
+        return summary_text(self)
+
+    def body(self) -> dict:
         def example_row(e: TokenExample) -> dict:
             return {"index": e.index, "prompt": e.prompt, "answer": e.answer,
                     "n_tokens": sum(not math.isnan(x) for x in e.logprobs),
@@ -151,8 +178,8 @@ class TokensResult:
                     "min_logprob": min((x for x in e.logprobs if not math.isnan(x)), default=math.nan),
                     "old_model_expects": e.expected_text}
 
-        return {"summary": summary_text(self), "checkpoint": self.checkpoint, "data": self.data,
-                "threshold": self.threshold, **self.summary(),
+        return {"checkpoint": self.checkpoint, "data": self.data,
+                "threshold": self.threshold, **self.stats(),
                 "hardest_tokens": [vars(t) for t in self.hardest_tokens()],
                 "hardest_examples": [example_row(e) for e in self.hardest_examples()],
                 "frequent_hard_tokens": self.frequent_hard(),
@@ -161,7 +188,7 @@ class TokensResult:
 
 def summary_text(result: TokensResult) -> str:
     """The share of hard tokens in words, with the numbers behind it."""
-    s = result.summary()
+    s = result.stats()
     if not s["n_tokens"]:
         return f"no completion token of {result.data} could be scored"
     return (f"{100 * s['share_below']:.1f}% of the {s['n_tokens']} answer tokens (EOS included) of "
@@ -194,28 +221,17 @@ def mask_records(result: TokensResult) -> list[dict]:
     return rows
 
 
-def _one_checkpoint(value, runtime: Runtime) -> Checkpoint:
-    if isinstance(value, Checkpoint):
-        return value
-    found = find_checkpoints(value, allow_pickle=runtime.allow_pickle, base=runtime.base)
-    if len(found) != 1:
-        raise CheckpointError(f"OLD_CKPT must be one checkpoint; {value} holds {len(found)} "
-                              "(pass one checkpoint-N directory)")
-    return found[0]
-
-
 def token_difficulty(old: str | Path | Checkpoint, data: Probe, *,
-                     threshold: float = DEFAULT_THRESHOLD, top: int = 10,
-                     runtime: Runtime = Runtime(), progress: ProgressFn | None = None,
-                     warn: Warn | None = None) -> TokensResult:
+                     settings: TokenSettings = TokenSettings(), runtime: Runtime = Runtime(),
+                     progress: ProgressFn | None = None, warn: Warn | None = None) -> TokensResult:
     """Per-token log-probabilities of the new task's answers under the old model.
 
     Args:
         old: the model before fine-tuning on ``data`` (one checkpoint).
         data: the new task's rows (prompt, answer); their completion tokens (answer, EOS) are
             scored, teacher forced.
-        threshold: probability in (0, 1) below which a token is hard (and dropped by the mask).
-        top: hardest tokens, examples and token strings listed.
+        settings: the threshold below which a token is hard and how many are listed
+            (:class:`TokenSettings`).
         runtime: how the model runs (device, dtype, batch size, tokenizer, threads...).
         progress: ``progress(description, done, total)`` callback.
         warn: receives warnings (truncated prompts).
@@ -226,23 +242,17 @@ def token_difficulty(old: str | Path | Checkpoint, data: Probe, *,
     Example:
         >>> from forgetdiag import load_probe
         >>> r = token_difficulty("runs/task0", load_probe("task1.jsonl"))  # doctest: +SKIP
-        >>> r.summary()["share_below"]  # doctest: +SKIP
+        >>> r.stats()["share_below"]  # doctest: +SKIP
     """
-    if not 0 < threshold < 1:
-        raise ForgetdiagError(f"the threshold is a probability and must lie strictly between 0 "
-                              f"and 1, got {threshold}")
-    if top < 1:
-        raise ForgetdiagError(f"top must be at least 1, got {top}")
-    ckpt = _one_checkpoint(old, runtime)
-    tokenizer = load_tokenizer(ckpt, path=runtime.tokenizer, trust_remote_code=runtime.trust_remote_code)
+    ckpt = resolve_checkpoints(old, runtime, single="OLD_CKPT")
+    tokenizer = load_tokenizer(ckpt, runtime)
     if runtime.chat_template:
         data = with_chat_template(data, tokenizer)
     encoded = encode(tokenizer, data, max_length=model_context(ckpt.config),
                      truncate=runtime.truncate_prompts, warn=warn)
-    device = resolve_device(runtime.device)
-    with torch_threads(runtime.threads or auto_threads(ckpt.n_params, device)):
-        model = load_model(ckpt, device=device, dtype=runtime.dtype,
-                           trust_remote_code=runtime.trust_remote_code)
+    timings = Timings()
+    with runtime.threads_for(ckpt.n_params), timings.phase("scoring"):
+        model = load_model(ckpt, runtime)
         logprobs, predicted = token_logprobs(model, encoded, pad_id=tokenizer.pad_token_id,
                                              batch_size=runtime.batch_size, progress=progress)
         del model
@@ -255,4 +265,5 @@ def token_difficulty(old: str | Path | Checkpoint, data: Probe, *,
             k, item.prompt, item.answer, ids, tuple(tokenizer.convert_ids_to_tokens(list(ids))),
             tuple(piece(i) for i in ids), len(enc.prompt_ids), tuple(logprobs[k].tolist()),
             tuple(piece(i) for i in said), tokenizer.decode(said)))
-    return TokensResult(ckpt.label, data.name, threshold, top, tuple(examples))
+    return TokensResult(ckpt.label, data.name, settings.threshold, settings.top, tuple(examples),
+                        timings=dict(timings))

@@ -1,4 +1,4 @@
-"""From accuracies to a verdict: none, spurious, real or mixed forgetting (SCIENCE.md section 1).
+"""From accuracies to a verdict: none, spurious, real or mixed forgetting (docs/science.md).
 
 With B = before (old task learned), A = after (new task trained), A' = A recovered on a few
 old-task examples, C = a control that never held the old knowledge and C' = C recovered::
@@ -21,6 +21,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from forgetdiag.errors import ForgetdiagError
+from forgetdiag.validate import check_number
+
 VERDICTS = ("none", "spurious", "real", "mixed")
 
 
@@ -41,9 +44,13 @@ class Thresholds:
     min_eval: int = 30
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.real_max < self.spurious_min <= 1.0:
-            raise ValueError("thresholds need 0 <= real_max < spurious_min <= 1, got "
-                             f"real_max={self.real_max}, spurious_min={self.spurious_min}")
+        check_number("--spurious-min", self.spurious_min, low=0, high=1)
+        check_number("--real-max", self.real_max, low=0, high=1)
+        check_number("confidence", self.confidence, low=0, high=1, low_open=True, high_open=True)
+        check_number("--min-eval", self.min_eval, low=1, integer=True)
+        if not self.real_max < self.spurious_min:
+            raise ForgetdiagError("thresholds need --real-max < --spurious-min, got "
+                                  f"real_max={self.real_max}, spurious_min={self.spurious_min}")
 
 
 def wilson_interval(accuracy: float, n: int, confidence: float = 0.95) -> tuple[float, float]:

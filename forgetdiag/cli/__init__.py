@@ -1,21 +1,32 @@
 """Command-line interface: parse arguments, call an analysis, render its result; nothing else."""
 
+from forgetdiag.cli import (
+    advise,  # noqa: F401
+    angles,  # noqa: F401
+    features,  # noqa: F401
+    gate,  # noqa: F401
+    inspect,  # noqa: F401  (registers its command)
+    landscape,  # noqa: F401
+    magnitudes,  # noqa: F401
+    recover,  # noqa: F401
+    report,  # noqa: F401
+    samples,  # noqa: F401  (registers its commands)
+    tokens,  # noqa: F401
+)
 from forgetdiag.cli.app import app
-from forgetdiag.cli import inspect  # noqa: F401  (registers its command)
-from forgetdiag.cli import angles  # noqa: F401
-from forgetdiag.cli import landscape  # noqa: F401
-from forgetdiag.cli import recover  # noqa: F401
-from forgetdiag.cli import gate  # noqa: F401
-from forgetdiag.cli import report  # noqa: F401
-from forgetdiag.cli import advise  # noqa: F401
-from forgetdiag.cli import features  # noqa: F401
-from forgetdiag.cli import magnitudes  # noqa: F401
-from forgetdiag.cli import tokens  # noqa: F401
-from forgetdiag.cli import samples  # noqa: F401  (registers its commands)
 
 
 def main() -> None:
-    """Entry point of the ``forgetdiag`` console script."""
+    """Entry point of the ``forgetdiag`` console script.
+
+    Library warnings (transformers' and torch's log lines and Python warnings) are silenced
+    here, for the command line only: stderr carries forgetdiag's own lines, one per problem.
+    """
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
     app(prog_name="forgetdiag")
 
 

@@ -3,7 +3,6 @@
 import sys
 
 import typer
-from typer import _click
 from typer.core import TyperGroup
 
 from forgetdiag.cli.common import fail
@@ -19,17 +18,20 @@ class OneLineErrors(TyperGroup):
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
-        except _click.exceptions.NoArgsIsHelpError as exc:
-            exc.show()
-            sys.exit(exc.exit_code)
-        except _click.exceptions.ClickException as exc:  # usage errors among them
-            ctx = getattr(exc, "ctx", None)
+        except Exception as exc:  # click's errors, by their public shape (typer vendors click)
+            name = type(exc).__name__
+            if name == "NoArgsIsHelpError":
+                exc.show()
+                sys.exit(exc.exit_code)
+            if name == "Abort":
+                fail("aborted", 1)
+                sys.exit(1)
+            if not (hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)):
+                raise
+            ctx = getattr(exc, "ctx", None)  # usage errors (a missing argument, a bad value...)
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             fail(" ".join(exc.format_message().split()) + where, exc.exit_code)
             sys.exit(exc.exit_code)
-        except _click.exceptions.Abort:
-            fail("aborted", 1)
-            sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)  # an Exit(code) comes back as its code
 
 

@@ -1,4 +1,5 @@
-"""What every command shares: error handling, common options, progress bars, output."""
+"""What every command shares: error handling, options generated from the settings, progress
+bars and the output tail (:func:`emit`)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,24 @@ import functools
 import inspect
 import os
 import sys
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Iterator, Optional
+from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from forgetdiag.errors import EXIT_INTERNAL, ForgetdiagError
+from forgetdiag.probes import ProbeFields
+from forgetdiag.render.output import STDOUT, write_json
+from forgetdiag.runtime import ProgressFn, Runtime
+from forgetdiag.validate import SEED_MAX
 
-if TYPE_CHECKING:
-    from forgetdiag.models import Runtime
-
-stdout = Console(highlight=False)
-stderr = Console(stderr=True, highlight=False)
+# markup=False: user text (paths, labels, prompts) is never read as rich markup.
+stdout = Console(highlight=False, markup=False)
+stderr = Console(stderr=True, highlight=False, markup=False)
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -50,11 +54,11 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
                 return fn(*args, **kw)
             except ForgetdiagError as exc:
                 raise fail(exc.message, exc.exit_code) from None
-            except (typer.Exit, typer.Abort, click.exceptions.Exit, click.ClickException, click.Abort):
+            except (typer.Exit, typer.Abort):
                 raise
             except KeyboardInterrupt:
                 raise fail("interrupted", 130) from None
-            except Exception as exc:  # noqa: BLE001 - the last line of defence
+            except Exception as exc:
                 if os.environ.get("FORGETDIAG_DEBUG") or type(exc).__module__.startswith(("typer", "click")):
                     raise  # usage errors: typer reports them itself (exit 2)
                 text = " ".join(str(exc).split())[:300]
@@ -71,15 +75,10 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
 
 
 # Options shared by commands (Annotated aliases keep signatures short).
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON to this path ('-' for stdout).", show_default=False)]
-HtmlOpt = Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML page (plots work offline).", show_default=False)]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write results as JSON to this path ('-' for stdout).", show_default=False)]
+HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page (plots work offline).", show_default=False)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, mps, or auto (CUDA when available).")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="Compute dtype for forward passes: float32, bfloat16 or float16.")]
-AllowPickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read pytorch_model.bin files (with torch.load(weights_only=True)). Off: safetensors only.")]
-TrustCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a checkpoint's own Python code (transformers trust_remote_code). Off by default.")]
-BaseOpt = Annotated[Optional[Path], typer.Option("--base", help="Base model directory of LoRA adapters (default: from adapter_config.json).", show_default=False)]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice (same seed, same numbers).")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of every random choice (same seed, same numbers).")]
 
 
 def show_progress(quiet: bool) -> bool:
@@ -88,7 +87,7 @@ def show_progress(quiet: bool) -> bool:
 
 
 @contextlib.contextmanager
-def progress_bar(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+def progress_bar(quiet: bool) -> Iterator[ProgressFn | None]:
     """A ``progress(description, done, total)`` callback drawing a rich bar on stderr.
 
     Yields None (no callback) when quiet or when stderr is not a terminal.
@@ -96,8 +95,8 @@ def progress_bar(quiet: bool) -> Iterator[Callable[[str, int, int], None] | None
     if not show_progress(quiet):
         yield None
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn())
+    columns = (TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=stderr, transient=True) as bar:
         tasks: dict[str, int] = {}
 
@@ -113,22 +112,18 @@ def print_renderable(renderable, *, json_to_stdout: bool) -> None:
     """Print a rich renderable to stdout, unless stdout carries JSON (then to stderr)."""
     (stderr if json_to_stdout else stdout).print(renderable)
 
-# Probe and model-running options (recover, landscape, features, report...).
-PromptFieldOpt = Annotated[str, typer.Option("--prompt-field", help="Probe field holding the prompt.")]
-AnswerFieldOpt = Annotated[str, typer.Option("--answer-field", help="Probe field holding the answer.")]
-GroupFieldOpt = Annotated[str, typer.Option("--group-field", help="Probe field naming the entity a row is about (rows of one group never straddle a split).")]
-ChatTemplateOpt = Annotated[bool, typer.Option("--chat-template", help="Wrap probe prompts in the tokenizer's chat template (instruct models).")]
-TruncateOpt = Annotated[bool, typer.Option("--truncate-prompts", help="Drop the oldest tokens of prompts too long for the model's context (default: error).")]
-TokenizerOpt = Annotated[Optional[Path], typer.Option("--tokenizer", help="Tokenizer directory (default: the one saved with each checkpoint).", show_default=False)]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads (default: 1 for models under 20M parameters, else torch's default).", show_default=False)]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Probe items per forward pass.")]
 
-
-def runtime_from(**options):
-    """A :class:`forgetdiag.models.Runtime` from CLI options (paths become strings)."""
-    from forgetdiag.models import Runtime
-
-    return Runtime(**{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()})
+def emit(result, *, json: Path | None = None, html: Path | None = None,
+         table: Callable[[Any], Any] | None = None,
+         page: Callable[[Path, Any], Any] | None = None) -> None:
+    """The tail of every command: the HTML page, the JSON, then the table (on stderr when the
+    JSON goes to stdout)."""
+    if html is not None:
+        page(html, result)
+    if json is not None:
+        write_json(json, result.to_dict())
+    if table is not None:
+        print_renderable(table(result), json_to_stdout=str(json) == STDOUT)
 
 
 def command_line(ctx: typer.Context) -> str:
@@ -151,54 +146,62 @@ def command_line(ctx: typer.Context) -> str:
     return shlex.join(words)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelOptions:
-    """The options every model-running command shares, parsed once (see :func:`model_options`)."""
+# --- options generated from the settings dataclasses -------------------------------------------
 
-    runtime: "Runtime"
-    fields: dict
-
-    def probe(self, path: Path):
-        """Load a probe file with the chosen field names."""
-        from forgetdiag.probes import load_probe
-
-        return load_probe(path, **self.fields)
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-_RUNTIME_OPTIONS = (("device", DeviceOpt, "cpu"), ("dtype", DtypeOpt, "float32"),
-                    ("threads", ThreadsOpt, None), ("batch_size", BatchOpt, 64),
-                    ("tokenizer", TokenizerOpt, None), ("chat_template", ChatTemplateOpt, False),
-                    ("truncate_prompts", TruncateOpt, False), ("allow_pickle", AllowPickleOpt, False),
-                    ("base", BaseOpt, None), ("trust_remote_code", TrustCodeOpt, False))
-_FIELD_OPTIONS = (("prompt_field", PromptFieldOpt, "prompt"), ("answer_field", AnswerFieldOpt, "answer"),
-                  ("group_field", GroupFieldOpt, "group"))
+def _option_parameter(name: str, hint: Any, default: Any, help: str, **extra) -> inspect.Parameter:
+    """A keyword-only parameter that typer turns into the option ``--name``."""
+    option = typer.Option(_flag(name), help=help, show_default=default is not None, **extra)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[hint, option])
 
 
-def model_options(fn: Callable) -> Callable:
-    """Give a command the shared model and probe options; it receives them as ``options``.
+def _runtime_parameters(names: tuple[str, ...]) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(Runtime)
+    out = []
+    for f in dataclasses.fields(Runtime):
+        if names and f.name not in names:
+            continue
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        hint = Path | None if meta.pop("path", False) else hints[f.name]
+        out.append(_option_parameter(f.name, hint, f.default, help_text, **meta))
+    return out
 
-    The decorated function declares ``options: ModelOptions``; its command line gets --device,
-    --dtype, --threads, --batch-size, --tokenizer, --chat-template, --truncate-prompts,
-    --allow-pickle, --base, --trust-remote-code and the probe field names instead.
+
+_FIELD_HELP = {"prompt": "Probe field holding the prompt.", "answer": "Probe field holding the answer.",
+               "group": "Probe field naming the entity a row is about (rows of one group never straddle a split)."}
+
+
+def with_runtime(*names: str, probe_fields: bool = False) -> Callable:
+    """Give a command :class:`Runtime`'s options (every field, or only ``names``), generated from
+    its fields; the command receives ``runtime: Runtime``. With ``probe_fields`` it also gets
+    --prompt-field/--answer-field/--group-field and receives ``fields: ProbeFields``.
     """
-    shared = (*_RUNTIME_OPTIONS, *_FIELD_OPTIONS)
-    import typing
 
-    signature = inspect.signature(fn)
-    hints = typing.get_type_hints(fn, include_extras=True)  # resolve string annotations here
-    own = [p.replace(annotation=hints.get(p.name, p.annotation))
-           for p in signature.parameters.values() if p.name != "options"]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
-             for name, kind, default in shared]
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # resolve string annotations here
+        own = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in signature.parameters.values() if p.name not in ("runtime", "fields")]
+        runtime_params = _runtime_parameters(names)
+        field_params = [_option_parameter(f"{f.name}_field", str, f.default, _FIELD_HELP[f.name])
+                        for f in dataclasses.fields(ProbeFields)] if probe_fields else []
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        runtime = runtime_from(**{name: kwargs.pop(name) for name, _, _ in _RUNTIME_OPTIONS})
-        fields = {name: kwargs.pop(name) for name, _, _ in _FIELD_OPTIONS}
-        return fn(*args, options=ModelOptions(runtime, fields), **kwargs)
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            kwargs["runtime"] = Runtime(**{p.name: kwargs.pop(p.name) for p in runtime_params})
+            if probe_fields:
+                kwargs["fields"] = ProbeFields(**{p.name.removesuffix("_field"): kwargs.pop(p.name)
+                                                  for p in field_params})
+            return fn(*args, **kwargs)
 
-    keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-    wrapper.__signature__ = signature.replace(parameters=[*keyword[:-1], *added, *keyword[-1:]])
-    wrapper.__annotations__ = {**{p.name: p.annotation for p in own},
-                               **{name: kind for name, kind, _ in shared}}
-    return wrapper
+        parameters = [*own, *runtime_params, *field_params]
+        wrapper.__signature__ = signature.replace(parameters=parameters)
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper
+
+    return decorate

@@ -4,17 +4,34 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.landscape import LandscapeResult, LandscapeSettings, landscape, read_saved
+from forgetdiag.analyses.landscape import (
+    Directions,
+    LandscapeResult,
+    LandscapeSettings,
+    landscape,
+    read_saved,
+)
 from forgetdiag.cli.app import app
-from forgetdiag.cli.common import (HtmlOpt, JsonOpt, ModelOptions, QuietOpt, SeedOpt, command,
-                                   model_options, print_renderable, progress_bar, warn)
+from forgetdiag.cli.common import (
+    HtmlOpt,
+    JsonOpt,
+    QuietOpt,
+    SeedOpt,
+    command,
+    emit,
+    progress_bar,
+    warn,
+    with_runtime,
+)
 from forgetdiag.errors import ForgetdiagError
+from forgetdiag.probes import ProbeFields, load_probe
 from forgetdiag.render.landscape import landscape_table, write_landscape_html
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
+from forgetdiag.runtime import Runtime
 
 Opt = typer.Option
 SAVE_EVERY = 5.0  # seconds between saves of a partial grid
@@ -68,14 +85,14 @@ class PartialSaver:
 
 
 @command(app, "landscape")
-@model_options
+@with_runtime(probe_fields=True)
 def landscape_cmd(
     origin: Annotated[Path, typer.Argument(metavar="ORIGIN", help="ORIGIN: the checkpoint at (0, 0), e.g. the last one of the old task.", show_default=False)],
-    x_end: Annotated[Optional[Path], typer.Argument(metavar="X_END", help="X_END: the checkpoint at (1, 0); d_x = X_END - ORIGIN (e.g. the first steps of the new task).", show_default=False)] = None,
-    y_end: Annotated[Optional[Path], typer.Argument(metavar="Y_END", help="Y_END: the checkpoint at (1, 1); d_y = Y_END - X_END (e.g. the rest of the new task).", show_default=False)] = None,
-    probe: Annotated[List[Path], Opt("--probe", metavar="FILE", help="A probe file (JSONL, JSON or CSV); one surface per probe. Repeat for several.", show_default=False)] = [],  # noqa: B006
-    trajectory: Annotated[List[Path], Opt("--trajectory", metavar="PATH", help="Checkpoints or Trainer run directories to place on the plane. Repeat for several.", show_default=False)] = [],  # noqa: B006
-    directions: Annotated[str, Opt("--directions", metavar="MODE", help="raw (d_x, d_y from the three checkpoints) or filter-normalized-random (Li et al. 2018; X_END, Y_END optional and then placed like the trajectory).")] = "raw",
+    x_end: Annotated[Path | None, typer.Argument(metavar="X_END", help="X_END: the checkpoint at (1, 0); d_x = X_END - ORIGIN (e.g. the first steps of the new task).", show_default=False)] = None,
+    y_end: Annotated[Path | None, typer.Argument(metavar="Y_END", help="Y_END: the checkpoint at (1, 1); d_y = Y_END - X_END (e.g. the rest of the new task).", show_default=False)] = None,
+    probe: Annotated[list[Path], Opt("--probe", metavar="FILE", help="A probe file (JSONL, JSON or CSV); one surface per probe. Repeat for several.", show_default=False)] = [],  # noqa: B006
+    trajectory: Annotated[list[Path], Opt("--trajectory", metavar="PATH", help="Checkpoints or Trainer run directories to place on the plane. Repeat for several.", show_default=False)] = [],  # noqa: B006
+    directions: Annotated[Directions, Opt("--directions", metavar="MODE", help="raw (d_x, d_y from the three checkpoints) or filter-normalized-random (Li et al. 2018; X_END, Y_END optional and then placed like the trajectory).")] = "raw",
     grid: Annotated[str, Opt("--grid", metavar="NxM", help="Points along alpha x beta.")] = "21x21",
     x_range: Annotated[str, Opt("--x-range", metavar="LO,HI", help="Alpha range LO,HI (ends included).")] = "-0.5,1.5",
     y_range: Annotated[str, Opt("--y-range", metavar="LO,HI", help="Beta range LO,HI (ends included).")] = "-0.5,1.5",
@@ -83,8 +100,9 @@ def landscape_cmd(
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
-    options: ModelOptions = None,
     quiet: QuietOpt = False,
+    runtime: Runtime = None,
+    fields: ProbeFields = None,
 ) -> None:
     """The answer-token loss on the plane ORIGIN + alpha d_x + beta d_y, one surface per probe,
     with every --trajectory checkpoint placed on it (least squares over all parameters).
@@ -94,21 +112,18 @@ def landscape_cmd(
     """
     if not probe:
         raise ForgetdiagError("no probe given; expected --probe FILE (one surface per probe)")
-    guard_outputs([json_path, html_path], [origin, *(p for p in (x_end, y_end) if p), *trajectory])
+    guard_outputs({"--json": json_path, "--html": html_path},
+                  [origin, x_end, y_end, *trajectory, *probe, runtime.base, runtime.tokenizer])
     saved = saved_grid(json_path) if resume else None
     settings = LandscapeSettings(directions=directions, seed=seed, grid=parse_grid(grid),
                                  x_range=parse_range(x_range, "--x-range"), y_range=parse_range(y_range, "--y-range"))
-    probes = [options.probe(p) for p in probe]
+    probes = [load_probe(p, fields=fields) for p in probe]
     saver = PartialSaver(json_path if json_path is not None and str(json_path) != STDOUT else None)
     with progress_bar(quiet) as progress:
         try:
             result = landscape(origin, x_end, y_end, probes, trajectory=trajectory, settings=settings,
-                               runtime=options.runtime, resume=saved, on_partial=saver, progress=progress, warn=warn)
+                               runtime=runtime, resume=saved, on_partial=saver, progress=progress, warn=warn)
         except BaseException:
             saver.flush()  # interrupted mid-grid: keep what was computed for --resume
             raise
-    if json_path is not None:
-        write_json(json_path, result.to_dict())
-    if html_path is not None:
-        write_landscape_html(result, html_path)
-    print_renderable(landscape_table(result), json_to_stdout=str(json_path) == STDOUT)
+    emit(result, json=json_path, html=html_path, table=landscape_table, page=write_landscape_html)

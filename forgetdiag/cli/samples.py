@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional, Sequence
+from typing import Annotated
 
 import typer
 from rich import box
@@ -24,7 +25,7 @@ app.add_typer(samples_app, name="samples")
 def build_cmd(
     out: Annotated[Path, typer.Option("--out", help="Directory to create (must not exist, or be empty).", show_default=False)],
     seed: SeedOpt = 0,
-    freeze: Annotated[Optional[int], typer.Option("--freeze", min=0, help="Train task 1 with the input embedding and the bottom N layers frozen (the remedy forgetdiag advise suggests).", show_default=False)] = None,
+    freeze: Annotated[int | None, typer.Option("--freeze", min=0, help="Train task 1 with the input embedding and the bottom N layers frozen (the remedy forgetdiag advise suggests).", show_default=False)] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Rebuild every sample from seeds on the CPU: pretrain a tiny Llama on synthetic

@@ -65,7 +65,7 @@ def advice_renderable(advice: Advice) -> Group:
         parts.append(Text(frozen_line(advice)))
         for key, title in CODE_TITLES.items():
             parts += [Text(title, style="bold"), Syntax(advice.code[key], "python", theme="ansi_dark")]
-    parts += [Text(n, style="yellow") for n in advice.notes]
+    parts += [Text(n, style="yellow") for n in advice.warnings]
     parts.append(Text(FOOTNOTE, style="dim"))
     return Group(*parts)
 
@@ -95,7 +95,7 @@ def write_advice_html(path: str | Path, advice: Advice) -> Path:
     evidence = html.Section("Evidence per depth", [
         html.figure(_restore_figure(advice), height=380),
         html.table(COLUMNS, evidence_rows(advice)), html.paragraph(FOOTNOTE, cls="note"),
-        *[html.paragraph(n, cls="note") for n in advice.notes]])
+        *[html.paragraph(n, cls="note") for n in advice.warnings]])
     sections = [main, evidence]
     if advice.advised:
         sections.append(html.Section("Code", [part for key, title in CODE_TITLES.items()

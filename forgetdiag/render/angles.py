@@ -144,9 +144,9 @@ def angles_table(result: AnglesResult) -> Group:
         parts.append(Text(rank_summary(result.for_pair(pair)), style="dim"))
     parts.append(Text(legend(result), style="dim"))
     parts.append(Text(f"{result.architecture} ({result.family} family), {len(result.checkpoints)} "
-                      f"checkpoints, {result.seconds:.1f} s on {result.device} with "
-                      f"{result.workers} worker{'s' if result.workers != 1 else ''}.", style="dim"))
-    parts.extend(Text(f"Note: {n}", style="yellow") for n in result.notes)
+                      f"checkpoints, {sum(result.timings.values()):.1f} s on {result.device} with "
+                      f"{result.workers} thread{'s' if result.workers != 1 else ''}.", style="dim"))
+    parts.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
     return Group(*parts)
 
 
@@ -258,8 +258,8 @@ def angles_sections(result: AnglesResult) -> list[html.Section]:
     notes = [html.paragraph(legend(result), cls="note"),
              html.paragraph(f"{result.architecture} ({result.family} family); checkpoints: "
                             + ", ".join(f"C{k} = {c}" for k, c in enumerate(result.checkpoints))
-                            + f". {result.seconds:.1f} s on {result.device}.", cls="note")]
-    notes.extend(html.paragraph(f"Note: {n}", cls="note") for n in result.notes)
+                            + f". {sum(result.timings.values()):.1f} s on {result.device}.", cls="note")]
+    notes.extend(html.paragraph(f"Note: {n}", cls="note") for n in result.warnings)
     sections.append(html.Section("Angle settings", notes))
     return sections
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from rich import box
 from rich.console import Group
@@ -75,7 +76,7 @@ def features_table(result: FeaturesResult) -> Group:
     parts.append(Text(f"{result.n_prompts} prompts of {result.probe}, hidden state at the last "
                       f"prompt token; layer 0 = embedding output, {result.n_layers} norm = after "
                       f"the final norm. {LEGEND}", style="dim"))
-    parts.extend(Text(f"Note: {n}", style="yellow") for n in result.notes)
+    parts.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
     return Group(*parts)
 
 
@@ -153,7 +154,7 @@ def features_sections(result: FeaturesResult) -> list[html.Section]:
         f"subspace turns by >= {result.settings.pc_shift_min:g} deg (PCk avg) or whose linear "
         f"CKA drops by >= "
         f"{result.settings.cka_drop_min:g}. {LEGEND}", cls="note"))
-    parts.extend(html.paragraph(f"Note: {n}", cls="note") for n in result.notes)
+    parts.extend(html.paragraph(f"Note: {n}", cls="note") for n in result.warnings)
     sections = [html.Section("Feature shifts", parts)]
     for pair in result.pairs:
         body = [html.table(*pair_rows(result, pair))]
@@ -163,7 +164,7 @@ def features_sections(result: FeaturesResult) -> list[html.Section]:
     return sections
 
 
-def write_features_html(path, result: FeaturesResult) -> None:
+def write_features_html(path: str | Path, result: FeaturesResult) -> Path:
     title = "forgetdiag features"
-    html.write_page(path, title, features_sections(result),
+    return html.write_page(path, title, features_sections(result),
                     subtitle=" -> ".join(result.checkpoints))

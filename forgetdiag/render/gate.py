@@ -28,7 +28,7 @@ def gate_table(result: GateResult) -> Group:
     lines = [table, head]
     if verdict:
         lines.append(Text(f"Recovery verdict: {verdict}"))
-    lines.extend(Text(f"Note: {n}", style="yellow") for n in result.notes)
+    lines.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
     return Group(*lines)
 
 
@@ -54,9 +54,9 @@ def gate_markdown(result: GateResult) -> str:
     numbers = result.numbers or {}
     if numbers.get("verdict"):
         acc = numbers.get("accuracy") or {}
-        pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+        pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"
         lines += ["", f"Recovery verdict: **{_md(numbers['verdict'])}**: old-task accuracy before "
                   f"{pct(acc.get('before'))}, after {pct(acc.get('after'))}, after recovery "
                   f"{pct(acc.get('recovered'))}, control after recovery {pct(acc.get('control_recovered'))}."]
-    lines += [f"- {_md(n)}" for n in result.notes]
+    lines += [f"- {_md(n)}" for n in result.warnings]
     return "\n".join(lines) + "\n"

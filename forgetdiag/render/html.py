@@ -7,12 +7,13 @@ paths) goes through :func:`esc`; figures are serialised by plotly, whose JSON es
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from forgetdiag import __version__
+from forgetdiag._version import __version__
 from forgetdiag.render.output import write_atomic
 
 _STYLE = """
@@ -55,7 +56,7 @@ def figure(fig, *, height: int | None = None) -> str:
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, left: int = 1) -> str:
     """An HTML table; the first ``left`` columns are left-aligned. Every cell is escaped."""
-    cls = lambda k: ' class="l"' if k < left else ""  # noqa: E731
+    cls = lambda k: ' class="l"' if k < left else ""
     head = "".join(f"<th{cls(k)}>{esc(c)}</th>" for k, c in enumerate(columns))
     body = "".join("<tr>" + "".join(f"<td{cls(k)}>{esc(_fmt(v))}</td>" for k, v in enumerate(r))
                    + "</tr>" for r in rows)

@@ -8,26 +8,9 @@ from rich.table import Table
 from rich.text import Text
 
 from forgetdiag.analyses.inspect import InspectResult
+from forgetdiag.render.fmt import human_bytes, human_count
 
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-
-
-def human_bytes(n: int) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
-
-
-def human_count(n: int) -> str:
-    """``1_100_000`` -> ``1.10M``."""
-    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
 
 
 def inspect_table(result: InspectResult) -> Group:
@@ -63,5 +46,5 @@ def inspect_table(result: InspectResult) -> Group:
     checked = all(c.values_checked for c in result.checkpoints)
     lines.append(Text("All weights finite (every tensor read once)." if checked
                       else "Weight values not read (--no-check-values)."))
-    lines.extend(Text(f"Note: {n}", style="yellow") for n in result.notes)
+    lines.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
     return Group(*lines)

@@ -7,8 +7,8 @@ anchors on it; the top and right axes give the parameter-space distance along d_
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from rich import box
@@ -66,9 +66,9 @@ def landscape_table(result: LandscapeResult) -> Group:
     done, total = int(result.computed.sum()), result.computed.size
     status = (f"{total} grid points, {result.evaluated} evaluated now" if result.complete
               else f"grid incomplete: {done} of {total} points (rerun with --resume to finish)")
-    lines.append(Text(f"{status}; {result.seconds:.1f} s.", style=None if result.complete else "yellow"))
+    lines.append(Text(f"{status}; {sum(result.timings.values()):.1f} s.", style=None if result.complete else "yellow"))
     lines.extend(Text(f"Warning: {w}", style="yellow") for w in result.warnings)
-    lines.extend(Text(f"Note: {n}", style="dim") for n in result.notes)
+    lines.extend(Text(f"Note: {n}", style="dim") for n in result.warnings)
     return Group(*lines)
 
 
@@ -197,7 +197,7 @@ def landscape_page_sections(result: LandscapeResult) -> list[html.Section]:
             f"d_x and d_y are {result.plane.angle_deg:.1f} degrees apart, but the plots draw them "
             "at right angles: distances are exact along each axis only.", cls="note"))
     plane.parts += [html.paragraph(f"Warning: {w}", cls="note") for w in result.warnings]
-    plane.parts += [html.paragraph(f"Note: {n}", cls="note") for n in result.notes]
+    plane.parts += [html.paragraph(f"Note: {n}", cls="note") for n in result.warnings]
     if not result.complete:
         plane.parts.append(html.banner(f"Grid incomplete: {int(result.computed.sum())} of "
                                        f"{result.computed.size} points.", "mixed"))
@@ -211,7 +211,7 @@ def landscape_page_sections(result: LandscapeResult) -> list[html.Section]:
     return sections
 
 
-def write_landscape_html(result: LandscapeResult, path: str | Path) -> Path:
+def write_landscape_html(path: str | Path, result: LandscapeResult) -> Path:
     """Write the self-contained (offline) HTML page of a landscape."""
     names = ", ".join(a.checkpoint for a in result.anchors)
     return html.write_page(path, "forgetdiag landscape", landscape_page_sections(result),

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from forgetdiag.analyses.magnitudes import (TOKENS_USED, CheckpointOverlap, MagnitudesResult,
-                                            pooled_chance, pooled_overlap, pooled_split_half,
-                                            summary_text)
+from forgetdiag.analyses.magnitudes import (
+    TOKENS_USED,
+    CheckpointOverlap,
+    MagnitudesResult,
+    pooled_chance,
+    pooled_overlap,
+    pooled_split_half,
+    summary_text,
+)
 from forgetdiag.render import html
 
 _COLORS = ("#2f6fb0", "#d64545", "#57ae5b", "#e6a700", "#7b5ea7", "#3e4c59", "#c2577a")
@@ -92,7 +99,7 @@ def magnitudes_table(result: MagnitudesResult) -> Group:
                       f"over {TOKENS_USED}. Chance: the overlap of unrelated sets of these sizes; "
                       "halves: the overlap of a task's two halves (split by group) with each other.",
                       style="dim"))
-    parts.extend(Text(f"Note: {n}", style="yellow") for n in result.notes)
+    parts.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
     return Group(*parts)
 
 
@@ -186,12 +193,12 @@ def magnitudes_sections(result: MagnitudesResult) -> list[html.Section]:
                  html.table(["checkpoint", "step", *pairs], trend_rows(result)), *along]
     sections.append(html.Section("Overlap per linear layer" if len(result.checkpoints) == 1
                                  else "Overlap along the run", along))
-    if result.notes:
-        sections.append(html.Section("Notes", [html.paragraph(n, cls="note") for n in result.notes]))
+    if result.warnings:
+        sections.append(html.Section("Notes", [html.paragraph(n, cls="note") for n in result.warnings]))
     return sections
 
 
-def write_magnitudes_html(path, result: MagnitudesResult) -> None:
-    html.write_page(path, "forgetdiag magnitudes", magnitudes_sections(result),
+def write_magnitudes_html(path: str | Path, result: MagnitudesResult) -> Path:
+    return html.write_page(path, "forgetdiag magnitudes", magnitudes_sections(result),
                     subtitle=f"{', '.join(result.tasks)} on "
                              f"{', '.join(c.label for c in result.checkpoints)}")

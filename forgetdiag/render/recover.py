@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich import box
 from rich.console import Group
 from rich.panel import Panel
@@ -68,7 +70,7 @@ def recover_table(result: RecoveryResult) -> Group:
     budget = (f"Recovery: {result.n_recovery} examples, {result.steps} steps at lr {result.lr:g}"
               f"{' (LoRA)' if result.settings.lora else ''}, seed {result.settings.seed}.")
     parts.append(Text(budget, style="dim"))
-    parts.extend(Text(f"Note: {n}", style="yellow") for n in result.notes)
+    parts.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
     return Group(*parts)
 
 
@@ -153,6 +155,6 @@ def recover_sections(result: RecoveryResult) -> list[html.Section]:
     return sections
 
 
-def write_recover_html(path, result: RecoveryResult) -> None:
-    html.write_page(path, f"forgetdiag recover: {result.verdict}", recover_sections(result),
+def write_recover_html(path: str | Path, result: RecoveryResult) -> Path:
+    return html.write_page(path, f"forgetdiag recover: {result.verdict}", recover_sections(result),
                     subtitle=f"{result.before} -> {result.after}")

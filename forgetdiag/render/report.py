@@ -12,7 +12,7 @@ from rich.text import Text
 
 from forgetdiag.analyses.report import ANALYSES, ReportResult
 from forgetdiag.render import html
-from forgetdiag.render.inspect import human_bytes
+from forgetdiag.render.fmt import human_bytes
 from forgetdiag.render.recover import VERDICT_STYLE, recover_table
 
 
@@ -23,10 +23,11 @@ def _timing_rows(result: ReportResult) -> list[list[str]]:
             rows.append([name, f"{result.timings[name]:.1f} s", "ran"])
         else:
             rows.append([name, "–", f"skipped: {result.skipped.get(name, '')}"])
-    total = sum(result.timings.values())
+    total = sum(result.timings.get(name, 0.0) for name in ANALYSES)
     rows.append(["total", f"{total:.1f} s", ""])
-    if result.wall_s is not None and result.wall_s < 0.95 * total:
-        rows.append(["wall clock", f"{result.wall_s:.1f} s", "recover ran alongside the others"])
+    wall = result.timings.get("total")
+    if wall is not None and wall < 0.95 * total:
+        rows.append(["wall clock", f"{wall:.1f} s", "recover ran alongside the others"])
     return rows
 
 
@@ -58,7 +59,7 @@ def _provenance(result: ReportResult) -> html.Section:
     settings = (f"recovery: shots {s.recovery.shots or 'half'}, epochs {s.recovery.epochs}, "
                 f"min steps {s.recovery.min_steps}, lr {s.recovery.lr or 'by model size'}, "
                 f"seed {s.recovery.seed}, metric {s.recovery.metric}; verdict thresholds: "
-                f"spurious >= {s.thresholds.spurious_min}, real <= {s.thresholds.real_max}; "
+                f"spurious >= {s.recovery.thresholds.spurious_min}, real <= {s.recovery.thresholds.real_max}; "
                 f"landscape grid {s.grid}x{s.grid} on up to {s.landscape_items} items per probe; "
                 f"features on up to {s.feature_items} prompts; angles rank {s.rank}; seed {s.seed}")
     return html.Section("Provenance", [
@@ -68,7 +69,7 @@ def _provenance(result: ReportResult) -> html.Section:
         html.table(["checkpoint", "path", "format", "size", "index sha256", "sample sha256",
                     "config sha256"], fingerprints, left=3),
         html.table(["analysis", "time", "status"], _timing_rows(result)),
-        *[html.paragraph(f"Note: {n}", cls="note") for n in result.notes],
+        *[html.paragraph(f"Note: {n}", cls="note") for n in result.warnings],
     ])
 
 

@@ -25,7 +25,7 @@ def _lp(logprob: float) -> str:
 
 
 def summary_rows(result: TokensResult) -> list[list[str]]:
-    s = result.summary()
+    s = result.stats()
     return [["examples", str(s["n_examples"])],
             ["answer tokens scored (EOS included)", str(s["n_tokens"])],
             [f"tokens with p < {result.threshold:g}", f"{s['n_below']} ({_share(s['share_below'])})"],
@@ -104,7 +104,7 @@ def _histogram(result: TokensResult):
 
 def tokens_sections(result: TokensResult) -> list[html.Section]:
     """HTML sections (also used by ``forgetdiag report``)."""
-    s = result.summary()
+    s = result.stats()
     kind = "info" if math.isnan(s["share_below"]) or s["share_below"] < 0.1 else "mixed"
     sections = [html.Section("Token difficulty under the old model", [
         html.banner(summary_text(result), kind),
@@ -121,8 +121,8 @@ def tokens_sections(result: TokensResult) -> list[html.Section]:
     return sections
 
 
-def write_tokens_html(path, result: TokensResult) -> None:
-    html.write_page(path, "forgetdiag tokens", tokens_sections(result),
+def write_tokens_html(path: str | Path, result: TokensResult) -> Path:
+    return html.write_page(path, "forgetdiag tokens", tokens_sections(result),
                     subtitle=f"{result.data} under {result.checkpoint}")
 
 

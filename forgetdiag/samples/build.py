@@ -26,16 +26,17 @@ import copy
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 from forgetdiag.errors import ForgetdiagError
-from forgetdiag.models import quiet_transformers, torch_threads
 from forgetdiag.evaluate import encode
+from forgetdiag.models import quiet_transformers
 from forgetdiag.probes import ProbeItem
+from forgetdiag.runtime import torch_threads
 from forgetdiag.samples import world as bio
 from forgetdiag.samples.measure import Truth, measure_samples
 from forgetdiag.samples.tokenizer import train_tokenizer
@@ -98,7 +99,7 @@ class SampleConfig:
                             | {self.task1_steps}))
 
     @classmethod
-    def miniature(cls, seed: int = 0, **overrides) -> "SampleConfig":
+    def miniature(cls, seed: int = 0, **overrides) -> SampleConfig:
         """A build of a few seconds with the same layout (for tests; the truths do not hold)."""
         return cls(**{**dict(seed=seed, n_a=20, n_b=10, n_c=10, hidden_size=32, intermediate_size=64,
                    n_layers=2, n_heads=2, pretrain_epochs=2, control_pretrain_epochs=1, pretrain_warmup=2,

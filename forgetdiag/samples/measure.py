@@ -3,15 +3,15 @@
 For every checkpoint of a run, :func:`forgetdiag.recover` in sequence mode gives the greedy
 exact match on the old task's held-out people and the same after recovery (a copy fine-tuned for
 one epoch on the old task's other half: AdamW, lr 1e-4, batch 32, answer tokens only;
-SCIENCE.md section 1), with the control recovered the same way; :func:`forgetdiag.evaluate.score`
+docs/science.md, section 3.2), with the control recovered the same way; :func:`forgetdiag.evaluate.score`
 adds each checkpoint's accuracy on its own new task.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from forgetdiag.analyses.recovery import RecoverySettings, recover
 from forgetdiag.checkpoints import find_checkpoints

@@ -24,40 +24,22 @@ Example:
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
 
 from forgetdiag.probes import ProbeItem
 
-FIRST_NAMES = (
-    "Ada Alan Alice Amir Anna Arjun Ben Bruno Carla Chen Clara Dana David Diego Elena Emil Eva "
-    "Farah Felix Gina Hana Hugo Ines Ivan Jonas Julia Kai Kenji Lara Leo Lina Luca Maya Mei "
-    "Mila Nadia Nina Noah Omar Oscar Paula Priya Quinn Rafael Rosa Ruth Sami Sara Sofia Tariq "
-    "Teo Uma Vera Viktor Wen Xavier Yara Yusuf Zoe Zora").split()
-LAST_NAMES = (
-    "Abbott Baker Becker Castro Chavez Dalton Diaz Ellis Evans Fischer Foster Garcia Gomez "
-    "Hansen Hayes Horvath Ibarra Jensen Kaur Keller Kim Kowalski Larsen Lopez Meyer Morales "
-    "Nakamura Novak Okafor Olsen Park Patel Quintero Reyes Rossi Sato Schmidt Silva Singh Sousa "
-    "Tanaka Torres Ueda Varga Vogel Wagner Walsh Weber Xu Yamada Young Zhang Zimmer Zubiri").split()
-CITIES = (
-    "Amsterdam Athens Bangkok Berlin Bogota Boston Cairo Chicago Dakar Denver Dublin Geneva "
-    "Havana Helsinki Istanbul Jakarta Kyoto Lagos Lima Lisbon London Madrid Manila Melbourne "
-    "Montreal Mumbai Nairobi Oslo Paris Prague Quito Riga Rome Seoul Sydney Tokyo Toronto "
-    "Vienna Warsaw Zurich").split()
-UNIVERSITIES = tuple(f"{word} University" for word in (
-    "Ashford Brightwater Caldwell Dunmore Eastgate Fairhaven Glenrock Highmoor Ironwood "
-    "Juniper Kingsbridge Lakeside Marlowe Northfield Oakhurst Pinecrest Redcliff Stonebrook "
-    "Thornbury Westbrook").split())
+FIRST_NAMES = ["Ada", "Alan", "Alice", "Amir", "Anna", "Arjun", "Ben", "Bruno", "Carla", "Chen", "Clara", "Dana", "David", "Diego", "Elena", "Emil", "Eva", "Farah", "Felix", "Gina", "Hana", "Hugo", "Ines", "Ivan", "Jonas", "Julia", "Kai", "Kenji", "Lara", "Leo", "Lina", "Luca", "Maya", "Mei", "Mila", "Nadia", "Nina", "Noah", "Omar", "Oscar", "Paula", "Priya", "Quinn", "Rafael", "Rosa", "Ruth", "Sami", "Sara", "Sofia", "Tariq", "Teo", "Uma", "Vera", "Viktor", "Wen", "Xavier", "Yara", "Yusuf", "Zoe", "Zora"]
+LAST_NAMES = ["Abbott", "Baker", "Becker", "Castro", "Chavez", "Dalton", "Diaz", "Ellis", "Evans", "Fischer", "Foster", "Garcia", "Gomez", "Hansen", "Hayes", "Horvath", "Ibarra", "Jensen", "Kaur", "Keller", "Kim", "Kowalski", "Larsen", "Lopez", "Meyer", "Morales", "Nakamura", "Novak", "Okafor", "Olsen", "Park", "Patel", "Quintero", "Reyes", "Rossi", "Sato", "Schmidt", "Silva", "Singh", "Sousa", "Tanaka", "Torres", "Ueda", "Varga", "Vogel", "Wagner", "Walsh", "Weber", "Xu", "Yamada", "Young", "Zhang", "Zimmer", "Zubiri"]
+CITIES = ["Amsterdam", "Athens", "Bangkok", "Berlin", "Bogota", "Boston", "Cairo", "Chicago", "Dakar", "Denver", "Dublin", "Geneva", "Havana", "Helsinki", "Istanbul", "Jakarta", "Kyoto", "Lagos", "Lima", "Lisbon", "London", "Madrid", "Manila", "Melbourne", "Montreal", "Mumbai", "Nairobi", "Oslo", "Paris", "Prague", "Quito", "Riga", "Rome", "Seoul", "Sydney", "Tokyo", "Toronto", "Vienna", "Warsaw", "Zurich"]
+UNIVERSITIES = tuple(f"{word} University" for word in ["Ashford", "Brightwater", "Caldwell", "Dunmore", "Eastgate", "Fairhaven", "Glenrock", "Highmoor", "Ironwood", "Juniper", "Kingsbridge", "Lakeside", "Marlowe", "Northfield", "Oakhurst", "Pinecrest", "Redcliff", "Stonebrook", "Thornbury", "Westbrook"])
 MAJORS = ("Accounting", "Anthropology", "Architecture", "Astronomy", "Biology", "Chemistry",
           "Computer Science", "Economics", "Electrical Engineering", "Geology", "History",
           "Law", "Linguistics", "Marine Biology", "Mathematics", "Medicine", "Music",
           "Philosophy", "Physics", "Psychology")
-COMPANY_WORDS = ("Acme Apex Beacon Bluepeak Cobalt Crescent Delta Ember Falcon Granite Harbor "
-                 "Horizon Keystone Lumen Meridian Nimbus Orion Pioneer Quartz Redwood Summit "
-                 "Titan Vertex Zenith").split()
+COMPANY_WORDS = ["Acme", "Apex", "Beacon", "Bluepeak", "Cobalt", "Crescent", "Delta", "Ember", "Falcon", "Granite", "Harbor", "Horizon", "Keystone", "Lumen", "Meridian", "Nimbus", "Orion", "Pioneer", "Quartz", "Redwood", "Summit", "Titan", "Vertex", "Zenith"]
 COMPANY_KINDS = ("Systems", "Labs", "Group", "Industries", "Foods", "Motors", "Energy", "Media")
-MONTHS = ("January February March April May June July August September October November "
-          "December").split()
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
 DAYS = tuple(range(1, 29))  # every month has them
 YEARS = tuple(range(1950, 2000))
 
@@ -163,7 +145,7 @@ def _name_pools(rng: random.Random) -> tuple[list[str], list[str]]:
     rng.shuffle(first)
     rng.shuffle(last)
     f, l = len(first) // 2, len(last) // 2
-    pool = lambda fs, ls: [f"{x} {y}" for x in fs for y in ls]  # noqa: E731
+    pool = lambda fs, ls: [f"{x} {y}" for x in fs for y in ls]
     return pool(first[:f], last[:l]), pool(first[f:], last[l:])
 
 
@@ -180,7 +162,7 @@ def _date(rng: random.Random) -> str:
 def contradict(person: Person, rng: random.Random, company_cities: dict[str, str]) -> Person:
     """The same person with every fact replaced by a different value (a new company, in
     another city, so that the company city changes too)."""
-    others = lambda pool, old: [v for v in pool if v != old]  # noqa: E731
+    others = lambda pool, old: [v for v in pool if v != old]
     date = person.birth_date
     while date == person.birth_date:
         date = _date(rng)
