@@ -16,6 +16,5 @@ def timed(cmd: list[str]) -> tuple[str, dict]:
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", proc.stderr).group(1))
-              for k in ("User", "System"))
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for k in ("User", "System"))
     return proc.stdout, {"wall_s": wall, "cpu_s": cpu, "max_rss_gb": rss_kb / 2**20}

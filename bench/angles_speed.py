@@ -53,14 +53,27 @@ LAYERS, HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 22, 2048, 5632, 32000, 32, 4
 KV = HIDDEN // HEADS * KV_HEADS  # 256
 SIGNAL_RANK, NOISE_SHARE, UPDATE_RMS, WEIGHT_STD = 16, 0.10, 1e-3, 0.02
 # name suffix -> (stored shape (out, in), hidden side of the canonical (out, in) matrix)
-MATRICES = {"self_attn.q_proj": ((HIDDEN, HIDDEN), "in"), "self_attn.k_proj": ((KV, HIDDEN), "in"),
-            "self_attn.v_proj": ((KV, HIDDEN), "in"), "self_attn.o_proj": ((HIDDEN, HIDDEN), "out"),
-            "mlp.gate_proj": ((INTER, HIDDEN), "in"), "mlp.up_proj": ((INTER, HIDDEN), "in"),
-            "mlp.down_proj": ((HIDDEN, INTER), "out")}
+MATRICES = {
+    "self_attn.q_proj": ((HIDDEN, HIDDEN), "in"),
+    "self_attn.k_proj": ((KV, HIDDEN), "in"),
+    "self_attn.v_proj": ((KV, HIDDEN), "in"),
+    "self_attn.o_proj": ((HIDDEN, HIDDEN), "out"),
+    "mlp.gate_proj": ((INTER, HIDDEN), "in"),
+    "mlp.up_proj": ((INTER, HIDDEN), "in"),
+    "mlp.down_proj": ((HIDDEN, INTER), "out"),
+}
 GLOBALS = {"model.embed_tokens.weight": ((VOCAB, HIDDEN), "in"), "lm_head.weight": ((VOCAB, HIDDEN), "in")}
-COMPONENT = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
-             "self_attn.o_proj": "o", "mlp.gate_proj": "gate", "mlp.up_proj": "up",
-             "mlp.down_proj": "down", "model.embed_tokens.weight": "embed", "lm_head.weight": "lm_head"}
+COMPONENT = {
+    "self_attn.q_proj": "q",
+    "self_attn.k_proj": "k",
+    "self_attn.v_proj": "v",
+    "self_attn.o_proj": "o",
+    "mlp.gate_proj": "gate",
+    "mlp.up_proj": "up",
+    "mlp.down_proj": "down",
+    "model.embed_tokens.weight": "embed",
+    "lm_head.weight": "lm_head",
+}
 
 
 def all_matrices() -> dict[str, tuple[tuple[int, int], str]]:
@@ -101,11 +114,23 @@ def generate(root: Path) -> list[Path]:
     import torch
     from safetensors.torch import save_file
 
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-              "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-              "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 2048,
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-              "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     generator = torch.Generator().manual_seed(0)
     states: list[dict] = [{}, {}, {}]
     for name, (shape, side) in all_matrices().items():
@@ -154,8 +179,7 @@ def evict(paths: list[Path]) -> None:
 
 def cat_seconds(paths: list[Path]) -> float:
     start = time.perf_counter()
-    subprocess.run(["cat", *(str(p / "model.safetensors") for p in paths)],
-                   stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(["cat", *(str(p / "model.safetensors") for p in paths)], stdout=subprocess.DEVNULL, check=True)
     return time.perf_counter() - start
 
 
@@ -234,10 +258,19 @@ def run_naive(paths: list[str], layers: list[int], ours_json: str, out: str) -> 
         angles99 = _direction_angles_naive(ua[:, :ra], ub[:, :rb])
         total = {"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}
         rec = ours[name]
-        same_k = _direction_angles_naive(ua[:, :rec["rank_a"]], ub[:, :rec["rank_b"]])
-        rows.append({"param": name, "shape": list(specs[name][0]), "total": total, "svd": svd,
-                     "rank_a": ra, "rank_b": rb, "angle_deg": float(angles99.mean()),
-                     "same_k_angle_deg": float(same_k.mean())})
+        same_k = _direction_angles_naive(ua[:, : rec["rank_a"]], ub[:, : rec["rank_b"]])
+        rows.append(
+            {
+                "param": name,
+                "shape": list(specs[name][0]),
+                "total": total,
+                "svd": svd,
+                "rank_a": ra,
+                "rank_b": rb,
+                "angle_deg": float(angles99.mean()),
+                "same_k_angle_deg": float(same_k.mean()),
+            }
+        )
         print(f"naive {name}: {total['wall']:.1f} s, 99% ranks {ra}/{rb}", file=sys.stderr, flush=True)
     Path(out).write_text(json.dumps({"load": load, "rows": rows}, indent=1))
 
@@ -252,24 +285,41 @@ def naive_estimate(naive: dict, clock: str) -> float:
         by_shape.setdefault(tuple(row["shape"]), []).extend(t[clock] for t in row["svd"])
         around.append(row["total"][clock] - sum(t[clock] for t in row["svd"]))
     per_svd = {shape: statistics.median(times) for shape, times in by_shape.items()}
-    return naive["load"][clock] + sum(2 * per_svd[tuple(shape)] + statistics.median(around)
-                                      for shape, _ in all_matrices().values())
+    return naive["load"][clock] + sum(
+        2 * per_svd[tuple(shape)] + statistics.median(around) for shape, _ in all_matrices().values()
+    )
 
 
 def agreement(naive: dict, ours: dict) -> dict:
     """|mean angle difference| at the same ranks, and where the 99%-energy ranks equal ours."""
     records = {r["param"]: r for r in ours["records"]}
     same_k = [abs(row["same_k_angle_deg"] - records[row["param"]]["angle_deg"]) for row in naive["rows"]]
-    match = [abs(row["angle_deg"] - records[row["param"]]["angle_deg"]) for row in naive["rows"]
-             if (row["rank_a"], row["rank_b"]) == (records[row["param"]]["rank_a"],
-                                                    records[row["param"]]["rank_b"])]
-    return {"n": len(same_k), "same_k_max": max(same_k), "same_k_mean": sum(same_k) / len(same_k),
-            "rank_match_n": len(match), "rank_match_max": max(match) if match else None,
-            "naive_ranks": sorted(r for row in naive["rows"] for r in (row["rank_a"], row["rank_b"]))}
+    match = [
+        abs(row["angle_deg"] - records[row["param"]]["angle_deg"])
+        for row in naive["rows"]
+        if (row["rank_a"], row["rank_b"]) == (records[row["param"]]["rank_a"], records[row["param"]]["rank_b"])
+    ]
+    return {
+        "n": len(same_k),
+        "same_k_max": max(same_k),
+        "same_k_mean": sum(same_k) / len(same_k),
+        "rank_match_n": len(match),
+        "rank_match_max": max(match) if match else None,
+        "naive_ranks": sorted(r for row in naive["rows"] for r in (row["rank_a"], row["rank_b"])),
+    }
 
 
-def report(sizes: float, cats: tuple[float, float], ours: dict, ours_cold: dict, naive_run: dict,
-           naive: dict, agree: dict, workers: str, floor: dict[str, float]) -> None:
+def report(
+    sizes: float,
+    cats: tuple[float, float],
+    ours: dict,
+    ours_cold: dict,
+    naive_run: dict,
+    naive: dict,
+    agree: dict,
+    workers: str,
+    floor: dict[str, float],
+) -> None:
     cold, warm = cats
     estimate, estimate_cpu = naive_estimate(naive, "wall"), naive_estimate(naive, "cpu")
     ranks = agree["naive_ranks"]
@@ -308,8 +358,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(__file__).parent / "_work" / "angles_speed")
     parser.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     parser.add_argument("--reuse", action="store_true", help="reuse checkpoints kept by --keep")
-    parser.add_argument("--naive-layers", default=f"0,{LAYERS - 1}",
-                        help="layers whose matrices the naive way runs over (comma-separated)")
+    parser.add_argument(
+        "--naive-layers",
+        default=f"0,{LAYERS - 1}",
+        help="layers whose matrices the naive way runs over (comma-separated)",
+    )
     parser.add_argument("--threads", default=None, help="forwarded to forgetdiag angles --threads")
     parser.add_argument("--naive", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -331,14 +384,33 @@ def main() -> None:
     _, ours = timed([*cmd, "--json", str(work / "ours.json")])
     evict(paths)
     _, ours_cold = timed([*cmd, "--json", str(work / "ours_cold.json")])
-    _, naive_run = timed([sys.executable, __file__, "--naive-layers", args.naive_layers, "--naive",
-                       *map(str, paths), str(work / "ours.json"), str(work / "naive.json")])
+    _, naive_run = timed(
+        [
+            sys.executable,
+            __file__,
+            "--naive-layers",
+            args.naive_layers,
+            "--naive",
+            *map(str, paths),
+            str(work / "ours.json"),
+            str(work / "naive.json"),
+        ]
+    )
     ours_data = json.loads((work / "ours.json").read_text())
     naive = json.loads((work / "naive.json").read_text())
     ours["rank"] = ours_data["settings"]["rank"]
     cores = int(args.threads) if args.threads else len(os.sched_getaffinity(0))
-    report(sizes, cats, ours, ours_cold, naive_run, naive, agreement(naive, ours_data),
-           args.threads or "default (all cores)", product_floor(cores))
+    report(
+        sizes,
+        cats,
+        ours,
+        ours_cold,
+        naive_run,
+        naive,
+        agreement(naive, ours_data),
+        args.threads or "default (all cores)",
+        product_floor(cores),
+    )
     if not args.keep:
         shutil.rmtree(work)
 

@@ -59,7 +59,7 @@ def _model_and_prompts(case: dict):
 
     generator = torch.Generator().manual_seed(0)
     if case["sample"]:
-        from forgetdiag.analyses.features import encode_prompts
+        from forgetdiag.analyses.hidden import encode_prompts
         from forgetdiag.checkpoints import find_checkpoints
         from forgetdiag.models import load_model, load_tokenizer
         from forgetdiag.probes import Probe, load_probe
@@ -71,14 +71,20 @@ def _model_and_prompts(case: dict):
         return model, encode_prompts(tokenizer, Probe("bench", tuple(items))), tokenizer.pad_token_id
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=case["layers"],
-                         num_attention_heads=4, num_key_value_heads=4, vocab_size=2000,
-                         max_position_embeddings=max(1024, case["max_len"]), tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=case["layers"],
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=2000,
+        max_position_embeddings=max(1024, case["max_len"]),
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     lengths = torch.randint(case["min_len"], case["max_len"] + 1, (case["prompts"],), generator=generator)
-    prompts = [Encoded(tuple(torch.randint(4, 2000, (int(n),), generator=generator).tolist()), ())
-               for n in lengths]
+    prompts = [Encoded(tuple(torch.randint(4, 2000, (int(n),), generator=generator).tolist()), ()) for n in lengths]
     return model, prompts, 0
 
 
@@ -86,7 +92,7 @@ def _runner(model, pad_id: int, batch_size: int, method: str):
     """A function that extracts the last-token states of some prompts by ``method``."""
     import torch
 
-    from forgetdiag.analyses.features import extract_features
+    from forgetdiag.analyses.hidden import extract_features
     from forgetdiag.evaluate import batches_by_length, collate
 
     def naive(items):  # the full causal LM: logits and every position of every hidden state
@@ -99,8 +105,7 @@ def _runner(model, pad_id: int, batch_size: int, method: str):
 
     if method == "causal_lm":
         return naive
-    return lambda items: extract_features(model, items, pad_id=pad_id, batch_size=batch_size,
-                                          method=method)
+    return lambda items: extract_features(model, items, pad_id=pad_id, batch_size=batch_size, method=method)
 
 
 def worker(case: dict) -> dict:
@@ -125,8 +130,11 @@ def worker(case: dict) -> dict:
             run(prompts)
             seconds = time.perf_counter() - start
             peak = (_status("VmHWM") - base) / 2**20
-            out[method] = {"seconds": min(seconds, out[method]["seconds"]), "peak_extra_mib": peak,
-                           "prompts_per_s": len(prompts) / min(seconds, out[method]["seconds"])}
+            out[method] = {
+                "seconds": min(seconds, out[method]["seconds"]),
+                "peak_extra_mib": peak,
+                "prompts_per_s": len(prompts) / min(seconds, out[method]["seconds"]),
+            }
     tokens = sum(len(p.prompt_ids) for p in prompts) / len(prompts)
     return {"methods": out, "mean_tokens": tokens, "n_layers": model.config.num_hidden_layers}
 
@@ -135,8 +143,9 @@ def spawn(case: dict) -> dict:
     # Large blocks straight from mmap and back on free: resident memory then follows live tensors
     # instead of what glibc's heap happens to keep, so peaks are comparable across cases.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(case)], check=True,
-                         capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(case)], check=True, capture_output=True, text=True, env=env
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -156,38 +165,74 @@ def main() -> None:
         return
     sample = SAMPLE.is_dir() and SAMPLE_PROBE.is_file()
     print(f"model: {'sample ' + str(SAMPLE) if sample else '4-layer Llama, hidden 128, inter 512, vocab 2000'}")
-    print(f"\n1. speed: hidden states of every layer at the last prompt token of {args.prompts} "
-          f"prompts, batch {args.batch}; best of {args.repeats} alternating passes")
+    print(
+        f"\n1. speed: hidden states of every layer at the last prompt token of {args.prompts} "
+        f"prompts, batch {args.batch}; best of {args.repeats} alternating passes"
+    )
     print(f"{'method':<22}{'threads':>8}{'tokens/prompt':>15}{'prompts/s':>11}{'peak extra MiB':>16}")
     for threads in (int(t) for t in args.threads.split(",")):
-        r = spawn({"sample": sample, "layers": 4, "prompts": args.prompts, "min_len": 12,
-                   "max_len": 24, "batch": args.batch, "threads": threads, "repeats": args.repeats,
-                   "methods": ["hooks", "output_hidden_states"]})
+        r = spawn(
+            {
+                "sample": sample,
+                "layers": 4,
+                "prompts": args.prompts,
+                "min_len": 12,
+                "max_len": 24,
+                "batch": args.batch,
+                "threads": threads,
+                "repeats": args.repeats,
+                "methods": ["hooks", "output_hidden_states"],
+            }
+        )
         for method, m in r["methods"].items():
-            print(f"{method:<22}{threads:>8}{r['mean_tokens']:>15.1f}{m['prompts_per_s']:>11.0f}"
-                  f"{m['peak_extra_mib']:>16.1f}")
-    print(f"\n2. memory vs layers x tokens: {args.long_prompts} prompts, batch {args.long_batch}, "
-          "1 thread, hidden 128; 'all states' = (layers + 1) x batch x tokens x hidden x 4 bytes")
+            print(
+                f"{method:<22}{threads:>8}{r['mean_tokens']:>15.1f}{m['prompts_per_s']:>11.0f}"
+                f"{m['peak_extra_mib']:>16.1f}"
+            )
+    print(
+        f"\n2. memory vs layers x tokens: {args.long_prompts} prompts, batch {args.long_batch}, "
+        "1 thread, hidden 128; 'all states' = (layers + 1) x batch x tokens x hidden x 4 bytes"
+    )
     print(f"{'method':<22}{'layers':>7}{'tokens':>7}{'all states MiB':>16}{'peak extra MiB':>16}")
     peaks: dict[tuple[str, int, int], float] = {}
-    for layers, tokens in ((4, args.long_tokens // 4), (4, args.long_tokens),
-                           (16, args.long_tokens // 4), (16, args.long_tokens)):
-        r = spawn({"sample": False, "layers": layers, "prompts": args.long_prompts,
-                   "min_len": tokens, "max_len": tokens, "batch": args.long_batch, "threads": 1,
-                   "repeats": 1, "methods": ["hooks", "output_hidden_states", "causal_lm"]})
+    for layers, tokens in (
+        (4, args.long_tokens // 4),
+        (4, args.long_tokens),
+        (16, args.long_tokens // 4),
+        (16, args.long_tokens),
+    ):
+        r = spawn(
+            {
+                "sample": False,
+                "layers": layers,
+                "prompts": args.long_prompts,
+                "min_len": tokens,
+                "max_len": tokens,
+                "batch": args.long_batch,
+                "threads": 1,
+                "repeats": 1,
+                "methods": ["hooks", "output_hidden_states", "causal_lm"],
+            }
+        )
         states = (layers + 1) * args.long_batch * tokens * 128 * 4 / 2**20
         for method, m in r["methods"].items():
             peaks[method, layers, tokens] = m["peak_extra_mib"]
             print(f"{method:<22}{layers:>7}{tokens:>7}{states:>16.1f}{m['peak_extra_mib']:>16.1f}")
-    grow = {method: peaks[method, 16, args.long_tokens] / peaks[method, 4, args.long_tokens]
-            for method in ("hooks", "output_hidden_states")}
+    grow = {
+        method: peaks[method, 16, args.long_tokens] / peaks[method, 4, args.long_tokens]
+        for method in ("hooks", "output_hidden_states")
+    }
     met = "met" if grow["hooks"] < GROWTH_LIMIT else "NOT met"
-    print(f"\npeak from 4 to 16 layers at {args.long_tokens} tokens: hooks x{grow['hooks']:.2f}, "
-          f"output_hidden_states x{grow['output_hidden_states']:.2f} (target: the hooks' peak does "
-          f"not grow with depth, < x{GROWTH_LIMIT}: {met})")
-    print("\nhooks: forgetdiag (last position of each layer, copied); output_hidden_states: the "
-          "base model with output_hidden_states=True; causal_lm: the full model with "
-          "output_hidden_states=True (logits too).")
+    print(
+        f"\npeak from 4 to 16 layers at {args.long_tokens} tokens: hooks x{grow['hooks']:.2f}, "
+        f"output_hidden_states x{grow['output_hidden_states']:.2f} (target: the hooks' peak does "
+        f"not grow with depth, < x{GROWTH_LIMIT}: {met})"
+    )
+    print(
+        "\nhooks: forgetdiag (last position of each layer, copied); output_hidden_states: the "
+        "base model with output_hidden_states=True; causal_lm: the full model with "
+        "output_hidden_states=True (logits too)."
+    )
 
 
 if __name__ == "__main__":

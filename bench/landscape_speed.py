@@ -49,11 +49,22 @@ def synthetic(workdir: Path, *, vocab: int = 2000, items: int = 64, seed: int = 
     specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
     tok = Tokenizer(models.WordLevel({w: k for k, w in enumerate(specials + words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
-                                        pad_token="[PAD]", unk_token="[UNK]")
-    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=vocab, max_position_embeddings=128,
-                         tie_word_embeddings=False, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]"
+    )
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
@@ -68,8 +79,10 @@ def synthetic(workdir: Path, *, vocab: int = 2000, items: int = 64, seed: int = 
         tokenizer.save_pretrained(workdir / name)
         paths.append(workdir / name)
     pick = lambda n: " ".join(words[int(i)] for i in torch.randint(len(words), (n,), generator=generator))
-    rows = [{"prompt": pick(int(torch.randint(16, 25, (1,), generator=generator))), "answer": " " + pick(2)}
-            for _ in range(items)]
+    rows = [
+        {"prompt": pick(int(torch.randint(16, 25, (1,), generator=generator))), "answer": " " + pick(2)}
+        for _ in range(items)
+    ]
     probe = workdir / "probe.jsonl"
     probe.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return (*paths, probe)
@@ -113,9 +126,12 @@ def time_ours(model, plane, batches, points, rounds: int) -> dict[str, dict[str,
         for b in batches:
             model(**b.model_inputs(), use_cache=False)
 
-    kinds = {"plain": lambda k: answer_loss(model, batches), "bare forward": lambda k: bare(),
-             "set weights": lambda k: plane.set(*points[k]),
-             "grid": lambda k: (plane.set(*points[k]), answer_loss(model, batches))}
+    kinds = {
+        "plain": lambda k: answer_loss(model, batches),
+        "bare forward": lambda k: bare(),
+        "set weights": lambda k: plane.set(*points[k]),
+        "grid": lambda k: (plane.set(*points[k]), answer_loss(model, batches)),
+    }
     answer_loss(model, batches)  # warm-up
     total = {kind: dict.fromkeys(CLOCKS, 0.0) for kind in kinds}
     for r in range(rounds):
@@ -174,8 +190,13 @@ def loss_landscapes_run(paths, model, plane, batches, steps: int, rounds: int):
         start.load_state_dict(initial)  # it moved the start model's weights in place
         theirs_s.append(timed(run_theirs)["cpu"])
         ours_s.append(timed(run_ours)["cpu"])
-    return (statistics.median(theirs_s), statistics.median(ours_s), points,
-            [float(v) for v in out["theirs"].reshape(-1)], out["ours"])
+    return (
+        statistics.median(theirs_s),
+        statistics.median(ours_s),
+        points,
+        [float(v) for v in out["theirs"].reshape(-1)],
+        out["ours"],
+    )
 
 
 def main() -> None:
@@ -207,9 +228,11 @@ def main() -> None:
     plane = build_plane(model, anchors, [])[0]
     n_params = sum(p.numel() for p in model.parameters())
     tokens = sum(len(e.prompt_ids) + len(e.completion_ids) for e in encoded)
-    print(f"model: {anchors[0].path} ({n_params / 1e6:.2f}M parameters), probe: {probe_path.name} "
-          f"({len(encoded)} items, {tokens} tokens, {len(batches)} batches), threads {args.threads}, "
-          f"N = {args.points}, {args.rounds} rounds")
+    print(
+        f"model: {anchors[0].path} ({n_params / 1e6:.2f}M parameters), probe: {probe_path.name} "
+        f"({len(encoded)} items, {tokens} tokens, {len(batches)} batches), threads {args.threads}, "
+        f"N = {args.points}, {args.rounds} rounds"
+    )
 
     points = square(args.points)
     t = time_ours(model, plane, batches, points, args.rounds)
@@ -217,20 +240,32 @@ def main() -> None:
     for name, clocks in t.items():
         print(f"  {name:<14} {1000 * clocks['cpu']:8.2f} ms | {1000 * clocks['wall']:8.2f} ms")
     ratio, wall = (t["grid"][c] / t["plain"][c] for c in ("cpu", "wall"))
-    print(f"grid / plain = {ratio:.3f} CPU ({wall:.3f} wall): setting weights costs {100 * (ratio - 1):+.1f}% "
-          f"per point (target < 15%: {'met' if ratio < 1.15 else 'NOT met'})")
+    print(
+        f"grid / plain = {ratio:.3f} CPU ({wall:.3f} wall): setting weights costs {100 * (ratio - 1):+.1f}% "
+        f"per point (target < 15%: {'met' if ratio < 1.15 else 'NOT met'})"
+    )
     plain_point = t["plain"]["cpu"]
 
     side = max(1, math.isqrt(args.points))
     settings = LandscapeSettings(grid=(side, side))
     out = {}
-    whole = timed(lambda: out.update(result=landscape(
-        *paths, [probe_path], settings=settings, runtime=Runtime(threads=args.threads, batch_size=args.batch_size))))
+    whole = timed(
+        lambda: out.update(
+            result=landscape(
+                *paths,
+                [probe_path],
+                settings=settings,
+                runtime=Runtime(threads=args.threads, batch_size=args.batch_size),
+            )
+        )
+    )
     evaluated = out["result"].evaluated
     per_point = whole["cpu"] / evaluated
-    print(f"landscape(): {side}x{side} grid + 3 anchors = {evaluated} points in {whole['cpu']:.2f} s CPU "
-          f"({whole['wall']:.2f} s wall), {1000 * per_point:.1f} ms per point including load and "
-          f"streaming ({per_point / plain_point:.2f} x a plain evaluation)")
+    print(
+        f"landscape(): {side}x{side} grid + 3 anchors = {evaluated} points in {whole['cpu']:.2f} s CPU "
+        f"({whole['wall']:.2f} s wall), {1000 * per_point:.1f} ms per point including load and "
+        f"streaming ({per_point / plain_point:.2f} x a plain evaluation)"
+    )
 
     try:
         import loss_landscapes  # noqa: F401
@@ -245,15 +280,21 @@ def main() -> None:
         return
     diff = max(abs(a - b) for a, b in zip(ours, theirs))
     m = steps * steps
-    print(f"loss-landscapes planar_interpolation, {steps}x{steps} = {m} points (median of {args.rounds} rounds "
-          f"alternating with ours on the same points): {1000 * theirs_s / m:.1f} ms per point, ours "
-          f"{1000 * ours_s / m:.1f} ms: theirs / ours = {theirs_s / ours_s:.2f}")
-    print(f"  values at its {len(theirs)} points: max |ours - theirs| = {diff:.2e} "
-          f"(losses {min(theirs):.4g}..{max(theirs):.4g})")
-    print("  note: its grid covers alpha, beta in [0, 1) only, and its even columns are shifted by "
-          "one step along d_y (it steps before evaluating); values were matched at the points it "
-          "actually evaluates. It moves the weights by repeated in-place add/sub, so its error "
-          "grows with the number of steps; ours sets theta_0 + a d_x + b d_y from scratch.")
+    print(
+        f"loss-landscapes planar_interpolation, {steps}x{steps} = {m} points (median of {args.rounds} rounds "
+        f"alternating with ours on the same points): {1000 * theirs_s / m:.1f} ms per point, ours "
+        f"{1000 * ours_s / m:.1f} ms: theirs / ours = {theirs_s / ours_s:.2f}"
+    )
+    print(
+        f"  values at its {len(theirs)} points: max |ours - theirs| = {diff:.2e} "
+        f"(losses {min(theirs):.4g}..{max(theirs):.4g})"
+    )
+    print(
+        "  note: its grid covers alpha, beta in [0, 1) only, and its even columns are shifted by "
+        "one step along d_y (it steps before evaluating); values were matched at the points it "
+        "actually evaluates. It moves the weights by repeated in-place add/sub, so its error "
+        "grows with the number of steps; ours sets theta_0 + a d_x + b d_y from scratch."
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ def full_recover(spec, threads: int) -> tuple[float, dict, str]:
     probe = load_probe(spec.probes["old"])
     recovery = load_probe(spec.probes["recovery"]) if "recovery" in spec.probes else None
     start = time.perf_counter()
-    result = recover(spec.before, spec.after, probe, control=spec.control, recovery_probe=recovery,
-                     runtime=Runtime(threads=threads))
+    result = recover(
+        spec.before, spec.after, probe, control=spec.control, recovery_probe=recovery, runtime=Runtime(threads=threads)
+    )
     return time.perf_counter() - start, result.timings, result.verdict
 
 
@@ -51,7 +52,10 @@ def exact_three_ways(spec, threads: int, limit: int) -> dict[str, float]:
         for name, run in (
             ("teacher-forced (one pass)", lambda: score(model, encoded, pad_id=pad, batch_size=64).exact),
             ("generate(), batched", lambda: exact_by_generation(model, encoded, pad_id=pad, eos_id=eos, batch_size=64)),
-            ("generate(), one by one", lambda: exact_by_generation(model, encoded, pad_id=pad, eos_id=eos, batch_size=1)),
+            (
+                "generate(), one by one",
+                lambda: exact_by_generation(model, encoded, pad_id=pad, eos_id=eos, batch_size=1),
+            ),
         ):
             start = time.perf_counter()
             answers[name] = run()
@@ -69,8 +73,10 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=300, help="items for the three-way exact match")
     args = parser.parse_args()
     spec = load_run(args.run)
-    print(f"run {spec.name}: before {spec.before.name}, after {spec.after.name}, control "
-          f"{spec.control.name if spec.control else 'none'}")
+    print(
+        f"run {spec.name}: before {spec.before.name}, after {spec.after.name}, control "
+        f"{spec.control.name if spec.control else 'none'}"
+    )
     walls = {}
     for threads in (int(t) for t in args.threads.split(",")):
         wall, split, verdict = full_recover(spec, threads)
@@ -84,8 +90,10 @@ def main() -> None:
     base = timings["teacher-forced (one pass)"]
     for name, seconds in timings.items():
         print(f"  {name:<28} {seconds:7.2f} s  {seconds / base:6.1f}x")
-    print(f"target: recover under 30 s -> {'met' if walls[fastest] < 30 else 'NOT met'} "
-          f"({walls[fastest]:.1f} s with {fastest} thread(s))")
+    print(
+        f"target: recover under 30 s -> {'met' if walls[fastest] < 30 else 'NOT met'} "
+        f"({walls[fastest]:.1f} s with {fastest} thread(s))"
+    )
 
 
 if __name__ == "__main__":

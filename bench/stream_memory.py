@@ -38,26 +38,47 @@ def generate(root: Path, size_gb: float) -> tuple[Path, Path, int]:
     per_layer = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER + 2 * HIDDEN  # attention, MLP, norms
     fixed = 2 * VOCAB * HIDDEN + HIDDEN
     layers = max(1, round((size_gb * 2**30 / 4 - fixed) / per_layer))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-              "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 16,
-              "num_key_value_heads": 16, "vocab_size": VOCAB, "max_position_embeddings": 2048,
-              "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "torch_dtype": "float32"}
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "lm_head.weight": (VOCAB, HIDDEN),
-              "model.norm.weight": (HIDDEN,)}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+    shapes = {
+        "model.embed_tokens.weight": (VOCAB, HIDDEN),
+        "lm_head.weight": (VOCAB, HIDDEN),
+        "model.norm.weight": (HIDDEN,),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-                       p + "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
-                       p + "self_attn.v_proj.weight": (HIDDEN, HIDDEN),
-                       p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-                       p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN),
-                       p + "mlp.down_proj.weight": (HIDDEN, INTER),
-                       p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+                p + "self_attn.k_proj.weight": (HIDDEN, HIDDEN),
+                p + "self_attn.v_proj.weight": (HIDDEN, HIDDEN),
+                p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+                p + "mlp.gate_proj.weight": (INTER, HIDDEN),
+                p + "mlp.up_proj.weight": (INTER, HIDDEN),
+                p + "mlp.down_proj.weight": (HIDDEN, INTER),
+                p + "input_layernorm.weight": (HIDDEN,),
+                p + "post_attention_layernorm.weight": (HIDDEN,),
+            }
+        )
     generator = torch.Generator().manual_seed(0)
     a = {n: torch.randn(s, generator=generator) * 0.02 for n, s in shapes.items()}
     paths = []
-    for name, state in (("a", a), ("b", {n: t + 1e-3 * torch.randn(t.shape, generator=generator)
-                                         for n, t in a.items()})):
+    for name, state in (
+        ("a", a),
+        ("b", {n: t + 1e-3 * torch.randn(t.shape, generator=generator) for n, t in a.items()}),
+    ):
         path = root / name
         path.mkdir(parents=True, exist_ok=True)
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -94,7 +115,7 @@ def measure(way: str, a: str, b: str) -> None:
         sb = mb.state_dict()
         for name, ta in ma.state_dict().items():
             total += float(torch.linalg.vector_norm(sb[name] - ta)) ** 2
-    print(f"total {total ** 0.5:.6f}")
+    print(f"total {total**0.5:.6f}")
 
 
 def timed(way: str, a: Path, b: Path) -> dict:
@@ -124,11 +145,15 @@ def main() -> None:
     base = rows[0]["max_rss_mb"]
     print(f"{'way':<16}{'max RSS MiB':>12}{'over baseline':>15}{'wall s':>9}  result")
     for r in rows:
-        print(f"{r['way']:<16}{r['max_rss_mb']:>12.0f}{r['max_rss_mb'] - base:>15.0f}{r['wall_s']:>9.1f}  {r['result']}")
+        print(
+            f"{r['way']:<16}{r['max_rss_mb']:>12.0f}{r['max_rss_mb'] - base:>15.0f}{r['wall_s']:>9.1f}  {r['result']}"
+        )
     stream, full = rows[1], rows[2]
-    print(f"streaming uses {(stream['max_rss_mb'] - base) / (largest / 2**20):.1f} largest-tensor sizes "
-          f"over the interpreter; from_pretrained x2 uses {(full['max_rss_mb'] - base) / (stream['max_rss_mb'] - base):.1f}x "
-          f"the streaming overhead (models: {2 * size / 2**20:.0f} MiB)")
+    print(
+        f"streaming uses {(stream['max_rss_mb'] - base) / (largest / 2**20):.1f} largest-tensor sizes "
+        f"over the interpreter; from_pretrained x2 uses {(full['max_rss_mb'] - base) / (stream['max_rss_mb'] - base):.1f}x "
+        f"the streaming overhead (models: {2 * size / 2**20:.0f} MiB)"
+    )
     assert stream["result"] == full["result"], "the two ways disagree"
     if not args.keep:
         shutil.rmtree(args.workdir)

@@ -82,8 +82,20 @@ _QKV = ("q", "k", "v")
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="llama",
-        model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                     "olmo", "olmo2", "granite", "smollm3"),
+        model_types=(
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "granite",
+            "smollm3",
+        ),
         layer_components={
             "self_attn.q_proj": _c("q"),
             "self_attn.k_proj": _c("k"),
@@ -99,9 +111,14 @@ FAMILIES: tuple[Family, ...] = (
         name="phi3",
         model_types=("phi3",),
         layer_components={
-            "self_attn.qkv_proj": _c("qkv", split=Split("blocks", _QKV, (
-                "num_attention_heads*head_dim", "num_key_value_heads*head_dim",
-                "num_key_value_heads*head_dim"))),
+            "self_attn.qkv_proj": _c(
+                "qkv",
+                split=Split(
+                    "blocks",
+                    _QKV,
+                    ("num_attention_heads*head_dim", "num_key_value_heads*head_dim", "num_key_value_heads*head_dim"),
+                ),
+            ),
             "self_attn.o_proj": _c("o", "out"),
             "mlp.gate_up_proj": _c("gate_up", split=Split("blocks", ("gate", "up"))),
             "mlp.down_proj": _c("down", "out"),
@@ -134,9 +151,18 @@ FAMILIES: tuple[Family, ...] = (
 
 # Used when a checkpoint's model_type is not in FAMILIES: layers are still parsed; components
 # are named after their module and the hidden side is guessed from the shape.
-GENERIC = Family(name="generic", model_types=(), layer_components={},
-                 global_components={"embed_tokens": _EMBED, "wte": _EMBED, "embed_in": _EMBED,
-                                    "lm_head": _LM_HEAD, "embed_out": _LM_HEAD})
+GENERIC = Family(
+    name="generic",
+    model_types=(),
+    layer_components={},
+    global_components={
+        "embed_tokens": _EMBED,
+        "wte": _EMBED,
+        "embed_in": _EMBED,
+        "lm_head": _LM_HEAD,
+        "embed_out": _LM_HEAD,
+    },
+)
 
 
 _ORDER = ("embed", "pos_embed", "q", "k", "v", "o", "gate", "up", "down", "fc_in", "fc_out", "lm_head")
@@ -181,10 +207,12 @@ def config_value(config: Mapping[str, Any], expression: str) -> int:
     return value
 
 
-_ALIASES = {"hidden_size": ("hidden_size", "n_embd", "d_model"),
-            "num_attention_heads": ("num_attention_heads", "n_head"),
-            "num_hidden_layers": ("num_hidden_layers", "n_layer"),
-            "vocab_size": ("vocab_size",)}
+_ALIASES = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_attention_heads": ("num_attention_heads", "n_head"),
+    "num_hidden_layers": ("num_hidden_layers", "n_layer"),
+    "vocab_size": ("vocab_size",),
+}
 
 
 def _config_int(config: Mapping[str, Any], key: str) -> int:
@@ -285,8 +313,9 @@ class MatrixPart:
         return canonical.T if self.hidden_side == "in" else canonical
 
 
-def matrix_parts(tensor: TensorName, shape: tuple[int, ...], config: Mapping[str, Any],
-                 *, guess: bool = False) -> list[MatrixPart]:
+def matrix_parts(
+    tensor: TensorName, shape: tuple[int, ...], config: Mapping[str, Any], *, guess: bool = False
+) -> list[MatrixPart]:
     """The comparable matrices inside one stored weight (several for fused q/k/v).
 
     With ``guess`` (used for families not in :data:`FAMILIES`), an unknown 2-D weight with one
@@ -301,8 +330,7 @@ def matrix_parts(tensor: TensorName, shape: tuple[int, ...], config: Mapping[str
     if spec.split is None:
         return [MatrixPart(tensor, None, spec.name, spec.hidden_side, None)]
     rows = split_rows(spec.split, n_out, config)
-    return [MatrixPart(tensor, part, part, spec.hidden_side, tuple(idx))
-            for part, idx in rows.items()]
+    return [MatrixPart(tensor, part, part, spec.hidden_side, tuple(idx)) for part, idx in rows.items()]
 
 
 _OUTPUT_SIDE_HINTS = ("o_proj", "out_proj", "down", "dense_4h_to_h", "c_proj", "fc2", "wo", "dense")
@@ -318,16 +346,16 @@ def _guessed(tensor: TensorName, shape: tuple[int, ...], config: Mapping[str, An
         side = "out" if any(h in last for h in _OUTPUT_SIDE_HINTS) else "in"
     else:
         side = "in" if in_is_hidden else "out"
-    return TensorName(tensor.name, tensor.layer, tensor.component, tensor.kind,
-                      Component(tensor.component, hidden_side=side))
+    return TensorName(
+        tensor.name, tensor.layer, tensor.component, tensor.kind, Component(tensor.component, hidden_side=side)
+    )
 
 
 def split_rows(split: Split, n_out: int, config: Mapping[str, Any]) -> dict[str, list[int]]:
     """Canonical row indices of each part of a fused matrix with ``n_out`` output rows."""
     n_parts = len(split.parts)
     if split.layout == "blocks":
-        sizes = ([config_value(config, s) for s in split.sizes] if split.sizes
-                 else [n_out // n_parts] * n_parts)
+        sizes = [config_value(config, s) for s in split.sizes] if split.sizes else [n_out // n_parts] * n_parts
         if sum(sizes) != n_out:
             raise ValueError(f"fused matrix has {n_out} rows, expected {sum(sizes)} = {sizes}")
         starts = [sum(sizes[:i]) for i in range(n_parts)]
@@ -339,6 +367,8 @@ def split_rows(split: Split, n_out: int, config: Mapping[str, Any]) -> dict[str,
             raise ValueError(f"fused matrix has {n_out} rows, not {heads} heads x {n_parts} parts")
         # rows reshape to (heads, parts, head_dim): part p of head h is rows
         # (h * parts + p) * head_dim ... + head_dim
-        return {p: [(h * n_parts + i) * head_dim + j for h in range(heads) for j in range(head_dim)]
-                for i, p in enumerate(split.parts)}
+        return {
+            p: [(h * n_parts + i) * head_dim + j for h in range(heads) for j in range(head_dim)]
+            for i, p in enumerate(split.parts)
+        }
     raise ValueError(f"unknown split layout {split.layout!r}")

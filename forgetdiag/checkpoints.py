@@ -50,8 +50,9 @@ def trainer_checkpoints(path: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_checkpoints(path: str | Path, *, allow_pickle: bool = False,
-                     base: str | Path | None = None) -> list[Checkpoint]:
+def find_checkpoints(
+    path: str | Path, *, allow_pickle: bool = False, base: str | Path | None = None
+) -> list[Checkpoint]:
     """The checkpoints at ``path``: one for a model or adapter directory, several for a run.
 
     Args:
@@ -76,16 +77,16 @@ def find_checkpoints(path: str | Path, *, allow_pickle: bool = False,
         return [load_adapter(path, base=base, allow_pickle=allow_pickle)]
     steps = trainer_checkpoints(path)
     if steps:
-        found = [_load_any(child, allow_pickle=allow_pickle, base=base, label=child.name, step=n)
-                 for n, child in steps]
+        found = [_load_any(child, allow_pickle=allow_pickle, base=base, label=child.name, step=n) for n, child in steps]
         if (path / "config.json").is_file():
             found.append(load_model_dir(path, allow_pickle=allow_pickle, label="final"))
         return found
     if not any(path.iterdir()):
         raise CheckpointError(f"{path}: empty directory; {EXPECTED}")
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json, checkpoint-N subdirectory or "
-                              f"adapter_config.json here; {EXPECTED}")
+        raise CheckpointError(
+            f"{path}: no config.json, checkpoint-N subdirectory or adapter_config.json here; {EXPECTED}"
+        )
     return [load_model_dir(path, allow_pickle=allow_pickle)]
 
 
@@ -124,13 +125,14 @@ def resolve_checkpoints(value, runtime=None, *, single=None):
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     found: list[Checkpoint] = []
     for v in values:
-        found.extend([v] if isinstance(v, Checkpoint) else
-                     find_checkpoints(v, allow_pickle=allow_pickle, base=base))
+        found.extend([v] if isinstance(v, Checkpoint) else find_checkpoints(v, allow_pickle=allow_pickle, base=base))
     if single is not None:
         if len(found) != 1:
             shown = ", ".join(c.label for c in found[:3]) + ("..." if len(found) > 3 else "")
-            raise CheckpointError(f"{single} must be one checkpoint; {value} holds {len(found)} "
-                                  f"({shown or 'none'}): pass one checkpoint-N directory")
+            raise CheckpointError(
+                f"{single} must be one checkpoint; {value} holds {len(found)} "
+                f"({shown or 'none'}): pass one checkpoint-N directory"
+            )
         return found[0]
     labels = [c.label for c in found]
     if len(set(labels)) != len(labels):  # e.g. two runs' checkpoint-100: label by path
@@ -138,14 +140,16 @@ def resolve_checkpoints(value, runtime=None, *, single=None):
     return found
 
 
-def find_sequence(paths: Iterable[str | Path], *, allow_pickle: bool = False,
-                  base: str | Path | None = None) -> list[Checkpoint]:
+def find_sequence(
+    paths: Iterable[str | Path], *, allow_pickle: bool = False, base: str | Path | None = None
+) -> list[Checkpoint]:
     """All checkpoints of ``paths`` in the order given (a run directory expands in place);
     labels as :func:`resolve_checkpoints` gives them."""
     from forgetdiag.runtime import Runtime
 
-    return resolve_checkpoints(list(paths), Runtime(allow_pickle=allow_pickle,
-                                                    base=None if base is None else str(base)))
+    return resolve_checkpoints(
+        list(paths), Runtime(allow_pickle=allow_pickle, base=None if base is None else str(base))
+    )
 
 
 def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -170,10 +174,15 @@ def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
         digest.update(index.read_bytes())
     config = checkpoint.path / ("config.json" if checkpoint.base is None else ADAPTER_CONFIG)
     config_hash = hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.is_file() else None
-    return {"label": checkpoint.label, "path": str(checkpoint.path), "format": checkpoint.format,
-            "size_bytes": checkpoint.size_bytes, "index_sha256": digest.hexdigest()[:16],
-            "sample_sha256": sample.hexdigest()[:16],
-            "config_sha256": config_hash}
+    return {
+        "label": checkpoint.label,
+        "path": str(checkpoint.path),
+        "format": checkpoint.format,
+        "size_bytes": checkpoint.size_bytes,
+        "index_sha256": digest.hexdigest()[:16],
+        "sample_sha256": sample.hexdigest()[:16],
+        "config_sha256": config_hash,
+    }
 
 
 def same_bytes(a: Checkpoint, b: Checkpoint) -> bool:
@@ -181,4 +190,3 @@ def same_bytes(a: Checkpoint, b: Checkpoint) -> bool:
     keys = ("index_sha256", "sample_sha256", "size_bytes")
     fa, fb = fingerprint(a), fingerprint(b)
     return all(fa[k] == fb[k] for k in keys)
-

@@ -43,9 +43,15 @@ def model_context(model_or_config) -> int | None:
     return None
 
 
-def encode(tokenizer, items: Probe | Sequence[ProbeItem], *, max_length: int | None = None,
-           truncate: bool = False, add_eos: bool = True,
-           warn: Callable[[str], None] | None = None) -> list[Encoded]:
+def encode(
+    tokenizer,
+    items: Probe | Sequence[ProbeItem],
+    *,
+    max_length: int | None = None,
+    truncate: bool = False,
+    add_eos: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> list[Encoded]:
     """Tokenize items into prompt and completion ids.
 
     The answer's tokens are those that prompt + answer adds after the prompt's own tokens (so
@@ -67,27 +73,33 @@ def encode(tokenizer, items: Probe | Sequence[ProbeItem], *, max_length: int | N
     for row, item in enumerate(items, start=1):
         prompt = tokenizer(item.prompt, add_special_tokens=True)["input_ids"]
         full = tokenizer(item.prompt + item.answer, add_special_tokens=True)["input_ids"]
-        if full[:len(prompt)] == prompt:
-            answer = full[len(prompt):]
+        if full[: len(prompt)] == prompt:
+            answer = full[len(prompt) :]
         else:  # the boundary merged: fall back to tokenizing the answer alone
             answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"]
         if eos is not None and answer and answer[-1] == eos:
             answer = answer[:-1]  # tokenizers that append EOS themselves
         if not answer:
-            raise ProbeError(f"probe row {row}: the answer {item.answer!r} tokenizes to nothing; "
-                             "expected an answer of at least one token")
+            raise ProbeError(
+                f"probe row {row}: the answer {item.answer!r} tokenizes to nothing; "
+                "expected an answer of at least one token"
+            )
         completion = [*answer, eos] if eos is not None else answer
         if max_length is not None and len(prompt) + len(completion) > max_length:
             if not truncate or len(completion) >= max_length:
-                raise ProbeError(f"probe row {row}: prompt + answer is {len(prompt) + len(completion)} "
-                                 f"tokens, more than the model's context of {max_length}; shorten "
-                                 "it or pass --truncate-prompts to drop the prompt's oldest tokens")
-            prompt = prompt[len(prompt) + len(completion) - max_length:]
+                raise ProbeError(
+                    f"probe row {row}: prompt + answer is {len(prompt) + len(completion)} "
+                    f"tokens, more than the model's context of {max_length}; shorten "
+                    "it or pass --truncate-prompts to drop the prompt's oldest tokens"
+                )
+            prompt = prompt[len(prompt) + len(completion) - max_length :]
             truncated += 1
         encoded.append(Encoded(tuple(prompt), tuple(completion)))
     if truncated and warn is not None:
-        warn(f"{truncated} prompts were longer than the model's context of {max_length} tokens "
-             "and lost their oldest tokens")
+        warn(
+            f"{truncated} prompts were longer than the model's context of {max_length} tokens "
+            "and lost their oldest tokens"
+        )
     return encoded
 
 
@@ -101,8 +113,7 @@ class Batch:
     targets: torch.Tensor  # (B, C) completion tokens right-aligned, IGNORE elsewhere
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
 
 
 def collate(items: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> Batch:
@@ -119,9 +130,9 @@ def collate(items: Sequence[Encoded], pad_id: int, device: torch.device | str = 
     targets = torch.full((len(items), width), IGNORE, dtype=torch.long)
     for b, e in enumerate(items):
         seq = e.prompt_ids + e.completion_ids
-        ids[b, length - len(seq):] = torch.tensor(seq)
-        mask[b, length - len(seq):] = 1
-        targets[b, width - len(e.completion_ids):] = torch.tensor(e.completion_ids)
+        ids[b, length - len(seq) :] = torch.tensor(seq)
+        mask[b, length - len(seq) :] = 1
+        targets[b, width - len(e.completion_ids) :] = torch.tensor(e.completion_ids)
         if not e.prompt_ids:  # nothing precedes the first token: it cannot be predicted
             targets[b, width - len(e.completion_ids)] = IGNORE
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions restart after padding
@@ -135,7 +146,7 @@ def completion_logits(model, batch: Batch) -> torch.Tensor:
     if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = width + 1  # only the trailing positions are needed
     logits = model(**kwargs, use_cache=False).logits  # (B, T' , vocab)
-    return logits[:, -width - 1:-1]
+    return logits[:, -width - 1 : -1]
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -180,20 +191,29 @@ class Scores:
         return float(self.nll.sum() / self.n_tokens.sum()) if self.n else float("nan")
 
     def to_dict(self) -> dict[str, float | int]:
-        return {"n": self.n, "exact_match": self.exact_match,
-                "first_token_accuracy": self.first_token_accuracy, "answer_loss": self.answer_loss}
+        return {
+            "n": self.n,
+            "exact_match": self.exact_match,
+            "first_token_accuracy": self.first_token_accuracy,
+            "answer_loss": self.answer_loss,
+        }
 
 
 def batches_by_length(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:
     """Index batches of similar total length (less padding); order is deterministic."""
-    order = sorted(range(len(encoded)),
-                   key=lambda k: (len(encoded[k].prompt_ids) + len(encoded[k].completion_ids), k))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    order = sorted(range(len(encoded)), key=lambda k: (len(encoded[k].prompt_ids) + len(encoded[k].completion_ids), k))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.inference_mode()
-def score(model, encoded: Sequence[Encoded], *, pad_id: int = 0, batch_size: int = 32,
-          progress: Callable[[str, int, int], None] | None = None) -> Scores:
+def score(
+    model,
+    encoded: Sequence[Encoded],
+    *,
+    pad_id: int = 0,
+    batch_size: int = 32,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Scores:
     """Score items with one teacher-forced forward pass per batch.
 
     Args:
@@ -229,16 +249,15 @@ def score(model, encoded: Sequence[Encoded], *, pad_id: int = 0, batch_size: int
     return Scores(exact, first, nll, n_tokens)
 
 
-
-def collate_batches(encoded: Sequence[Encoded], *, pad_id: int, batch_size: int = 32,
-                    device: torch.device | str = "cpu") -> list[Batch]:
+def collate_batches(
+    encoded: Sequence[Encoded], *, pad_id: int, batch_size: int = 32, device: torch.device | str = "cpu"
+) -> list[Batch]:
     """Every batch of :func:`batches_by_length`, collated once on ``device``.
 
     For callers that evaluate the same items many times (a loss surface): collating once
     keeps the per-evaluation cost at the forward passes.
     """
-    return [collate([encoded[k] for k in idx], pad_id, device)
-            for idx in batches_by_length(encoded, batch_size)]
+    return [collate([encoded[k] for k in idx], pad_id, device) for idx in batches_by_length(encoded, batch_size)]
 
 
 @torch.inference_mode()
@@ -259,15 +278,24 @@ def answer_loss(model, batches: Sequence[Batch]) -> float:
     for batch in batches:
         logits = completion_logits(model, batch).float()  # (B, C, V)
         targets = batch.targets  # (B, C), IGNORE where nothing is scored
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                ignore_index=IGNORE, reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
         total += float(nll)  # accumulated in float64 across batches
         count += int((targets != IGNORE).sum())
     return total / count if count else float("nan")
 
+
 @torch.inference_mode()
-def generate_greedy(model, encoded: Sequence[Encoded], *, pad_id: int, eos_id: int | None,
-                    batch_size: int = 32, max_new_tokens: int | None = None) -> list[tuple[int, ...]]:
+def generate_greedy(
+    model,
+    encoded: Sequence[Encoded],
+    *,
+    pad_id: int,
+    eos_id: int | None,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+) -> list[tuple[int, ...]]:
     """What the model says: greedy ``generate()`` after each prompt, cut at EOS (kept).
 
     ``batch_size=1`` generates one prompt at a time. Slow next to :func:`score`; use it to show
@@ -281,29 +309,42 @@ def generate_greedy(model, encoded: Sequence[Encoded], *, pad_id: int, eos_id: i
         prompts = [Encoded(encoded[k].prompt_ids, ()) for k in idx]
         batch = collate(prompts, pad_id, device)
         budget = max_new_tokens or max(len(encoded[k].completion_ids) for k in idx)
-        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=budget,
-                                  min_new_tokens=0, eos_token_id=eos_id, pad_token_id=pad_id)
-        generated = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   generation_config=config)[:, batch.input_ids.shape[1]:]
+        config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=budget,
+            min_new_tokens=0,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        )
+        generated = model.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, generation_config=config
+        )[:, batch.input_ids.shape[1] :]
         for row, k in enumerate(idx):
             tokens = generated[row].tolist()
             if eos_id is not None and eos_id in tokens:
-                tokens = tokens[:tokens.index(eos_id) + 1]
+                tokens = tokens[: tokens.index(eos_id) + 1]
             out[k] = tuple(tokens)
     return out
 
 
-def exact_by_generation(model, encoded: Sequence[Encoded], *, pad_id: int, eos_id: int | None,
-                        batch_size: int = 32) -> np.ndarray:
+def exact_by_generation(
+    model, encoded: Sequence[Encoded], *, pad_id: int, eos_id: int | None, batch_size: int = 32
+) -> np.ndarray:
     """Greedy exact match the slow way, by generating: (n,) bool. For checks and benchmarks."""
     said = generate_greedy(model, encoded, pad_id=pad_id, eos_id=eos_id, batch_size=batch_size)
     return np.array([s == e.completion_ids for s, e in zip(said, encoded)], dtype=bool)
 
 
 @torch.inference_mode()
-def token_logprobs(model, encoded: Sequence[Encoded], *, pad_id: int = 0, batch_size: int = 32,
-                   progress: Callable[[str, int, int], None] | None = None
-                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def token_logprobs(
+    model,
+    encoded: Sequence[Encoded],
+    *,
+    pad_id: int = 0,
+    batch_size: int = 32,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Log-probability of every completion token under ``model`` (teacher forced), per item.
 
     The same forward pass as :func:`score` (left-padded batches, :func:`completion_logits`);

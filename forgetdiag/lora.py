@@ -33,15 +33,22 @@ from forgetdiag.storage import (
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 _PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$|"
-                       r"^(?P<emodule>.+)\.(?P<ewhich>lora_embedding_A|lora_embedding_B)$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$|"
+    r"^(?P<emodule>.+)\.(?P<ewhich>lora_embedding_A|lora_embedding_B)$"
+)
 
 
 class LoraSource:
     """The tensors of base + adapter: names and shapes of the base, merged values on read."""
 
-    def __init__(self, base: Checkpoint, adapter_dir: Path, adapter_config: dict[str, Any],
-                 adapter_tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        base: Checkpoint,
+        adapter_dir: Path,
+        adapter_config: dict[str, Any],
+        adapter_tensors: dict[str, torch.Tensor],
+    ) -> None:
         self.base = base
         self.adapter_dir = adapter_dir
         self.config = adapter_config
@@ -52,23 +59,27 @@ class LoraSource:
             self._add(key.removeprefix(_PREFIX), tensor)
         for name, pair in self.pairs.items():
             if set(pair) != {"A", "B"}:
-                raise CheckpointError(f"{adapter_dir}: adapter has lora_A without lora_B (or the "
-                                      f"reverse) for {name}")
+                raise CheckpointError(f"{adapter_dir}: adapter has lora_A without lora_B (or the reverse) for {name}")
             if name not in base.meta:
-                raise CheckpointError(f"{adapter_dir}: adapter targets {name}, which the base model "
-                                      f"{base.path} does not have (expected the adapter's own base)")
+                raise CheckpointError(
+                    f"{adapter_dir}: adapter targets {name}, which the base model "
+                    f"{base.path} does not have (expected the adapter's own base)"
+                )
         self.meta = dict(base.meta)
         for name, tensor in self.replaced.items():
             self.meta[name] = TensorMeta(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), None)
-        self.files = [*base.weight_files, *(adapter_dir / f for f in (ADAPTER_SAFETENSORS, ADAPTER_PICKLE)
-                                            if (adapter_dir / f).is_file())]
+        self.files = [
+            *base.weight_files,
+            *(adapter_dir / f for f in (ADAPTER_SAFETENSORS, ADAPTER_PICKLE) if (adapter_dir / f).is_file()),
+        ]
 
     def _add(self, key: str, tensor: torch.Tensor) -> None:
         match = _LORA_KEY.match(key)
         if match is None:
             if "lora_" in key or "magnitude" in key:
-                raise CheckpointError(f"{self.adapter_dir}: unsupported adapter tensor {key} "
-                                      "(expected plain LoRA: lora_A / lora_B pairs)")
+                raise CheckpointError(
+                    f"{self.adapter_dir}: unsupported adapter tensor {key} (expected plain LoRA: lora_A / lora_B pairs)"
+                )
             # a full tensor saved with the adapter (modules_to_save, resized embedding)
             self.replaced[key.replace(".base_layer.", ".")] = tensor
             return
@@ -100,8 +111,9 @@ class LoraSource:
         delta = delta.T if transposed else delta
         expected = self.base.meta[name].shape
         if tuple(delta.shape) != expected:
-            raise CheckpointError(f"{self.adapter_dir}: LoRA update of {name} has shape "
-                                  f"{tuple(delta.shape)}, the base tensor {expected}")
+            raise CheckpointError(
+                f"{self.adapter_dir}: LoRA update of {name} has shape {tuple(delta.shape)}, the base tensor {expected}"
+            )
         return delta
 
 
@@ -122,8 +134,9 @@ class LoraCheckpoint(Checkpoint):
     def targets(self) -> list[str]:
         return sorted(self.source.pairs)
 
-    def delta(self, name: str, *, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> torch.Tensor | None:
+    def delta(
+        self, name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor | None:
         if name in self.source.replaced:
             return self.get(name, dtype=dtype, device=device) - self.base.get(name, dtype=dtype, device=device)
         delta = self.source.delta(name)
@@ -133,8 +146,7 @@ class LoraCheckpoint(Checkpoint):
         if name not in self.source.replaced:
             self.base.prefetch(name)  # the adapter's own factors are in memory
 
-    def get(self, name: str, *, dtype: torch.dtype = torch.float32,
-            device: str | torch.device = "cpu") -> torch.Tensor:
+    def get(self, name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
         if name not in self.meta:
             raise CheckpointError(f"{self.path}: no tensor named {name}")
         if name in self.source.replaced:
@@ -149,8 +161,14 @@ class LoraCheckpoint(Checkpoint):
         return own or self.base.tokenizer_dir
 
 
-def load_adapter(path: Path, *, base: str | Path | None = None, allow_pickle: bool = False,
-                 label: str | None = None, step: int | None = None) -> LoraCheckpoint:
+def load_adapter(
+    path: Path,
+    *,
+    base: str | Path | None = None,
+    allow_pickle: bool = False,
+    label: str | None = None,
+    step: int | None = None,
+) -> LoraCheckpoint:
     """A :class:`LoraCheckpoint` for a PEFT adapter directory.
 
     The base model is ``base`` when given, else the adapter's ``base_model_name_or_path``
@@ -161,13 +179,14 @@ def load_adapter(path: Path, *, base: str | Path | None = None, allow_pickle: bo
     if peft_type != "LORA":
         raise CheckpointError(f"{path}: adapter type {peft_type} is not supported (expected LORA)")
     if config.get("use_dora"):
-        raise CheckpointError(f"{path}: DoRA adapters are not supported (their update is not "
-                              "scale * B @ A); merge the adapter and point forgetdiag at the result")
+        raise CheckpointError(
+            f"{path}: DoRA adapters are not supported (their update is not "
+            "scale * B @ A); merge the adapter and point forgetdiag at the result"
+        )
     _check_config(path, config)
     base_ckpt = _base_checkpoint(path, config, base, allow_pickle)
     source = LoraSource(base_ckpt, path, config, _adapter_tensors(path, allow_pickle))
-    return LoraCheckpoint(path, config=base_ckpt.config, source=source, fmt="lora",
-                          label=label, step=step)
+    return LoraCheckpoint(path, config=base_ckpt.config, source=source, fmt="lora", label=label, step=step)
 
 
 def _base_checkpoint(path: Path, config: dict[str, Any], base, allow_pickle: bool) -> Checkpoint:
@@ -176,16 +195,19 @@ def _base_checkpoint(path: Path, config: dict[str, Any], base, allow_pickle: boo
         if not named or not isinstance(named, str):
             raise CheckpointError(f"{path}: adapter_config.json names no base model; pass --base DIR")
         candidates = [Path(named), path / named]
-        found = next((c for c in candidates if (c / "config.json").is_file()
-                      or (c / ADAPTER_CONFIG).is_file()), None)
+        found = next((c for c in candidates if (c / "config.json").is_file() or (c / ADAPTER_CONFIG).is_file()), None)
         if found is None:
-            raise CheckpointError(f"{path}: the adapter's base model '{named}' is not a local "
-                                  "directory (forgetdiag never downloads); pass --base DIR")
+            raise CheckpointError(
+                f"{path}: the adapter's base model '{named}' is not a local "
+                "directory (forgetdiag never downloads); pass --base DIR"
+            )
         base = found
     base = Path(base)
     if (base / ADAPTER_CONFIG).is_file():  # also ends an adapter naming itself, or two naming each other
-        raise CheckpointError(f"{path}: its base {base} is itself an adapter; expected a full model "
-                              "directory (config.json + weights) as the base: pass --base DIR")
+        raise CheckpointError(
+            f"{path}: its base {base} is itself an adapter; expected a full model "
+            "directory (config.json + weights) as the base: pass --base DIR"
+        )
     if not base.is_dir():
         raise CheckpointError(f"{path}: the base model {base} is not a directory; pass --base DIR")
     return load_model_dir(base, allow_pickle=allow_pickle)
@@ -195,16 +217,16 @@ def _check_config(path: Path, config: dict[str, Any]) -> None:
     """The adapter config's numbers are numbers (a string alpha would scale by nonsense)."""
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not value > 0):
-            raise CheckpointError(f"{path / ADAPTER_CONFIG}: '{key}' must be a positive number, "
-                                  f"found {value!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise CheckpointError(f"{path / ADAPTER_CONFIG}: '{key}' must be a positive number, found {value!r}")
     for key in ("alpha_pattern", "rank_pattern"):
         pattern = config.get(key) or {}
-        if not isinstance(pattern, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                                for v in pattern.values()):
-            raise CheckpointError(f"{path / ADAPTER_CONFIG}: '{key}' must map module patterns to "
-                                  f"numbers, found {pattern!r}")
+        if not isinstance(pattern, dict) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) for v in pattern.values()
+        ):
+            raise CheckpointError(
+                f"{path / ADAPTER_CONFIG}: '{key}' must map module patterns to numbers, found {pattern!r}"
+            )
 
 
 def _adapter_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -213,8 +235,9 @@ def _adapter_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         return {name: source.get(name) for name in source.meta}  # adapters are small
     if (path / ADAPTER_PICKLE).is_file():
         if not allow_pickle:
-            raise CheckpointError(f"{path}: adapter weights are a pickle ({ADAPTER_PICKLE}); pass "
-                                  "--allow-pickle to load them with torch.load(weights_only=True)")
+            raise CheckpointError(
+                f"{path}: adapter weights are a pickle ({ADAPTER_PICKLE}); pass "
+                "--allow-pickle to load them with torch.load(weights_only=True)"
+            )
         return load_pickle_weights(path / ADAPTER_PICKLE)
     raise CheckpointError(f"{path}: adapter_config.json without {ADAPTER_SAFETENSORS}")
-

@@ -66,18 +66,24 @@ def load_model(checkpoint: Checkpoint, runtime: Runtime | None = None):
     with _LOAD_LOCK, quiet_transformers():
         try:
             model, info = AutoModelForCausalLM.from_pretrained(
-                str(source.path), dtype=runtime.torch_dtype, local_files_only=True,
-                use_safetensors=source.format == "safetensors", output_loading_info=True,
-                trust_remote_code=runtime.trust_remote_code)
+                str(source.path),
+                dtype=runtime.torch_dtype,
+                local_files_only=True,
+                use_safetensors=source.format == "safetensors",
+                output_loading_info=True,
+                trust_remote_code=runtime.trust_remote_code,
+            )
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             msg = " ".join(str(exc).split())[:300]
             hint = " (pass --trust-remote-code if you trust its code)" if "trust_remote_code" in msg else ""
             raise CheckpointError(f"{source.path}: transformers cannot load this model{hint}: {msg}") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
-        raise CheckpointError(f"{source.path}: {len(missing)} weights the model needs are missing "
-                              f"from the checkpoint (first: {missing[0]}); transformers would fill "
-                              "them with random values. Expected a complete checkpoint")
+        raise CheckpointError(
+            f"{source.path}: {len(missing)} weights the model needs are missing "
+            f"from the checkpoint (first: {missing[0]}); transformers would fill "
+            "them with random values. Expected a complete checkpoint"
+        )
     if checkpoint.base is not None:
         _merge_adapter(model, checkpoint)
     _require_finite_parameters(model, checkpoint)
@@ -117,8 +123,9 @@ def _merge_adapter(model, checkpoint: Checkpoint) -> None:
             continue
         param = params.get(name)
         if param is None:
-            raise CheckpointError(f"{checkpoint.path}: adapter updates {name}, which the loaded "
-                                  "model has no parameter for")
+            raise CheckpointError(
+                f"{checkpoint.path}: adapter updates {name}, which the loaded model has no parameter for"
+            )
         # merge in float32, then round once to the compute dtype
         param.copy_((param.to(torch.float32) + delta).to(param.dtype))
 
@@ -130,12 +137,15 @@ def load_tokenizer(checkpoint: Checkpoint, runtime: Runtime | None = None):
     runtime = runtime or Runtime()
     where = Path(runtime.tokenizer) if runtime.tokenizer is not None else checkpoint.tokenizer_dir
     if where is None:
-        raise CheckpointError(f"{checkpoint.path}: no tokenizer files (expected tokenizer.json or "
-                              "tokenizer_config.json next to the weights); pass --tokenizer DIR")
+        raise CheckpointError(
+            f"{checkpoint.path}: no tokenizer files (expected tokenizer.json or "
+            "tokenizer_config.json next to the weights); pass --tokenizer DIR"
+        )
     with quiet_transformers():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(where), local_files_only=True,
-                                                      trust_remote_code=runtime.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(where), local_files_only=True, trust_remote_code=runtime.trust_remote_code
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{where}: cannot load the tokenizer: {' '.join(str(exc).split())[:300]}") from None
     if tokenizer.pad_token_id is None:
@@ -160,6 +170,8 @@ def shared_tokenizer(checkpoints, runtime: Runtime):
     if runtime.tokenizer is None:
         for other in checkpoints[1:]:
             if other.tokenizer_dir is not None and not same_tokenizer(tokenizer, load_tokenizer(other, runtime)):
-                raise CheckpointError(f"{checkpoints[0].label} and {other.label} use different "
-                                      "tokenizers; expected one tokenizer for every checkpoint compared")
+                raise CheckpointError(
+                    f"{checkpoints[0].label} and {other.label} use different "
+                    "tokenizers; expected one tokenizer for every checkpoint compared"
+                )
     return tokenizer

@@ -55,9 +55,7 @@ def baseline_direction_angle(ra: int, d: int) -> float:
     return math.degrees(first / mass)
 
 
-def baseline_principal_angles(
-    ra: int, rb: int, d: int, *, samples: int = 16, seed: int = 0
-) -> torch.Tensor:
+def baseline_principal_angles(ra: int, rb: int, d: int, *, samples: int = 16, seed: int = 0) -> torch.Tensor:
     """Mean sorted principal angles between two independent uniformly random subspaces.
 
     Seeded Monte Carlo. By rotation invariance one subspace is span(e_1..e_p), p = max(ra, rb),

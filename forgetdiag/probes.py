@@ -120,8 +120,9 @@ def _jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
         try:
             rows.append((line_no, json.loads(line)))
         except json.JSONDecodeError as exc:
-            raise ProbeError(f"{path}: invalid JSON on line {line_no} ({exc.msg}); expected one "
-                             "JSON object per line") from None
+            raise ProbeError(
+                f"{path}: invalid JSON on line {line_no} ({exc.msg}); expected one JSON object per line"
+            ) from None
     return rows
 
 
@@ -138,8 +139,9 @@ def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
 def _item(path: Path, line: int, row: Any, fields: ProbeFields) -> ProbeItem:
     where = f"{path}: row on line {line}" if path.suffix.lower() != ".json" else f"{path}: row {line}"
     if not isinstance(row, dict):
-        raise ProbeError(f"{where} is {type(row).__name__}; expected an object with "
-                         f"'{fields.prompt}' and '{fields.answer}'")
+        raise ProbeError(
+            f"{where} is {type(row).__name__}; expected an object with '{fields.prompt}' and '{fields.answer}'"
+        )
     for field in (fields.prompt, fields.answer):
         if row.get(field) is None:
             found = ", ".join(sorted(map(str, row))) or "no fields"
@@ -150,16 +152,19 @@ def _item(path: Path, line: int, row: Any, fields: ProbeFields) -> ProbeItem:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and field == fields.group:
             value = str(value)  # numeric entity ids are common: 17 and "17" are one group
         if value is not None and not isinstance(value, str):
-            raise ProbeError(f"{where}: '{field}' is {type(value).__name__} ({json.dumps(value)[:60]}); "
-                             "expected text (a JSON string)")
+            raise ProbeError(
+                f"{where}: '{field}' is {type(value).__name__} ({json.dumps(value)[:60]}); "
+                "expected text (a JSON string)"
+            )
         values[field] = value
     if not values[fields.answer].strip():
         raise ProbeError(f"{where} has an empty '{fields.answer}'; expected a non-empty answer")
     return ProbeItem(values[fields.prompt], values[fields.answer], values[fields.group])
 
 
-def split_probe(probe: Probe, *, n_recovery: int | None = None, n_eval: int | None = None,
-                seed: int = 0) -> tuple[Probe, Probe]:
+def split_probe(
+    probe: Probe, *, n_recovery: int | None = None, n_eval: int | None = None, seed: int = 0
+) -> tuple[Probe, Probe]:
     """Split into a recovery part and a disjoint evaluation part by a seeded shuffle of groups.
 
     Args:
@@ -195,8 +200,10 @@ def split_probe(probe: Probe, *, n_recovery: int | None = None, n_eval: int | No
         eval_groups.append(g)
         count += len(by_group[g])
     pick = lambda groups: tuple(i for g in groups for i in by_group[g])
-    return (Probe(f"{probe.name}:recovery", pick(recovery_groups), probe.path),
-            Probe(f"{probe.name}:evaluation", pick(eval_groups), probe.path))
+    return (
+        Probe(f"{probe.name}:recovery", pick(recovery_groups), probe.path),
+        Probe(f"{probe.name}:evaluation", pick(eval_groups), probe.path),
+    )
 
 
 def _shuffled_groups(probe: Probe, seed: int) -> list[str]:
@@ -213,9 +220,15 @@ def with_chat_template(probe: Probe, tokenizer) -> Probe:
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ProbeError("--chat-template was given but the tokenizer has no chat template")
-    items = tuple(replace(i, prompt=tokenizer.apply_chat_template(
-        [{"role": "user", "content": i.prompt}], tokenize=False, add_generation_prompt=True))
-        for i in probe.items)
+    items = tuple(
+        replace(
+            i,
+            prompt=tokenizer.apply_chat_template(
+                [{"role": "user", "content": i.prompt}], tokenize=False, add_generation_prompt=True
+            ),
+        )
+        for i in probe.items
+    )
     return replace(probe, items=items)
 
 

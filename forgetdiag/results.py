@@ -37,9 +37,14 @@ class Result:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        return {"analysis": self.analysis, "schema_version": SCHEMA_VERSION,
-                "summary": self.summary(), "warnings": list(self.warnings),
-                "timings_s": dict(self.timings), **self.body()}
+        return {
+            "analysis": self.analysis,
+            "schema_version": SCHEMA_VERSION,
+            "summary": self.summary(),
+            "warnings": list(self.warnings),
+            "timings_s": dict(self.timings),
+            **self.body(),
+        }
 
 
 class Timings(dict):

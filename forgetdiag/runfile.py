@@ -72,8 +72,10 @@ def load_run(path: str | Path) -> RunSpec:
     """
     file = find_run_file(path)
     if file is None:
-        raise ForgetdiagError(f"{path}: no run description; expected a directory with {RUN_FILE} "
-                              "or a .toml file (see docs/report.md, 'Describing a run')")
+        raise ForgetdiagError(
+            f"{path}: no run description; expected a directory with {RUN_FILE} "
+            "or a .toml file (see docs/report.md, 'Describing a run')"
+        )
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -83,22 +85,29 @@ def load_run(path: str | Path) -> RunSpec:
     probes = _table(data, "probes", _PROBE_KEYS, file)
     unknown = set(data) - {"name", "description", "expected_verdict", "checkpoints", "probes"}
     if unknown:
-        raise ForgetdiagError(f"{file}: unknown key {sorted(unknown)[0]!r}; expected name, "
-                              "description, expected_verdict, [checkpoints], [probes]")
+        raise ForgetdiagError(
+            f"{file}: unknown key {sorted(unknown)[0]!r}; expected name, "
+            "description, expected_verdict, [checkpoints], [probes]"
+        )
     resolve = lambda key: _existing(root, checkpoints[key], file) if key in checkpoints else None
     landscape = checkpoints.get("landscape", [])
     if landscape and (not isinstance(landscape, list) or len(landscape) != 3):
-        raise ForgetdiagError(f"{file}: checkpoints.landscape must list 3 checkpoints "
-                              "(origin, x end, y end)")
+        raise ForgetdiagError(f"{file}: checkpoints.landscape must list 3 checkpoints (origin, x end, y end)")
     for key in ("name", "description", "expected_verdict"):
         if key in data and not isinstance(data[key], str):
             raise ForgetdiagError(f"{file}: {key} must be text, found {data[key]!r}")
     return RunSpec(
-        path=file, name=str(data.get("name", root.name)), description=str(data.get("description", "")),
-        expected_verdict=data.get("expected_verdict"), before=resolve("before"),
-        after=resolve("after"), control=resolve("control"), run=resolve("run"),
+        path=file,
+        name=str(data.get("name", root.name)),
+        description=str(data.get("description", "")),
+        expected_verdict=data.get("expected_verdict"),
+        before=resolve("before"),
+        after=resolve("after"),
+        control=resolve("control"),
+        run=resolve("run"),
         landscape=tuple(_existing(root, p, file) for p in landscape),
-        probes={k: _existing(root, v, file) for k, v in probes.items()})
+        probes={k: _existing(root, v, file) for k, v in probes.items()},
+    )
 
 
 def _table(data: dict[str, Any], key: str, allowed: tuple[str, ...], file: Path) -> dict[str, Any]:
@@ -107,8 +116,7 @@ def _table(data: dict[str, Any], key: str, allowed: tuple[str, ...], file: Path)
         raise ForgetdiagError(f"{file}: [{key}] must be a table")
     unknown = set(table) - set(allowed)
     if unknown:
-        raise ForgetdiagError(f"{file}: unknown key {key}.{sorted(unknown)[0]}; expected one of "
-                              f"{', '.join(allowed)}")
+        raise ForgetdiagError(f"{file}: unknown key {key}.{sorted(unknown)[0]}; expected one of {', '.join(allowed)}")
     return table
 
 
@@ -119,19 +127,36 @@ def _existing(root: Path, value: Any, file: Path) -> Path:
     return path
 
 
-def spec_from_options(*, before: Path | None, after: Path | None, control: Path | None,
-                      run: Path | None, probe: Path | None, recovery_probe: Path | None,
-                      new_probe: Path | None, name: str = "run") -> RunSpec:
+def spec_from_options(
+    *,
+    before: Path | None,
+    after: Path | None,
+    control: Path | None,
+    run: Path | None,
+    probe: Path | None,
+    recovery_probe: Path | None,
+    new_probe: Path | None,
+    name: str = "run",
+) -> RunSpec:
     """A :class:`RunSpec` from command-line options instead of a run file."""
-    probes = {k: Path(v) for k, v in (("old", probe), ("recovery", recovery_probe),
-                                      ("new", new_probe)) if v is not None}
-    return RunSpec(path=Path("<options>"), name=name, before=before, after=after,
-                   control=control, run=run, probes=probes)
+    probes = {
+        k: Path(v) for k, v in (("old", probe), ("recovery", recovery_probe), ("new", new_probe)) if v is not None
+    }
+    return RunSpec(
+        path=Path("<options>"), name=name, before=before, after=after, control=control, run=run, probes=probes
+    )
 
 
-def resolve_spec(run: Path | None, *, before: Path | None = None, after: Path | None = None,
-                 control: Path | None = None, probe: Path | None = None,
-                 recovery_probe: Path | None = None, new_probe: Path | None = None) -> RunSpec:
+def resolve_spec(
+    run: Path | None,
+    *,
+    before: Path | None = None,
+    after: Path | None = None,
+    control: Path | None = None,
+    probe: Path | None = None,
+    recovery_probe: Path | None = None,
+    new_probe: Path | None = None,
+) -> RunSpec:
     """The run file of ``run``, or a run described by options (these win when given).
 
     With ``before`` and ``probe`` given, ``run`` (if any) is taken as the Trainer run whose
@@ -140,20 +165,27 @@ def resolve_spec(run: Path | None, *, before: Path | None = None, after: Path | 
     if run is not None and find_run_file(run) is not None and not any((before, after, probe)):
         return load_run(run)
     if before is None or probe is None:
-        raise ForgetdiagError(f"{run or 'no RUN'}: no run description ({RUN_FILE}); expected RUN "
-                              "with forgetdiag.toml, or --before, --probe and an --after or a "
-                              "Trainer RUN directory")
+        raise ForgetdiagError(
+            f"{run or 'no RUN'}: no run description ({RUN_FILE}); expected RUN "
+            "with forgetdiag.toml, or --before, --probe and an --after or a "
+            "Trainer RUN directory"
+        )
     is_trainer_run = run is not None and find_run_file(run) is None
-    return spec_from_options(before=before, after=after, control=control,
-                             run=run if is_trainer_run else None, probe=probe,
-                             recovery_probe=recovery_probe, new_probe=new_probe,
-                             name=(run or after or before).name)
+    return spec_from_options(
+        before=before,
+        after=after,
+        control=control,
+        run=run if is_trainer_run else None,
+        probe=probe,
+        recovery_probe=recovery_probe,
+        new_probe=new_probe,
+        name=(run or after or before).name,
+    )
 
 
 def spec_inputs(spec: RunSpec) -> list[Path]:
     """Every path a run description names (for the output guard)."""
-    paths = [spec.path, spec.before, spec.after, spec.control, spec.run, *spec.landscape,
-             *spec.probes.values()]
+    paths = [spec.path, spec.before, spec.after, spec.control, spec.run, *spec.landscape, *spec.probes.values()]
     return [p for p in paths if p is not None and str(p) != "<options>"]
 
 
@@ -170,6 +202,8 @@ def landscape_triple(spec: RunSpec, run: list, runtime) -> list | str:
             paths.append(run[-1].path)
     found = [resolve_checkpoints(p, runtime) for p in paths]
     if len(paths) != 3 or any(len(f) != 1 for f in found):
-        return ("needs three single checkpoints (origin, early update end, late update end): "
-                "set [checkpoints] landscape in the run file")
+        return (
+            "needs three single checkpoints (origin, early update end, late update end): "
+            "set [checkpoints] landscape in the run file"
+        )
     return [f[0] for f in found]

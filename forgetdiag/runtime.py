@@ -46,14 +46,28 @@ class Runtime:
 
     device: str = _option("cpu", "cpu, cuda, cuda:N, mps, or auto (CUDA when available).")
     dtype: Dtype = _option("float32", "Compute dtype of forward passes and fine-tuning: float32, bfloat16 or float16.")
-    threads: int | None = _option(None, "CPU threads (default: 1 for models under 20M parameters, torch's default above; angles: every core).", min=1)
+    threads: int | None = _option(
+        None,
+        "CPU threads (default: 1 for models under 20M parameters, torch's default above; angles: every core).",
+        min=1,
+    )
     batch_size: int = _option(64, "Probe items per forward pass.", min=1)
-    tokenizer: str | None = _option(None, "Tokenizer directory (default: the one saved with each checkpoint).", path=True)
+    tokenizer: str | None = _option(
+        None, "Tokenizer directory (default: the one saved with each checkpoint).", path=True
+    )
     chat_template: bool = _option(False, "Wrap probe prompts in the tokenizer's chat template (instruct models).")
-    truncate_prompts: bool = _option(False, "Drop the oldest tokens of prompts too long for the model's context (default: error).")
-    allow_pickle: bool = _option(False, "Read pytorch_model.bin files (with torch.load(weights_only=True)). Off: safetensors only.")
-    base: str | None = _option(None, "Base model directory of LoRA adapters (default: from adapter_config.json).", path=True)
-    trust_remote_code: bool = _option(False, "Allow a checkpoint's own Python code (transformers trust_remote_code). Off by default.")
+    truncate_prompts: bool = _option(
+        False, "Drop the oldest tokens of prompts too long for the model's context (default: error)."
+    )
+    allow_pickle: bool = _option(
+        False, "Read pytorch_model.bin files (with torch.load(weights_only=True)). Off: safetensors only."
+    )
+    base: str | None = _option(
+        None, "Base model directory of LoRA adapters (default: from adapter_config.json).", path=True
+    )
+    trust_remote_code: bool = _option(
+        False, "Allow a checkpoint's own Python code (transformers trust_remote_code). Off by default."
+    )
 
     def __post_init__(self) -> None:
         dtype = str(self.dtype).removeprefix("torch.").lower()

@@ -33,13 +33,26 @@ PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-EXPECTED = ("expected a model directory (config.json + model.safetensors or a sharded "
-            "model.safetensors.index.json), a Trainer output directory with checkpoint-N "
-            "subdirectories, or a PEFT adapter directory (adapter_config.json)")
+EXPECTED = (
+    "expected a model directory (config.json + model.safetensors or a sharded "
+    "model.safetensors.index.json), a Trainer output directory with checkpoint-N "
+    "subdirectories, or a PEFT adapter directory (adapter_config.json)"
+)
 
-_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-                "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_DTYPE_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 _MAX_HEADER = 100_000_000  # bytes; the format's own limit
 
 
@@ -73,11 +86,16 @@ def read_header(file: Path) -> Header:
                 raise ValueError(f"header of {length} bytes")
             raw = handle.read(length)
         entries = json.loads(raw)
-        spans = {name: (8 + length + e["data_offsets"][0], 8 + length + e["data_offsets"][1])
-                 for name, e in entries.items() if name != "__metadata__"}
+        spans = {
+            name: (8 + length + e["data_offsets"][0], 8 + length + e["data_offsets"][1])
+            for name, e in entries.items()
+            if name != "__metadata__"
+        }
     except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); expected a "
-                              "complete safetensors file as written by save_pretrained") from None
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({exc}); expected a "
+            "complete safetensors file as written by save_pretrained"
+        ) from None
     return Header(raw, spans)
 
 
@@ -95,12 +113,13 @@ class SafetensorsSource:
                         continue
                     view = handle.get_slice(name)
                     dtype = view.get_dtype()
-                    self.meta[name] = TensorMeta(tuple(view.get_shape()),
-                                                 _DTYPE_NAMES.get(dtype, dtype.lower()), file)
+                    self.meta[name] = TensorMeta(tuple(view.get_shape()), _DTYPE_NAMES.get(dtype, dtype.lower()), file)
         missing = sorted(set(files_by_name) - set(self.meta))
         if missing:
-            raise CheckpointError(f"{self.files[0].parent}: the index names {len(missing)} tensors "
-                                  f"that its shards do not hold (first: {missing[0]})")
+            raise CheckpointError(
+                f"{self.files[0].parent}: the index names {len(missing)} tensors "
+                f"that its shards do not hold (first: {missing[0]})"
+            )
 
     def header(self, file: Path) -> Header:
         if file not in self._headers:
@@ -147,8 +166,10 @@ class PickleSource:
         self.tensors: dict[str, torch.Tensor] = {}
         for file in files:
             self.tensors.update(load_pickle_weights(file))
-        self.meta = {name: TensorMeta(tuple(t.shape), str(t.dtype).removeprefix("torch."), None)
-                     for name, t in self.tensors.items()}
+        self.meta = {
+            name: TensorMeta(tuple(t.shape), str(t.dtype).removeprefix("torch."), None)
+            for name, t in self.tensors.items()
+        }
 
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[name]
@@ -161,8 +182,10 @@ def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{file}: refused to load: torch.load(weights_only=True) failed "
-                              f"({first[:200]}); expected a plain state dict of tensors") from None
+        raise CheckpointError(
+            f"{file}: refused to load: torch.load(weights_only=True) failed "
+            f"({first[:200]}); expected a plain state dict of tensors"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{file}: expected a state dict of tensors, found {type(state).__name__}")
     return state
@@ -177,8 +200,16 @@ class Checkpoint:
     update alone.
     """
 
-    def __init__(self, path: Path, *, config: dict[str, Any], source: Any, fmt: str,
-                 label: str | None = None, step: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        config: dict[str, Any],
+        source: Any,
+        fmt: str,
+        label: str | None = None,
+        step: int | None = None,
+    ) -> None:
         self.path = path
         self.config = config
         self.source = source
@@ -234,15 +265,15 @@ class Checkpoint:
     def parse(self, name: str) -> TensorName:
         return parse_name(name, self.family)
 
-    def get(self, name: str, *, dtype: torch.dtype = torch.float32,
-            device: str | torch.device = "cpu") -> torch.Tensor:
+    def get(self, name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
         """The tensor ``name`` as ``dtype`` on ``device``."""
         if name not in self.source.meta:
             raise CheckpointError(f"{self.path}: no tensor named {name}")
         return self.source.get(name).to(device=device, dtype=dtype)
 
-    def delta(self, name: str, *, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> torch.Tensor | None:
+    def delta(
+        self, name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor | None:
         """For adapters, the update of ``name`` over the base (None if untouched)."""
         return None
 
@@ -288,8 +319,10 @@ def _open_safetensors(file: Path):
     try:
         return safe_open(str(file), framework="pt")
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({exc}); expected a complete "
-                              "safetensors file as written by save_pretrained") from None
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({exc}); expected a complete "
+            "safetensors file as written by save_pretrained"
+        ) from None
 
 
 def read_json(file: Path, what: str) -> dict[str, Any]:
@@ -305,8 +338,9 @@ def read_json(file: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def load_model_dir(path: Path, *, allow_pickle: bool = False, label: str | None = None,
-                   step: int | None = None) -> Checkpoint:
+def load_model_dir(
+    path: Path, *, allow_pickle: bool = False, label: str | None = None, step: int | None = None
+) -> Checkpoint:
     """A :class:`Checkpoint` for a model directory (config.json + weights)."""
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -315,29 +349,36 @@ def load_model_dir(path: Path, *, allow_pickle: bool = False, label: str | None 
     if (path / SAFETENSORS_INDEX).is_file():
         index = read_json(path / SAFETENSORS_INDEX, SAFETENSORS_INDEX)
         weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map or not all(
-                isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{path / SAFETENSORS_INDEX}: expected a non-empty 'weight_map' "
-                                  "of tensor names to shard files")
+        if (
+            not isinstance(weight_map, dict)
+            or not weight_map
+            or not all(isinstance(v, str) for v in weight_map.values())
+        ):
+            raise CheckpointError(
+                f"{path / SAFETENSORS_INDEX}: expected a non-empty 'weight_map' of tensor names to shard files"
+            )
         files = {name: path / shard for name, shard in weight_map.items()}
         absent = sorted({str(f.name) for f in files.values() if not f.is_file()})
         if absent:
             raise CheckpointError(f"{path}: shard {absent[0]} named in {SAFETENSORS_INDEX} is missing")
-        return Checkpoint(path, config=config, source=SafetensorsSource(files), fmt="safetensors",
-                          label=label, step=step)
+        return Checkpoint(
+            path, config=config, source=SafetensorsSource(files), fmt="safetensors", label=label, step=step
+        )
     if (path / SAFETENSORS_FILE).is_file():
         source = SafetensorsSource(safetensors_names(path / SAFETENSORS_FILE))
         return Checkpoint(path, config=config, source=source, fmt="safetensors", label=label, step=step)
     pickles = _pickle_files(path)
     if pickles:
         if not allow_pickle:
-            raise CheckpointError(f"{path}: holds only pickle weights ({pickles[0].name}); refusing "
-                                  "to unpickle by default: convert to safetensors, or pass "
-                                  "--allow-pickle to load them with torch.load(weights_only=True)")
-        return Checkpoint(path, config=config, source=PickleSource(pickles), fmt="pickle",
-                          label=label, step=step)
-    raise CheckpointError(f"{path}: found config.json but no weights; expected {SAFETENSORS_FILE} "
-                          f"or {SAFETENSORS_INDEX}")
+            raise CheckpointError(
+                f"{path}: holds only pickle weights ({pickles[0].name}); refusing "
+                "to unpickle by default: convert to safetensors, or pass "
+                "--allow-pickle to load them with torch.load(weights_only=True)"
+            )
+        return Checkpoint(path, config=config, source=PickleSource(pickles), fmt="pickle", label=label, step=step)
+    raise CheckpointError(
+        f"{path}: found config.json but no weights; expected {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}"
+    )
 
 
 def safetensors_names(file: Path) -> dict[str, Path]:

@@ -19,8 +19,17 @@ from forgetdiag.runtime import ProgressFn
 from forgetdiag.storage import Checkpoint
 
 # Config fields that must agree for two checkpoints to be one architecture.
-_ARCH_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "n_head")
+_ARCH_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "n_embd",
+    "n_layer",
+    "n_head",
+)
 _VOCAB_COMPONENTS = ("embed", "lm_head")
 _BLOCK = 1 << 18  # elements per block of _difference's conversion: 1 MiB of float32
 
@@ -56,8 +65,7 @@ def check_sequence(checkpoints: Sequence[Checkpoint]) -> SequenceCheck:
     notes, rows = [], {}
     only_some = sorted({n for c in checkpoints for n in c.names} - set(shared))
     if only_some:
-        notes.append(f"{len(only_some)} tensors are not in every checkpoint and are left out "
-                     f"(first: {only_some[0]})")
+        notes.append(f"{len(only_some)} tensors are not in every checkpoint and are left out (first: {only_some[0]})")
     for name in shared:
         shapes = [c.meta[name].shape for c in checkpoints]
         if len(set(shapes)) == 1:
@@ -65,14 +73,18 @@ def check_sequence(checkpoints: Sequence[Checkpoint]) -> SequenceCheck:
         tensor = first.parse(name)
         if tensor.component in _VOCAB_COMPONENTS and len({s[1:] for s in shapes}) == 1:
             rows[name] = min(s[0] for s in shapes)
-            notes.append(f"vocabulary resized along the run: {name} has "
-                         f"{'/'.join(str(s[0]) for s in shapes)} rows; the first {rows[name]} "
-                         "rows are compared")
+            notes.append(
+                f"vocabulary resized along the run: {name} has "
+                f"{'/'.join(str(s[0]) for s in shapes)} rows; the first {rows[name]} "
+                "rows are compared"
+            )
             continue
         i = next(k for k, s in enumerate(shapes) if s != shapes[0])
-        raise CheckpointError(f"checkpoints differ in shape: {name} is {shapes[0]} in "
-                              f"{first.label} and {shapes[i]} in {checkpoints[i].label}; "
-                              "expected one architecture throughout")
+        raise CheckpointError(
+            f"checkpoints differ in shape: {name} is {shapes[0]} in "
+            f"{first.label} and {shapes[i]} in {checkpoints[i].label}; "
+            "expected one architecture throughout"
+        )
     return SequenceCheck(tuple(shared), rows, tuple(notes))
 
 
@@ -80,9 +92,11 @@ def _check_architecture(a: Checkpoint, b: Checkpoint) -> None:
     for key in _ARCH_FIELDS:
         va, vb = a.config.get(key), b.config.get(key)
         if va is not None and vb is not None and va != vb:
-            raise CheckpointError(f"checkpoints of different architectures: {a.label} is "
-                                  f"{_describe(a)} but {b.label} is {_describe(b)} ({key} "
-                                  f"{va} vs {vb}); expected one architecture throughout")
+            raise CheckpointError(
+                f"checkpoints of different architectures: {a.label} is "
+                f"{_describe(a)} but {b.label} is {_describe(b)} ({key} "
+                f"{va} vs {vb}); expected one architecture throughout"
+            )
 
 
 def _describe(c: Checkpoint) -> str:
@@ -104,14 +118,20 @@ def require_finite(tensor: torch.Tensor, name: str, checkpoint: Checkpoint) -> t
     if bool(torch.isfinite(tensor).all()):
         return tensor
     kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-    raise CheckpointError(f"{checkpoint.label}: tensor {name} holds {kind} values "
-                          f"({checkpoint.path}); expected finite weights")
+    raise CheckpointError(
+        f"{checkpoint.label}: tensor {name} holds {kind} values ({checkpoint.path}); expected finite weights"
+    )
 
 
-def stream_tensors(checkpoints: Sequence[Checkpoint], names: Sequence[str] | None = None, *,
-                   check: SequenceCheck | None = None, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu", progress: ProgressFn | None = None,
-                   ) -> Iterator[tuple[TensorName, list[torch.Tensor]]]:
+def stream_tensors(
+    checkpoints: Sequence[Checkpoint],
+    names: Sequence[str] | None = None,
+    *,
+    check: SequenceCheck | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+) -> Iterator[tuple[TensorName, list[torch.Tensor]]]:
     """Yield ``(name, [tensor in each checkpoint])`` one tensor name at a time.
 
     Args:
@@ -151,11 +171,16 @@ def shared_lora_base(checkpoints: Sequence[Checkpoint]) -> str | None:
     return None
 
 
-def stream_updates(checkpoints: Sequence[Checkpoint], pairs: Sequence[tuple[int, int]],
-                   names: Sequence[str] | None = None, *, check: SequenceCheck | None = None,
-                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                   progress: ProgressFn | None = None,
-                   ) -> Iterator[tuple[TensorName, dict[tuple[int, int], torch.Tensor | None]]]:
+def stream_updates(
+    checkpoints: Sequence[Checkpoint],
+    pairs: Sequence[tuple[int, int]],
+    names: Sequence[str] | None = None,
+    *,
+    check: SequenceCheck | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    progress: ProgressFn | None = None,
+) -> Iterator[tuple[TensorName, dict[tuple[int, int], torch.Tensor | None]]]:
     """Yield ``(name, {(i, j): C[j] - C[i]})`` one tensor name at a time.
 
     When all checkpoints are LoRA adapters over one base (or that base), updates come from the
@@ -199,8 +224,7 @@ def _prefetch(checkpoints: Sequence[Checkpoint], names: Sequence[str], done: int
             c.prefetch(name)
 
 
-def _difference(a: torch.Tensor | None, b: torch.Tensor | None,
-                dtype: torch.dtype) -> torch.Tensor | None:
+def _difference(a: torch.Tensor | None, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``b - a`` in ``dtype``: exactly ``b.to(dtype) - a.to(dtype)``, in one new tensor.
 
     On CPU ``a`` is converted a block at a time into a small scratch buffer that stays in cache:

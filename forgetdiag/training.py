@@ -83,14 +83,21 @@ def completion_loss(model, items: Sequence[Encoded], pad_id: int) -> torch.Tenso
     device = next(model.parameters()).device
     batch = collate(items, pad_id, device)
     width = batch.targets.shape[1]
-    logits = model(**batch.model_inputs(), use_cache=False).logits[:, -width - 1:-1]  # (B, C, V)
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                             batch.targets.reshape(-1), ignore_index=IGNORE)
+    logits = model(**batch.model_inputs(), use_cache=False).logits[:, -width - 1 : -1]  # (B, C, V)
+    return torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), batch.targets.reshape(-1), ignore_index=IGNORE
+    )
 
 
-def train(model, encoded: Sequence[Encoded], config: TrainConfig, *, pad_id: int = 0,
-          on_step: Callable[[int, float], None] | None = None,
-          progress: Callable[[str, int, int], None] | None = None) -> list[float]:
+def train(
+    model,
+    encoded: Sequence[Encoded],
+    config: TrainConfig,
+    *,
+    pad_id: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[float]:
     """Fine-tune ``model`` in place on ``encoded`` and return the loss of every step.
 
     Only parameters with ``requires_grad`` are trained (freeze layers by turning it off).
@@ -121,10 +128,11 @@ def train(model, encoded: Sequence[Encoded], config: TrainConfig, *, pad_id: int
             for start in range(0, len(order), config.batch_size):
                 if step >= total:
                     break
-                batch = [encoded[k] for k in order[start:start + config.batch_size]]
+                batch = [encoded[k] for k in order[start : start + config.batch_size]]
                 for group in optimizer.param_groups:
-                    group["lr"] = config.lr * lr_factor(step, total, schedule=config.schedule,
-                                                        warmup=config.warmup_steps)
+                    group["lr"] = config.lr * lr_factor(
+                        step, total, schedule=config.schedule, warmup=config.warmup_steps
+                    )
                 loss = completion_loss(model, batch, pad_id)
                 loss.backward()
                 if config.grad_clip is not None:

@@ -26,9 +26,17 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
         raise ForgetdiagError(f"{name} {value!r}: expected one of {', '.join(map(str, allowed))}")
 
 
-def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False,
-                 optional: bool = False) -> None:
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+) -> None:
     """``value`` must be a finite number (an int if ``integer``) within the bounds given.
 
     Args:

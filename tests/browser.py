@@ -19,14 +19,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-          "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND",
-          "--enable-logging=stderr", "--v=0", "--virtual-time-budget=30000"]
+_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--virtual-time-budget=30000",
+]
 # Resource errors do not bubble; a listener on window in the capture phase sees them all.
-_WATCHER = ('<script>window.addEventListener("error", function (e) {'
-            ' var t = e.target; if (t && t !== window) console.error("Failed to load resource: "'
-            ' + (t.src || t.href || t.data || t.tagName)); }, true);</script>')
+_WATCHER = (
+    '<script>window.addEventListener("error", function (e) {'
+    ' var t = e.target; if (t && t !== window) console.error("Failed to load resource: "'
+    " + (t.src || t.href || t.data || t.tagName)); }, true);</script>"
+)
 _HEAD = re.compile(r"<head(\s[^>]*)?>", re.IGNORECASE)
 
 
@@ -64,7 +77,11 @@ def render(page: Path, screenshot: Path, *, width: int = 1280, height: int = 600
         url = _watched_copy(page.resolve(), copies).as_uri()
         base = [CHROMIUM, *_FLAGS, f"--user-data-dir={profile}"]
         dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180)
-        subprocess.run([*base, f"--window-size={width},{height}", f"--screenshot={screenshot}", url],
-                       capture_output=True, text=True, timeout=180)
+        subprocess.run(
+            [*base, f"--window-size={width},{height}", f"--screenshot={screenshot}", url],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     return Rendered(dom.stdout, console, screenshot)

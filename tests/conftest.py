@@ -33,34 +33,32 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, tokenizer):
     """A 2-layer llama (GQA, tied embeddings) with a tokenizer, fp32 safetensors."""
-    return save(build(llama_config(), seed=0), tmp_path_factory.mktemp("llama") / "model",
-                tokenizer=tokenizer)
+    return save(build(llama_config(), seed=0), tmp_path_factory.mktemp("llama") / "model", tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session")
 def llama_dir_b(tmp_path_factory, tokenizer):
     """Another llama of the same architecture (different weights)."""
-    return save(build(llama_config(), seed=1), tmp_path_factory.mktemp("llama_b") / "model",
-                tokenizer=tokenizer)
+    return save(build(llama_config(), seed=1), tmp_path_factory.mktemp("llama_b") / "model", tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session")
 def llama12_dir(tmp_path_factory):
     """12 layers, so that layer 1 and layers 10, 11 can be told apart."""
-    return save(build(llama_config(layers=12, hidden=16, heads=2, kv_heads=1, inter=32), seed=2),
-                tmp_path_factory.mktemp("llama12") / "model")
+    return save(
+        build(llama_config(layers=12, hidden=16, heads=2, kv_heads=1, inter=32), seed=2),
+        tmp_path_factory.mktemp("llama12") / "model",
+    )
 
 
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory, tokenizer):
-    return save(build(gpt2_config(), seed=3), tmp_path_factory.mktemp("gpt2") / "model",
-                tokenizer=tokenizer)
+    return save(build(gpt2_config(), seed=3), tmp_path_factory.mktemp("gpt2") / "model", tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session")
 def neox_dir(tmp_path_factory, tokenizer):
-    return save(build(neox_config(), seed=4), tmp_path_factory.mktemp("neox") / "model",
-                tokenizer=tokenizer)
+    return save(build(neox_config(), seed=4), tmp_path_factory.mktemp("neox") / "model", tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -115,8 +113,7 @@ def lora_dir(tmp_path_factory, llama_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8,
-                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -130,10 +127,12 @@ def lora_dir(tmp_path_factory, llama_dir):
 @pytest.fixture()
 def copy_tree(tmp_path):
     """Copy a directory into this test's tmp dir (for tests that damage files)."""
+
     def copy(src, name="copy"):
         dst = tmp_path / name
         shutil.copytree(src, dst)
         return dst
+
     return copy
 
 

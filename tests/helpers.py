@@ -9,7 +9,34 @@ from pathlib import Path
 
 import torch
 
-WORDS = ["what", "is", "the", "birth", "city", "of", "alice", "bob", "carol", "dave", "erin", "frank", "answer", ":", "paris", "rome", "oslo", "lima", "cairo", "quito", "who", "works", "at", "acme", "globex", "initech"]
+WORDS = [
+    "what",
+    "is",
+    "the",
+    "birth",
+    "city",
+    "of",
+    "alice",
+    "bob",
+    "carol",
+    "dave",
+    "erin",
+    "frank",
+    "answer",
+    ":",
+    "paris",
+    "rome",
+    "oslo",
+    "lima",
+    "cairo",
+    "quito",
+    "who",
+    "works",
+    "at",
+    "acme",
+    "globex",
+    "initech",
+]
 
 
 def make_tokenizer(path: Path | None = None, words=WORDS):
@@ -22,9 +49,11 @@ def make_tokenizer(path: Path | None = None, words=WORDS):
     trainer = trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"])
     tok.train_from_iterator([" ".join(words)], trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A", special_tokens=[("[BOS]", tok.token_to_id("[BOS]"))])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
-                                 pad_token="[PAD]", unk_token="[UNK]")
+        single="[BOS] $A", special_tokens=[("[BOS]", tok.token_to_id("[BOS]"))]
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]", unk_token="[UNK]"
+    )
     if path is not None:
         hf.save_pretrained(path)
     return hf
@@ -33,25 +62,43 @@ def make_tokenizer(path: Path | None = None, words=WORDS):
 def llama_config(*, layers=2, hidden=32, heads=4, kv_heads=2, inter=64, vocab=64, tied=True):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                       max_position_embeddings=64, tie_word_embeddings=tied,
-                       bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
 
 
 def gpt2_config(*, layers=2, hidden=32, heads=4, vocab=64):
     from transformers import GPT2Config
 
-    return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=64,
-                      bos_token_id=2, eos_token_id=3)
+    return GPT2Config(
+        n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=64, bos_token_id=2, eos_token_id=3
+    )
 
 
 def neox_config(*, layers=2, hidden=32, heads=4, inter=64, vocab=64):
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=heads, vocab_size=vocab, max_position_embeddings=64,
-                         bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    return GPTNeoXConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=False,
+    )
 
 
 def build(config, seed=0):
@@ -153,13 +200,16 @@ def qa_items(n_names: int = 64, n_cities: int = 16, stride: int = 3):
 
     names = [f"n{k}" for k in range(n_names)]
     cities = [f"c{k}" for k in range(n_cities)]
-    items = tuple(ProbeItem(f"what is the birth city of {n} answer :", f" {cities[(stride * k) % n_cities]}", n)
-                  for k, n in enumerate(names))
+    items = tuple(
+        ProbeItem(f"what is the birth city of {n} answer :", f" {cities[(stride * k) % n_cities]}", n)
+        for k, n in enumerate(names)
+    )
     return names, cities, items
 
 
-def _train_until_exact(model, tokenizer, items, *, epochs: int, lr: float, seed: int, what: str,
-                       schedule: str = "cosine") -> None:
+def _train_until_exact(
+    model, tokenizer, items, *, epochs: int, lr: float, seed: int, what: str, schedule: str = "cosine"
+) -> None:
     """Train on ``items`` (``schedule`` first, then cosine rounds at half the rate while an item
     is still missed, at most four rounds in all); then assert that every item is answered exactly.
 
@@ -170,9 +220,18 @@ def _train_until_exact(model, tokenizer, items, *, epochs: int, lr: float, seed:
 
     encoded = encode(tokenizer, items)
     for round_ in range(4):
-        train(model, encoded, TrainConfig(epochs=epochs, lr=lr / 2**round_, batch_size=16,
-                                          schedule=schedule if round_ == 0 else "cosine",
-                                          seed=seed + TEST_SEED + 1000 * round_), pad_id=0)
+        train(
+            model,
+            encoded,
+            TrainConfig(
+                epochs=epochs,
+                lr=lr / 2**round_,
+                batch_size=16,
+                schedule=schedule if round_ == 0 else "cosine",
+                seed=seed + TEST_SEED + 1000 * round_,
+            ),
+            pad_id=0,
+        )
         learned = score(model, encoded, pad_id=0).exact_match
         if learned == 1.0:
             return
@@ -184,8 +243,7 @@ def teach(model, tokenizer, items, *, epochs: int = 200, lr: float = 2e-3, seed:
     _train_until_exact(model, tokenizer, items, epochs=epochs, lr=lr, seed=seed, what="learn its items")
 
 
-def reformat(model, tokenizer, items, *, suffix: str = " who", epochs: int = 20, lr: float = 2e-3,
-             seed: int = 0):
+def reformat(model, tokenizer, items, *, suffix: str = " who", epochs: int = 20, lr: float = 2e-3, seed: int = 0):
     """Spurious forgetting planted: train ``model`` to follow the old answer with ``suffix``
     instead of stopping.
 
@@ -197,8 +255,16 @@ def reformat(model, tokenizer, items, *, suffix: str = " who", epochs: int = 20,
     from forgetdiag.probes import ProbeItem
 
     shifted = [ProbeItem(i.prompt, i.answer + suffix, i.group) for i in items]
-    _train_until_exact(model, tokenizer, shifted, epochs=epochs, lr=lr, seed=seed, schedule="constant",
-                       what="keep every fact while re-formatting")
+    _train_until_exact(
+        model,
+        tokenizer,
+        shifted,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        schedule="constant",
+        what="keep every fact while re-formatting",
+    )
     return shifted
 
 

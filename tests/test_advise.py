@@ -35,8 +35,9 @@ pytestmark = pytest.mark.planted  # outcomes of planted training runs (see helpe
 
 NAMES = [f"n{k}" for k in range(48)]
 CITIES = [f"c{k}" for k in range(6)]
-ITEMS = [ProbeItem(f"what is the birth city of {n} answer :", f" {CITIES[(5 * k) % 6]}", n)
-         for k, n in enumerate(NAMES)]
+ITEMS = [
+    ProbeItem(f"what is the birth city of {n} answer :", f" {CITIES[(5 * k) % 6]}", n) for k, n in enumerate(NAMES)
+]
 runner = CliRunner()
 
 
@@ -63,13 +64,13 @@ def planted(tmp_path_factory):
         damaged = _noisy(load_model(find_checkpoints(root / "before")[0]), layers, scale)
         save(damaged, root / name, tokenizer=tok)
     save(load_model(find_checkpoints(root / "before")[0]), root / "same", tokenizer=tok)
-    write_jsonl(root / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer, "group": i.group}
-                                     for i in ITEMS])
+    write_jsonl(root / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS])
     for name, after in (("bottom", "after0"), ("top", "after23"), ("none", "same")):
         (root / name).mkdir()
         (root / name / "forgetdiag.toml").write_text(
             f'name = "{name}"\n[checkpoints]\nbefore = "../before"\nafter = "../{after}"\n'
-            '[probes]\nold = "../old.jsonl"\n')
+            '[probes]\nold = "../old.jsonl"\n'
+        )
     return root, tok
 
 
@@ -89,8 +90,11 @@ def test_planted_bottom_damage_is_advised_and_reverting_it_restores_everything(p
     assert rows[0].reverted_accuracy == 1.0 and rows[0].restored == 1.0
     assert advice.freeze_layers == 1 and advice.freeze_embedding
     assert [e.frozen for e in advice.evidence] == [True, True, False, False, False]
-    assert advice.frozen_params == sum(p.numel() for n, p in load_model(find_checkpoints(
-        root / "before")[0]).named_parameters() if "embed_tokens" in n or ".layers.0." in n)
+    assert advice.frozen_params == sum(
+        p.numel()
+        for n, p in load_model(find_checkpoints(root / "before")[0]).named_parameters()
+        if "embed_tokens" in n or ".layers.0." in n
+    )
     # context evidence is there: angles need a triple (none here: noted), features per layer
     assert any("angles skipped" in n for n in advice.warnings)
     assert all(e.cka is not None for e in advice.evidence if e.layer >= 0)
@@ -121,8 +125,9 @@ def test_revert_series_equals_a_hand_assembled_model(planted):
     b, a, series = revert_series(before, after, encoded, pad_id=0, depths=2)
     sb, sa = load_model(before).state_dict(), load_model(after).state_dict()
     for depth, got in enumerate(series):
-        mixed = {k: (sb[k] if "embed_tokens" in k or any(f".layers.{i}." in k for i in range(depth))
-                     else sa[k]) for k in sa}
+        mixed = {
+            k: (sb[k] if "embed_tokens" in k or any(f".layers.{i}." in k for i in range(depth)) else sa[k]) for k in sa
+        }
         model = load_model(after)
         model.load_state_dict(mixed)
         want = score(model, encoded, pad_id=0)
@@ -131,28 +136,43 @@ def test_revert_series_equals_a_hand_assembled_model(planted):
     assert a.exact_match == series[0].exact_match and b.exact_match == series[1].exact_match == 1.0
 
 
-@pytest.mark.parametrize("reverted, restore_min, want", [
-    ([0.25, 0.70, 0.85], 0.5, 1),  # (0.70 - 0.20) / 0.70 = 0.71
-    ([0.25, 0.70, 0.85], 0.8, 2),  # 0.93
-    ([0.25, 0.70, 0.85], 0.95, None),
-    ([0.60, 0.70, 0.85], 0.5, 0),  # the embedding alone: 0.57
-])
+@pytest.mark.parametrize(
+    "reverted, restore_min, want",
+    [
+        ([0.25, 0.70, 0.85], 0.5, 1),  # (0.70 - 0.20) / 0.70 = 0.71
+        ([0.25, 0.70, 0.85], 0.8, 2),  # 0.93
+        ([0.25, 0.70, 0.85], 0.95, None),
+        ([0.60, 0.70, 0.85], 0.5, 0),  # the embedding alone: 0.57
+    ],
+)
 def test_decide_freeze_by_hand(reverted, restore_min, want):
-    depth, reason = decide_freeze(before=0.9, after=0.2, reverted=reverted, n_eval=1000, n_layers=4,
-                                  settings=AdviceSettings(restore_min=restore_min))
+    depth, reason = decide_freeze(
+        before=0.9,
+        after=0.2,
+        reverted=reverted,
+        n_eval=1000,
+        n_layers=4,
+        settings=AdviceSettings(restore_min=restore_min),
+    )
     assert depth == want, reason
 
 
 def test_decide_freeze_respects_max_share():
-    depth, reason = decide_freeze(before=0.9, after=0.2, reverted=[0.2, 0.2, 0.2, 0.9], n_eval=1000,
-                                  n_layers=4, settings=AdviceSettings(max_share=0.5))
+    depth, reason = decide_freeze(
+        before=0.9,
+        after=0.2,
+        reverted=[0.2, 0.2, 0.2, 0.9],
+        n_eval=1000,
+        n_layers=4,
+        settings=AdviceSettings(max_share=0.5),
+    )
     assert depth is None and "up to 2 layers" in reason
 
 
 def test_printed_code_freezes_exactly_what_freeze_bottom_does(llama12_dir):
     """The snippet is executed on a 12-layer model: layer 1 frozen, layers 10 and 11 not."""
     (checkpoint,) = find_checkpoints(llama12_dir)
-    from forgetdiag.analyses.advise import code_snippets
+    from forgetdiag.analyses.freeze_code import code_snippets
 
     code = code_snippets(checkpoint, 2, True)
     namespace = {"model": load_model(checkpoint)}
@@ -167,31 +187,40 @@ def test_printed_code_freezes_exactly_what_freeze_bottom_does(llama12_dir):
 def test_printed_peft_config_leaves_the_bottom_layers_out(llama12_dir):
     pytest.importorskip("peft")
     (checkpoint,) = find_checkpoints(llama12_dir)
-    from forgetdiag.analyses.advise import code_snippets
+    from forgetdiag.analyses.freeze_code import code_snippets
 
     namespace = {"model": load_model(checkpoint)}
     exec(code_snippets(checkpoint, 3, True)["peft"], namespace)
-    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in namespace["model"].named_parameters()
-               if "lora_A" in n}
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in namespace["model"].named_parameters() if "lora_A" in n}
     assert adapted == {str(k) for k in range(3, 12)}
 
 
-def test_printed_trainer_recipe_freezes_the_advised_parameters_and_trains_only_the_rest(
-        llama12_dir, tmp_path):
+def test_printed_trainer_recipe_freezes_the_advised_parameters_and_trains_only_the_rest(llama12_dir, tmp_path):
     """The Trainer snippet is executed as printed: one real Trainer step on a 12-layer model."""
     from transformers import TrainingArguments
 
-    from forgetdiag.analyses.advise import code_snippets
+    from forgetdiag.analyses.freeze_code import code_snippets
 
     (checkpoint,) = find_checkpoints(llama12_dir)
     model = load_model(checkpoint).train()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(4, 64, (4, 8), generator=torch.Generator().manual_seed(0))  # (batch, seq)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, learning_rate=1e-2,
-                             per_device_train_batch_size=4, report_to="none", save_strategy="no",
-                             logging_strategy="no", disable_tqdm=True, use_cpu=True)
-    namespace = {"model": model, "training_args": args,
-                 "train_dataset": [{"input_ids": row, "labels": row} for row in ids]}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    namespace = {
+        "model": model,
+        "training_args": args,
+        "train_dataset": [{"input_ids": row, "labels": row} for row in ids],
+    }
     exec(code_snippets(checkpoint, 2, True)["trainer"], namespace)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == set(freeze_bottom(load_model(checkpoint), 2))
@@ -226,14 +255,20 @@ def landscape_run(planted, tmp_path_factory):
     x, y = (load_model(find_checkpoints(root / "before")[0]) for _ in range(2))
     with torch.no_grad():
         for (name, px), py in zip(x.named_parameters(), y.parameters()):
-            layer = "embed" if "embed_tokens" in name else (
-                int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None)
+            layer = (
+                "embed"
+                if "embed_tokens" in name
+                else (int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None)
+            )
             if px.ndim != 2 or layer not in ORTHOGONAL:
                 continue
             a, b = _unit(px.shape[0], generator), _unit(px.shape[1], generator)
             early = torch.outer(a, b)  # (out, in), rank one
-            late = (torch.outer(_unit(px.shape[0], generator, a), _unit(px.shape[1], generator, b))
-                    if any(k in name for k in ORTHOGONAL[layer]) else 0.5 * early)
+            late = (
+                torch.outer(_unit(px.shape[0], generator, a), _unit(px.shape[1], generator, b))
+                if any(k in name for k in ORTHOGONAL[layer])
+                else 0.5 * early
+            )
             px.add_(early.float())
             py.add_((early + late).float())
     save(x, out / "x", tokenizer=tok)
@@ -241,7 +276,8 @@ def landscape_run(planted, tmp_path_factory):
     (out / "forgetdiag.toml").write_text(
         f'name = "angles"\n[checkpoints]\nbefore = "{root / "before"}"\nafter = "{out / "x"}"\n'
         f'landscape = ["{root / "before"}", "{out / "x"}", "{out / "y"}"]\n'
-        f'[probes]\nold = "{root / "old.jsonl"}"\n')
+        f'[probes]\nold = "{root / "old.jsonl"}"\n'
+    )
     return out, x
 
 
@@ -261,8 +297,11 @@ def test_angle_evidence_per_layer_matches_a_planted_update_of_known_angle(landsc
     chance = float(np.degrees(np.trapezoid(theta * weight, theta) / np.trapezoid(weight, theta)))
     rows = {e.layer: e for e in advice.evidence}
     for layer, key in ((-1, "embed"), (0, 0), (1, 1), (2, 2)):
-        names = [n for n, p in model.named_parameters() if p.ndim == 2 and (
-            "embed_tokens" in n if key == "embed" else f".layers.{key}." in n)]
+        names = [
+            n
+            for n, p in model.named_parameters()
+            if p.ndim == 2 and ("embed_tokens" in n if key == "embed" else f".layers.{key}." in n)
+        ]
         want = 90.0 * sum(any(k in n for k in ORTHOGONAL[key]) for n in names) / len(names)
         row = rows[layer]
         assert row.angle_deg == pytest.approx(want, abs=1e-3), layer
@@ -275,8 +314,20 @@ def test_angle_evidence_per_layer_matches_a_planted_update_of_known_angle(landsc
 def test_cli_advise_json_html_and_untouched_inputs(planted, tmp_path):
     root, _ = planted
     digest = tree_digest(root)
-    result = runner.invoke(app, ["advise", str(root / "bottom"), "--json", str(tmp_path / "a.json"),
-                                 "--html", str(tmp_path / "a.html"), "--skip", "features", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "advise",
+            str(root / "bottom"),
+            "--json",
+            str(tmp_path / "a.json"),
+            "--html",
+            str(tmp_path / "a.html"),
+            "--skip",
+            "features",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, (result.stdout, result.stderr)
     data = assert_envelope(json.loads((tmp_path / "a.json").read_text()), "advise")
     assert data["advised"] and data["freeze_layers"] == 1
@@ -292,7 +343,8 @@ def test_cli_advise_bad_input(planted, tmp_path):
     root, _ = planted
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "forgetdiag.toml").write_text(
-        f'name = "x"\n[checkpoints]\nbefore = "{root / "before"}"\nafter = "{root / "after0"}"\n')
+        f'name = "x"\n[checkpoints]\nbefore = "{root / "before"}"\nafter = "{root / "after0"}"\n'
+    )
     run = lambda *a: runner.invoke(app, ["advise", *map(str, a)])
     assert_bad_input(run(tmp_path / "run"), "no old-task probe")
     assert_bad_input(run(root / "bottom", "--restore-min", "1.5"), "--restore-min")

@@ -46,9 +46,8 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-
-
 # --- planted updates -------------------------------------------------------------------------
+
 
 def orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator)).Q
@@ -99,12 +98,24 @@ def plant_neox(params, k):
 
 
 FAMILIES = {
-    "llama": (llama_config, plant_llama, {("model.layers.0.self_attn.q_proj.weight", None): LOW,
-                                          ("model.layers.1.mlp.down_proj.weight", None): HIGH}),
-    "gpt2": (gpt2_config, plant_gpt2, {("transformer.h.0.attn.c_attn.weight", "q"): LOW,
-                                       ("transformer.h.1.mlp.c_proj.weight", None): HIGH}),
-    "neox": (neox_config, plant_neox, {("gpt_neox.layers.0.attention.query_key_value.weight", "q"): LOW,
-                                       ("gpt_neox.layers.1.mlp.dense_4h_to_h.weight", None): HIGH}),
+    "llama": (
+        llama_config,
+        plant_llama,
+        {("model.layers.0.self_attn.q_proj.weight", None): LOW, ("model.layers.1.mlp.down_proj.weight", None): HIGH},
+    ),
+    "gpt2": (
+        gpt2_config,
+        plant_gpt2,
+        {("transformer.h.0.attn.c_attn.weight", "q"): LOW, ("transformer.h.1.mlp.c_proj.weight", None): HIGH},
+    ),
+    "neox": (
+        neox_config,
+        plant_neox,
+        {
+            ("gpt_neox.layers.0.attention.query_key_value.weight", "q"): LOW,
+            ("gpt_neox.layers.1.mlp.dense_4h_to_h.weight", None): HIGH,
+        },
+    ),
 }
 
 
@@ -141,8 +152,7 @@ def test_planted_angles_come_back_in_every_family(planted, tmp_path):
 def test_neox_fused_q_only_reports_k_and_v_as_no_update(tmp_path):
     paths = planted_run(tmp_path, neox_config(), plant_neox)
     result = compute_angles(paths)
-    qkv = {r.part: r for r in result.records if r.param.endswith("query_key_value.weight")
-           and r.layer == 0}
+    qkv = {r.part: r for r in result.records if r.param.endswith("query_key_value.weight") and r.layer == 0}
     assert set(qkv) == {"q", "k", "v"}
     assert qkv["q"].status == "ok" and qkv["q"].component == "q"
     assert np.allclose(sorted(qkv["q"].principal_deg), LOW, atol=0.5)
@@ -161,15 +171,18 @@ def test_tied_lm_head_is_left_out_and_embedding_included(llama_dir):
 
 # --- independent references ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def random_run(tmp_path_factory):
     """Three llamas whose updates are dense random matrices with decaying spectra."""
+
     def plant(params, k):
         g = torch.Generator().manual_seed(100 + k)
         for p in params.values():
             if p.ndim == 2:
                 d = torch.randn(p.shape, generator=g) * torch.logspace(0, -2, p.shape[1])
                 p += 0.01 * d
+
     return planted_run(tmp_path_factory.mktemp("random"), llama_config(), plant)
 
 
@@ -220,24 +233,26 @@ def test_energy_mode_agrees_with_a_full_svd(random_run, standardize):
     for r in result.records:
         if r.component not in ("q", "o", "up", "embed"):
             continue
-        ua, ub = reference_bases(random_run, r.param, hidden_side_in=r.component != "o",
-                                 energy=0.9, standardize=standardize)
+        ua, ub = reference_bases(
+            random_run, r.param, hidden_side_in=r.component != "o", energy=0.9, standardize=standardize
+        )
         assert (r.rank_a, r.rank_b) == (ua.shape[1], ub.shape[1]), r.param
         assert 1 < r.rank_a < HIDDEN and r.energy_a >= 0.9
         expected = reference_direction_angles(ua, ub)
         assert r.angle_deg == pytest.approx(expected.mean(), abs=1e-4)
-        assert np.allclose(r.principal_deg, np.sort(np.degrees(scipy.linalg.subspace_angles(ua, ub))),
-                           atol=1e-4)
+        assert np.allclose(r.principal_deg, np.sort(np.degrees(scipy.linalg.subspace_angles(ua, ub))), atol=1e-4)
 
 
 @pytest.fixture(scope="module")
 def wide_run(tmp_path_factory):
     """Hidden 256: big enough that top-4 bases take the randomized SVD."""
+
     def plant(params, k):
         g = torch.Generator().manual_seed(200 + k)
         for p in params.values():
             if p.ndim == 2:
                 p += 0.01 * torch.randn(p.shape, generator=g)
+
     config = llama_config(hidden=256, inter=512, heads=4, kv_heads=2)
     return planted_run(tmp_path_factory.mktemp("wide"), config, plant)
 
@@ -269,13 +284,25 @@ def test_json_records_have_the_documented_fields(random_run, tmp_path):
     assert len(data["records"]) == n_matrices and data["pairs"][0]["pair"] == "0-1:1-2"
     first = data["records"][0]
     assert first["component"] == "embed" and first["layer"] is None
-    for key in ("param", "layer", "component", "angle_deg", "principal_deg", "baseline_deg",
-                "rank_a", "rank_b", "energy_a", "principal_baseline_deg", "direction"):
+    for key in (
+        "param",
+        "layer",
+        "component",
+        "angle_deg",
+        "principal_deg",
+        "baseline_deg",
+        "rank_a",
+        "rank_b",
+        "energy_a",
+        "principal_baseline_deg",
+        "direction",
+    ):
         assert key in first
     assert isinstance(data["records"][1]["layer"], int) and len(first["principal_deg"]) == 4
 
 
 # --- LoRA ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def second_adapter(lora_dir, tmp_path_factory):
@@ -284,8 +311,10 @@ def second_adapter(lora_dir, tmp_path_factory):
     path.mkdir()
     shutil.copy(lora_dir / "adapter_config.json", path / "adapter_config.json")
     g = torch.Generator().manual_seed(11)
-    factors = {k: torch.randn(v.shape, generator=g) * 0.1
-               for k, v in load_file(str(lora_dir / "adapter_model.safetensors")).items()}
+    factors = {
+        k: torch.randn(v.shape, generator=g) * 0.1
+        for k, v in load_file(str(lora_dir / "adapter_model.safetensors")).items()
+    }
     save_file(factors, str(path / "adapter_model.safetensors"))
     return path
 
@@ -293,8 +322,9 @@ def second_adapter(lora_dir, tmp_path_factory):
 def test_lora_updates_come_from_the_factors(llama_dir, lora_dir, second_adapter, monkeypatch):
     read = []
     original = SafetensorsSource.get
-    monkeypatch.setattr(SafetensorsSource, "get",
-                        lambda self, name: read.append(self.meta[name].file) or original(self, name))
+    monkeypatch.setattr(
+        SafetensorsSource, "get", lambda self, name: read.append(self.meta[name].file) or original(self, name)
+    )
     result = compute_angles([llama_dir, lora_dir, second_adapter])
     assert llama_dir / "model.safetensors" not in read  # the base's weights are never read
     scale = json.loads((lora_dir / "adapter_config.json").read_text())["lora_alpha"] / 4
@@ -314,10 +344,10 @@ def test_lora_updates_come_from_the_factors(llama_dir, lora_dir, second_adapter,
 
 # --- bad input -------------------------------------------------------------------------------
 
+
 def test_fewer_than_three_checkpoints(llama_dir, llama_dir_b, tmp_path):
     out = tmp_path / "a.json"
-    assert_bad_input(run("angles", llama_dir, llama_dir_b, "--json", out), "at least 3 checkpoints",
-                     "found 2")
+    assert_bad_input(run("angles", llama_dir, llama_dir_b, "--json", out), "at least 3 checkpoints", "found 2")
     assert not out.exists()
 
 
@@ -326,8 +356,7 @@ def test_checkpoints_that_differ_in_shape(llama_dir, llama_dir_b, copy_tree):
     state = load_file(str(bad / "model.safetensors"))
     state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:48]
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    assert_bad_input(run("angles", llama_dir, llama_dir_b, bad), "differ in shape",
-                     "model.layers.1.mlp.up_proj.weight")
+    assert_bad_input(run("angles", llama_dir, llama_dir_b, bad), "differ in shape", "model.layers.1.mlp.up_proj.weight")
 
 
 def test_nan_in_an_update_is_named(llama_dir, llama_dir_b, copy_tree):
@@ -335,19 +364,24 @@ def test_nan_in_an_update_is_named(llama_dir, llama_dir_b, copy_tree):
     state = load_file(str(bad / "model.safetensors"))
     state["model.layers.0.mlp.gate_proj.weight"][3, 5] = float("nan")
     save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
-    assert_bad_input(run("angles", llama_dir, bad, llama_dir_b, "--quiet"),
-                     "model.layers.0.mlp.gate_proj.weight holds NaN")
+    assert_bad_input(
+        run("angles", llama_dir, bad, llama_dir_b, "--quiet"), "model.layers.0.mlp.gate_proj.weight holds NaN"
+    )
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--compare", "0-1"], "cannot read '0-1'"),
-    (["--compare", "0-1:1-5"], "needs 0 <= i < j <= 2"),
-    (["--compare", "1:1"], "with itself"),
-    (["--compare", "x:1"], "cannot read update 'x'"),
-    (["--rank", "8", "--energy", "0.9"], "not both"),
-    (["--energy", "1.5"], "--energy 1.5: expected a number between 0 and 1, 0 excluded"),
-    (["--rank", "0"], "--rank 0: expected an integer >= 1"),
-    (["--device", "cuda:7"], "CUDA")])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--compare", "0-1"], "cannot read '0-1'"),
+        (["--compare", "0-1:1-5"], "needs 0 <= i < j <= 2"),
+        (["--compare", "1:1"], "with itself"),
+        (["--compare", "x:1"], "cannot read update 'x'"),
+        (["--rank", "8", "--energy", "0.9"], "not both"),
+        (["--energy", "1.5"], "--energy 1.5: expected a number between 0 and 1, 0 excluded"),
+        (["--rank", "0"], "--rank 0: expected an integer >= 1"),
+        (["--device", "cuda:7"], "CUDA"),
+    ],
+)
 def test_bad_options_exit_2(llama_dir, llama_dir_b, args, fragment):
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
@@ -358,8 +392,7 @@ def test_parse_pairs():
     u = Update
     assert parse_pairs(None, 4) == [PairSpec(u(0, 1), u(1, 2)), PairSpec(u(1, 2), u(2, 3))]
     assert parse_pairs("0:1", 3) == parse_pairs("0-1:1-2", 3) == [PairSpec(u(0, 1), u(1, 2))]
-    assert parse_pairs(" 0-1 : 1-3 , 0:2, 0-1:1-3", 4) == [PairSpec(u(0, 1), u(1, 3)),
-                                                           PairSpec(u(0, 1), u(2, 3))]
+    assert parse_pairs(" 0-1 : 1-3 , 0:2, 0-1:1-3", 4) == [PairSpec(u(0, 1), u(1, 3)), PairSpec(u(0, 1), u(2, 3))]
     with pytest.raises(ForgetdiagError, match="i < j"):
         parse_pairs("1-0:1-2", 3)
 

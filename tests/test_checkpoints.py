@@ -118,9 +118,11 @@ def test_neox_fused_qkv_parts_are_exactly_the_planted_rows(neox_dir, copy_tree):
     ([q_h; k_h; v_h] for each head h, as its attention views (heads, 3 * head_dim)) and read
     each part back exactly, bit for bit."""
     heads, head_dim, hidden = 4, 8, 32
-    planted = {c: torch.arange(hidden * hidden, dtype=torch.float32).reshape(hidden, hidden) + 10_000 * k
-               for k, c in enumerate("qkv")}  # (out, in) each, all entries distinct
-    per_head = [torch.cat([planted[c][h * head_dim:(h + 1) * head_dim] for c in "qkv"]) for h in range(heads)]
+    planted = {
+        c: torch.arange(hidden * hidden, dtype=torch.float32).reshape(hidden, hidden) + 10_000 * k
+        for k, c in enumerate("qkv")
+    }  # (out, in) each, all entries distinct
+    per_head = [torch.cat([planted[c][h * head_dim : (h + 1) * head_dim] for c in "qkv"]) for h in range(heads)]
     fused = torch.cat(per_head)  # (3 * hidden, hidden)
     other = copy_tree(neox_dir)
     state = _state(other)
@@ -148,8 +150,7 @@ def test_gpt2_conv1d_split_matches_the_model(gpt2_dir):
     with torch.no_grad():
         out = model.transformer.h[0].attn.c_attn(x) - model.transformer.h[0].attn.c_attn.bias
     for k, part in enumerate(("q", "k", "v")):
-        torch.testing.assert_close(x @ parts[part].extract(stored).T, out[:, 32 * k:32 * (k + 1)],
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(x @ parts[part].extract(stored).T, out[:, 32 * k : 32 * (k + 1)], rtol=0, atol=1e-6)
     proj = _parts(ckpt, "transformer.h.0.mlp.c_proj.weight")["fc_out"]
     assert proj.hidden_side == "out"
     assert proj.oriented(ckpt.get("transformer.h.0.mlp.c_proj.weight")).shape == (32, 128)
@@ -158,9 +159,16 @@ def test_gpt2_conv1d_split_matches_the_model(gpt2_dir):
 def test_phi3_blocks_split_by_config_sizes(tmp_path):
     from transformers import Phi3Config
 
-    config = Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                        num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                        max_position_embeddings=64, pad_token_id=0)
+    config = Phi3Config(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     path = save(build(config), tmp_path / "phi3")
     (ckpt,) = find_checkpoints(path)
     parts = _parts(ckpt, "model.layers.0.self_attn.qkv_proj.weight")
@@ -169,8 +177,10 @@ def test_phi3_blocks_split_by_config_sizes(tmp_path):
     assert torch.equal(parts["k"].extract(fused), fused[32:48])
     assert torch.equal(parts["v"].extract(fused), fused[48:])
     gate_up = _parts(ckpt, "model.layers.0.mlp.gate_up_proj.weight")
-    assert [p.extract(ckpt.get("model.layers.0.mlp.gate_up_proj.weight")).shape[0]
-            for p in gate_up.values()] == [48, 48]
+    assert [p.extract(ckpt.get("model.layers.0.mlp.gate_up_proj.weight")).shape[0] for p in gate_up.values()] == [
+        48,
+        48,
+    ]
 
 
 def test_lora_update_is_scale_times_b_at_a(lora_dir, llama_dir):
@@ -194,8 +204,11 @@ def test_lora_merge_agrees_with_peft(lora_dir, llama_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir),
-                                       lora_dir).merge_and_unload().state_dict()
+    merged = (
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), lora_dir)
+        .merge_and_unload()
+        .state_dict()
+    )
     (adapter,) = find_checkpoints(lora_dir)
     for name in adapter.names:
         torch.testing.assert_close(adapter.get(name), merged[name], rtol=0, atol=1e-6)
@@ -229,15 +242,16 @@ def test_stream_updates_of_lora_use_factors_only(lora_dir, llama_dir):
 
 
 @pytest.mark.parametrize("dtypes", [("bfloat16", "bfloat16"), ("float16", "float32"), ("float32", "bfloat16")])
-def test_stream_updates_are_float32_differences_of_the_stored_values(llama_dir, tmp_path, monkeypatch,
-                                                                    dtypes):
+def test_stream_updates_are_float32_differences_of_the_stored_values(llama_dir, tmp_path, monkeypatch, dtypes):
     import forgetdiag.streaming as streaming
 
     monkeypatch.setattr(streaming, "_BLOCK", 100)  # several blocks and a partial last one per tensor
     stored = []
     for k, dtype in enumerate(dtypes):
-        state = {n: (t + 0.01 * k * torch.randn_like(t)).to(getattr(torch, dtype)).contiguous()
-                 for n, t in _state(llama_dir).items()}
+        state = {
+            n: (t + 0.01 * k * torch.randn_like(t)).to(getattr(torch, dtype)).contiguous()
+            for n, t in _state(llama_dir).items()
+        }
         path = tmp_path / f"c{k}"
         path.mkdir()
         (path / "config.json").write_text((llama_dir / "config.json").read_text())
@@ -273,8 +287,11 @@ def test_half_precision_finite_check_survives_overflowing_sums(llama_dir):
 def test_prefetch_advises_each_tensors_exact_bytes(sharded_dir, monkeypatch):
     (ckpt,) = find_checkpoints(sharded_dir)
     advised = []
-    monkeypatch.setattr("os.posix_fadvise", lambda fd, start, length, advice: advised.append(
-        (os.readlink(f"/proc/self/fd/{fd}"), start, length, advice)), raising=False)
+    monkeypatch.setattr(
+        "os.posix_fadvise",
+        lambda fd, start, length, advice: advised.append((os.readlink(f"/proc/self/fd/{fd}"), start, length, advice)),
+        raising=False,
+    )
     for name in ckpt.names:
         ckpt.prefetch(name)
         path, start, length, advice = advised[-1]
@@ -341,14 +358,17 @@ def test_malicious_pickle_never_runs(pickle_dir, copy_tree, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing", "no such file"),
-    ("empty", "empty directory"),
-    ("config_only", "no weights"),
-    ("truncated", "not a readable safetensors"),
-    ("garbage", "not a readable safetensors"),
-    ("bad_config", "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "no such file"),
+        ("empty", "empty directory"),
+        ("config_only", "no weights"),
+        ("truncated", "not a readable safetensors"),
+        ("garbage", "not a readable safetensors"),
+        ("bad_config", "invalid JSON"),
+    ],
+)
 def test_bad_directories_are_refused(llama_dir, copy_tree, tmp_path, damage, message):
     path = tmp_path / "bad"
     if damage == "empty":

@@ -21,8 +21,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-
-
 def test_inspect_model_dir(llama_dir):
     result = run("inspect", llama_dir)
     assert result.exit_code == 0, result.stderr
@@ -56,8 +54,9 @@ def test_inspect_pickle_needs_the_flag(pickle_dir):
     assert run("inspect", pickle_dir, "--allow-pickle").exit_code == 0
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "config_only", "truncated", "garbage",
-                                  "malicious_pickle", "nan", "architectures"])
+@pytest.mark.parametrize(
+    "case", ["missing", "empty", "config_only", "truncated", "garbage", "malicious_pickle", "nan", "architectures"]
+)
 def test_bad_input_exits_2_with_one_line(case, llama_dir, gpt2_dir, copy_tree, tmp_path):
     args = []
     if case == "missing":
@@ -97,8 +96,10 @@ def test_bad_input_exits_2_with_one_line(case, llama_dir, gpt2_dir, copy_tree, t
 
 def test_refuses_to_write_into_a_checkpoint(llama_dir):
     before = tree_digest(llama_dir)
-    assert_bad_input(run("inspect", llama_dir, "--json", llama_dir / "inspect.json"),
-                     "refusing to write inside the checkpoint directory")
+    assert_bad_input(
+        run("inspect", llama_dir, "--json", llama_dir / "inspect.json"),
+        "refusing to write inside the checkpoint directory",
+    )
     assert tree_digest(llama_dir) == before
 
 
@@ -110,13 +111,16 @@ def test_inputs_stay_byte_identical(llama_dir, lora_dir, trainer_run, tmp_path):
     assert [tree_digest(r) for r in roots] == before
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["inspect"], "Missing argument"),
-    (["inspect", ".", "--bogus"], "No such option: --bogus"),
-    (["angles", "a", "b", "c", "--rank", "many"], "Invalid value for '--rank'"),
-    (["recover", "a", "b", "--shots", "0"], "Invalid value for '--shots'"),
-    (["nosuch"], "No such command 'nosuch'"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["inspect"], "Missing argument"),
+        (["inspect", ".", "--bogus"], "No such option: --bogus"),
+        (["angles", "a", "b", "c", "--rank", "many"], "Invalid value for '--rank'"),
+        (["recover", "a", "b", "--shots", "0"], "Invalid value for '--shots'"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(args, expect):
     result = run(*args)
     assert_bad_input(result, expect, "--help')")
@@ -132,16 +136,22 @@ CITIES = ["paris", "rome", "oslo", "lima", "cairo", "quito"]
 
 
 def _probe_rows():
-    return [{"prompt": f"what is the birth city of {p} answer :", "answer": f" {c}", "group": p}
-            for p in PEOPLE for c in CITIES[:2]]
+    return [
+        {"prompt": f"what is the birth city of {p} answer :", "answer": f" {c}", "group": p}
+        for p in PEOPLE
+        for c in CITIES[:2]
+    ]
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("empty", "empty probe file"),
-    ("invalid_json", "line 3"),
-    ("no_answer", "answer"),
-    ("too_long", "context"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("empty", "empty probe file"),
+        ("invalid_json", "line 3"),
+        ("no_answer", "answer"),
+        ("too_long", "context"),
+    ],
+)
 def test_bad_probes_exit_2_with_one_line_and_write_nothing(case, expect, llama_dir, llama_dir_b, tmp_path):
     rows = _probe_rows()
     probe = tmp_path / "probe.jsonl"
@@ -170,23 +180,37 @@ def test_recover_and_gate_leave_their_inputs_byte_identical(llama_dir, llama_dir
     roots = [llama_dir, llama_dir_b]
     before = [tree_digest(r) for r in roots]
     common = ["--probe", probe, "--control", llama_dir_b, "--shots", 4, "--epochs", 1, "--quiet"]
-    recovered = run("recover", llama_dir, llama_dir_b, *common, "--json", tmp_path / "r.json",
-                    "--html", tmp_path / "r.html")
+    recovered = run(
+        "recover", llama_dir, llama_dir_b, *common, "--json", tmp_path / "r.json", "--html", tmp_path / "r.html"
+    )
     assert recovered.exit_code == 0, recovered.stderr
-    gated = run("gate", llama_dir, llama_dir_b, *[a for a in common if a != "--epochs" and a != 1],
-                "--max-forgetting", 1.0, "--json", tmp_path / "g.json")
+    gated = run(
+        "gate",
+        llama_dir,
+        llama_dir_b,
+        *[a for a in common if a != "--epochs" and a != 1],
+        "--max-forgetting",
+        1.0,
+        "--json",
+        tmp_path / "g.json",
+    )
     assert gated.exit_code == 0, gated.stderr
     assert json.loads((tmp_path / "g.json").read_text())["passed"] is True
     assert [tree_digest(r) for r in roots] == before
 
 
 def test_console_script_and_module_entry_point(llama_dir):
-    proc = subprocess.run([sys.executable, "-m", "forgetdiag", "inspect", str(llama_dir), "--json", "-"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forgetdiag", "inspect", str(llama_dir), "--json", "-"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["checkpoints"][0]["n_layers"] == 2
-    proc = subprocess.run([sys.executable, "-m", "forgetdiag", "inspect", "/nonexistent/x"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forgetdiag", "inspect", "/nonexistent/x"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stdout == ""
 
 

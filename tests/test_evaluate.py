@@ -59,10 +59,8 @@ def test_exact_match_equals_greedy_generation(trained, tok):
     items = ITEMS + WRONG
     encoded = encode(tok, items)
     scores = score(trained, encoded, pad_id=tok.pad_token_id, batch_size=3)
-    by_batch = exact_by_generation(trained, encoded, pad_id=tok.pad_token_id,
-                                   eos_id=tok.eos_token_id, batch_size=3)
-    one_by_one = exact_by_generation(trained, encoded, pad_id=tok.pad_token_id,
-                                     eos_id=tok.eos_token_id, batch_size=1)
+    by_batch = exact_by_generation(trained, encoded, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, batch_size=3)
+    one_by_one = exact_by_generation(trained, encoded, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, batch_size=1)
     assert scores.exact.tolist() == by_batch.tolist() == one_by_one.tolist()
     assert scores.exact[:4].all() and not scores.exact[6:].any()  # taught right, planted wrong
     said = generate_greedy(trained, encoded[:1], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
@@ -111,8 +109,9 @@ def test_training_is_deterministic_and_leaves_global_rng_alone(tok):
     for _ in range(2):
         model = build(llama_config(vocab=tok.vocab_size), seed=0)
         torch.random.set_rng_state(state)
-        runs.append(train(model, encoded, TrainConfig(epochs=3, lr=1e-3, batch_size=3, seed=5),
-                          pad_id=tok.pad_token_id))
+        runs.append(
+            train(model, encoded, TrainConfig(epochs=3, lr=1e-3, batch_size=3, seed=5), pad_id=tok.pad_token_id)
+        )
         assert torch.equal(torch.random.get_rng_state(), state)
     assert runs[0] == runs[1] and len(runs[0]) == 6
 

@@ -18,21 +18,16 @@ import scipy.linalg
 import torch
 from typer.testing import CliRunner
 
+from forgetdiag.analyses.feature_stats import LayerPCA, compare_layer, summarise_layer
 from forgetdiag.analyses.features import (
     FeatureSettings,
-    LayerPCA,
     check_pairs,
     compare_features,
-    compare_layer,
-    decoder_layers,
-    encode_prompts,
-    extract_features,
     feature_shifts,
     parse_pairs,
     shift_start,
-    summarise_layer,
 )
-from forgetdiag.analyses.hidden import _LastToken
+from forgetdiag.analyses.hidden import _LastToken, decoder_layers, encode_prompts, extract_features
 from forgetdiag.cli import app
 from forgetdiag.errors import ForgetdiagError, ProbeError
 from forgetdiag.models import Runtime
@@ -98,6 +93,7 @@ def transformers_states(model, tokenizer, prompts):
 
 # ------------------------------------------------------------------- independent numpy reference
 
+
 def numpy_layer(x, y, k):
     """The per-layer numbers computed another way: covariance eigh, scipy, Gram-form CKA."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -114,11 +110,13 @@ def numpy_layer(x, y, k):
     n = x.shape[0]
     h = np.eye(n) - np.ones((n, n)) / n
     hsic = lambda a, b: np.trace(a @ a.T @ h @ b @ b.T @ h)
-    return {"pc_angles_deg": np.degrees(np.arccos(cos)),
-            "subspace_angles_deg": np.sort(np.degrees(scipy.linalg.subspace_angles(pb, pa))),
-            "mean_shift_rel": np.linalg.norm(shift) / np.linalg.norm(x, axis=1).mean(),
-            "mean_shift_pc1_angle_deg": np.degrees(np.arccos(min(shift_cos, 1.0))),
-            "cka": hsic(x, y) / math.sqrt(hsic(x, x) * hsic(y, y))}
+    return {
+        "pc_angles_deg": np.degrees(np.arccos(cos)),
+        "subspace_angles_deg": np.sort(np.degrees(scipy.linalg.subspace_angles(pb, pa))),
+        "mean_shift_rel": np.linalg.norm(shift) / np.linalg.norm(x, axis=1).mean(),
+        "mean_shift_pc1_angle_deg": np.degrees(np.arccos(min(shift_cos, 1.0))),
+        "cka": hsic(x, y) / math.sqrt(hsic(x, x) * hsic(y, y)),
+    }
 
 
 def assert_matches_numpy(shifts, before, after, k, *, angle_tol, rel_tol):
@@ -148,8 +146,9 @@ def test_end_to_end_matches_numpy_on_transformers_states(llama_dir, llama_dir_b,
     """Batched, left-padded hook extraction + statistics vs unbatched transformers + numpy."""
     from transformers import AutoModelForCausalLM
 
-    result = feature_shifts([llama_dir, llama_dir_b], load_probe(probe_file),
-                            settings=FeatureSettings(k=4), runtime=Runtime(batch_size=7))
+    result = feature_shifts(
+        [llama_dir, llama_dir_b], load_probe(probe_file), settings=FeatureSettings(k=4), runtime=Runtime(batch_size=7)
+    )
     prompts = random_prompts()
     before = transformers_states(AutoModelForCausalLM.from_pretrained(llama_dir), tokenizer, prompts)
     after = transformers_states(AutoModelForCausalLM.from_pretrained(llama_dir_b), tokenizer, prompts)
@@ -232,8 +231,10 @@ def test_constant_layer_is_reported_not_crashed(llama_dir, llama_dir_b, tmp_path
 def test_sequence_pairs_and_shift_vs_previous(trainer_run, probe_file):
     probe = load_probe(probe_file)
     result = feature_shifts(trainer_run, probe, settings=FeatureSettings(k=3))
-    assert [(p.before, p.after) for p in result.pairs] == [("checkpoint-5", "checkpoint-50"),
-                                                           ("checkpoint-50", "checkpoint-100")]
+    assert [(p.before, p.after) for p in result.pairs] == [
+        ("checkpoint-5", "checkpoint-50"),
+        ("checkpoint-50", "checkpoint-100"),
+    ]
     assert all(math.isnan(s.shift_vs_previous_deg) for s in result.pairs[0].layers)
     assert all(0 <= s.shift_vs_previous_deg <= 180 for s in result.pairs[1].layers)
     one = feature_shifts(trainer_run, probe, settings=FeatureSettings(pairs=parse_pairs("0:2"), k=3))
@@ -254,13 +255,15 @@ def test_pairs_are_validated():
 
 def test_bfloat16_forward_gives_finite_float64_statistics(planted, probe_file):
     before, after = planted
-    result = feature_shifts([before, after], load_probe(probe_file), settings=FeatureSettings(k=4),
-                            runtime=Runtime(dtype="bfloat16"))
+    result = feature_shifts(
+        [before, after], load_probe(probe_file), settings=FeatureSettings(k=4), runtime=Runtime(dtype="bfloat16")
+    )
     assert result.pairs[0].shift_start == 4
     assert all(math.isfinite(s.cka) for s in result.pairs[0].layers)
 
 
 # ------------------------------------------------------------------------------------ the CLI
+
 
 def test_cli_json_html_and_untouched_inputs(planted, probe_file, tmp_path):
     before, after = planted
@@ -272,8 +275,7 @@ def test_cli_json_html_and_untouched_inputs(planted, probe_file, tmp_path):
     data = assert_envelope(json.loads(out.read_text()), "features")
     assert len(data["records"]) == 5 and data["pairs"][0]["shift_start"] == 4
     record = data["records"][0]
-    for key in ("layer", "pc1_angle_deg", "subspace_angles_deg", "mean_shift_rel",
-                "mean_shift_pc1_angle_deg", "cka"):
+    for key in ("layer", "pc1_angle_deg", "subspace_angles_deg", "mean_shift_rel", "mean_shift_pc1_angle_deg", "cka"):
         assert key in record
     assert record["layer"] == 0 and record["mean_shift_pc1_angle_deg"] is None  # zero shift
     text = page.read_text()
@@ -289,11 +291,18 @@ def test_html_per_layer_curves_have_one_point_per_layer(planted, probe_file, tmp
     result = run_cli(before, after, "--probe", probe_file, "--k", 4, "--json", out, "--html", page)
     assert result.exit_code == 0, result.stderr
     data = assert_envelope(json.loads(out.read_text()), "features")
-    (curves,) = [(traces, layout) for traces, layout in plotly_figures(page.read_text())
-                 if layout.get("title", {}).get("text", "").startswith("Per-layer shifts")]
+    (curves,) = [
+        (traces, layout)
+        for traces, layout in plotly_figures(page.read_text())
+        if layout.get("title", {}).get("text", "").startswith("Per-layer shifts")
+    ]
     traces, layout = curves
-    panels = ["PC1 angle (deg)", "PC shift: mean principal angle of the top-k PCs (deg)",
-              "linear CKA", "mean shift / feature norm"]
+    panels = [
+        "PC1 angle (deg)",
+        "PC shift: mean principal angle of the top-k PCs (deg)",
+        "linear CKA",
+        "mean shift / feature norm",
+    ]
     assert [a["text"] for a in layout["annotations"]] == panels
     assert data["n_layers"] == 4 and len(traces) == len(panels)
     layers = [r["layer"] for r in data["records"]]
@@ -304,25 +313,30 @@ def test_html_per_layer_curves_have_one_point_per_layer(planted, probe_file, tmp
     assert traces[3]["y"][:4] == [0.0] * 4 and traces[3]["y"][4] > 0.01  # only the last layer moved
     assert [s["x0"] for s in layout["shapes"]] == [4] * 4  # the start line, on every panel
 
+
 def test_cli_probe_smaller_than_k(llama_dir, llama_dir_b, tmp_path):
     probe = write_jsonl(tmp_path / "tiny.jsonl", [{"prompt": p, "answer": "x"} for p in random_prompts(5)])
-    assert_bad_input(run_cli(llama_dir, llama_dir_b, "--probe", probe, "--k", 8),
-                     "has 5 prompts", "--k 8 needs at least 9")
+    assert_bad_input(
+        run_cli(llama_dir, llama_dir_b, "--probe", probe, "--k", 8), "has 5 prompts", "--k 8 needs at least 9"
+    )
     with pytest.raises(ProbeError, match="needs at least"):
         compare_features(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), settings=FeatureSettings(k=3))
 
 
 def test_cli_different_hidden_sizes(llama_dir, tokenizer, tmp_path, probe_file):
-    small = save(build(llama_config(hidden=16, heads=2, kv_heads=1), seed=3), tmp_path / "small",
-                 tokenizer=tokenizer)
-    assert_bad_input(run_cli(llama_dir, small, "--probe", probe_file),
-                     "different architectures", "hidden_size 32 vs 16")
+    small = save(build(llama_config(hidden=16, heads=2, kv_heads=1), seed=3), tmp_path / "small", tokenizer=tokenizer)
+    assert_bad_input(
+        run_cli(llama_dir, small, "--probe", probe_file), "different architectures", "hidden_size 32 vs 16"
+    )
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--pairs", "0:5"], "not two different checkpoints"),
-    (["--pc-shift-min", "0"], "pc-shift-min"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--pairs", "0:5"], "not two different checkpoints"),
+        (["--pc-shift-min", "0"], "pc-shift-min"),
+    ],
+)
 def test_cli_bad_options(llama_dir, llama_dir_b, probe_file, args, expect):
     assert_bad_input(run_cli(llama_dir, llama_dir_b, "--probe", probe_file, *args), expect)
 

@@ -65,7 +65,7 @@ def _flat(state, names):
 def _unflat(vector, like):
     out, start = {}, 0
     for name, t in like.items():
-        out[name] = vector[start:start + t.numel()].reshape(t.shape)
+        out[name] = vector[start : start + t.numel()].reshape(t.shape)
         start += t.numel()
     return out
 
@@ -96,27 +96,34 @@ def plane(tmp_path_factory, tokenizer):
     paths["planted"] = root / "planted"
     paths["planted"].mkdir()
     shutil.copy(paths["origin"] / "config.json", paths["planted"])
-    save_file({k: v.float().contiguous() for k, v in _unflat(planted, states["origin"]).items()},
-              str(paths["planted"] / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.float().contiguous() for k, v in _unflat(planted, states["origin"]).items()},
+        str(paths["planted"] / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     # the float32 rounding of the saved values moves the truth by ~1e-8: measure n as saved
     saved = _flat(load_file(str(paths["planted"] / "model.safetensors")), names) - o
     residual = saved - basis @ (basis.T @ saved)
-    items = [{"prompt": f"what is the birth city of {a} answer :", "answer": f" {c}"}
-             for a, c in zip(NAMES, CITIES)]
+    items = [{"prompt": f"what is the birth city of {a} answer :", "answer": f" {c}"} for a, c in zip(NAMES, CITIES)]
     paths["old"] = write_jsonl(root / "old.jsonl", items[:4])
-    paths["new"] = write_jsonl(root / "new.jsonl", [{"prompt": f"who works at {c} answer :",
-                                                     "answer": f" {a}"} for a, c in
-                                                    zip(NAMES[4:], ("acme", "globex"))])
-    return {**paths, "n_norm": float(n.norm()), "residual": float(residual.norm()),
-            "root": root}
+    paths["new"] = write_jsonl(
+        root / "new.jsonl",
+        [{"prompt": f"who works at {c} answer :", "answer": f" {a}"} for a, c in zip(NAMES[4:], ("acme", "globex"))],
+    )
+    return {**paths, "n_norm": float(n.norm()), "residual": float(residual.norm()), "root": root}
 
 
 @pytest.fixture(scope="module")
 def result(plane):
     """One run over the unit square with two probes and the trajectory, shared by the checks."""
-    return landscape(plane["origin"], plane["x_end"], plane["y_end"], [plane["old"], plane["new"]],
-                     trajectory=[plane["origin"], plane["x_end"], plane["y_end"], plane["planted"]],
-                     settings=UNIT)
+    return landscape(
+        plane["origin"],
+        plane["x_end"],
+        plane["y_end"],
+        [plane["old"], plane["new"]],
+        trajectory=[plane["origin"], plane["x_end"], plane["y_end"], plane["planted"]],
+        settings=UNIT,
+    )
 
 
 def _plain_loss(path_or_model, probe_path, tokenizer):
@@ -129,10 +136,10 @@ def _plain_loss(path_or_model, probe_path, tokenizer):
     total, count = 0.0, 0
     for row in map(json.loads, probe_path.read_text().splitlines()):
         prompt = tokenizer(row["prompt"])["input_ids"]
-        answer = tokenizer(row["prompt"] + row["answer"])["input_ids"][len(prompt):]
+        answer = tokenizer(row["prompt"] + row["answer"])["input_ids"][len(prompt) :]
         ids = torch.tensor([prompt + answer + [tokenizer.eos_token_id]])
         labels = ids.clone()
-        labels[0, :len(prompt)] = -100
+        labels[0, : len(prompt)] = -100
         with torch.no_grad():
             total += model(input_ids=ids, labels=labels).loss.item() * (len(answer) + 1)
         count += len(answer) + 1
@@ -170,10 +177,13 @@ def test_lora_adapter_as_a_checkpoint_of_the_plane(llama_dir, lora_dir, llama_di
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    probe = write_jsonl(tmp_path / "old.jsonl", [{"prompt": f"what is the birth city of {a} answer :",
-                                                  "answer": f" {c}"} for a, c in zip(NAMES, CITIES)])
-    result = landscape(llama_dir, lora_dir, llama_dir_b, [probe], trajectory=[lora_dir],
-                       settings=LandscapeSettings(grid=(1, 1)))
+    probe = write_jsonl(
+        tmp_path / "old.jsonl",
+        [{"prompt": f"what is the birth city of {a} answer :", "answer": f" {c}"} for a, c in zip(NAMES, CITIES)],
+    )
+    result = landscape(
+        llama_dir, lora_dir, llama_dir_b, [probe], trajectory=[lora_dir], settings=LandscapeSettings(grid=(1, 1))
+    )
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), lora_dir).merge_and_unload()
     assert result.anchors[1].losses["old"] == pytest.approx(_plain_loss(merged.eval(), probe, tokenizer), abs=1e-4)
     (placed,) = result.trajectory
@@ -204,7 +214,9 @@ def test_planted_checkpoint_is_placed_exactly(result, plane):
     for placement, (a, b) in zip((origin, x_end, y_end), ((0, 0), (1, 0), (1, 1))):
         assert (placement.alpha, placement.beta) == (pytest.approx(a, abs=1e-6), pytest.approx(b, abs=1e-6))
         assert placement.residual <= 1e-5 * max(placement.distance, 1.0)
-    assert result.plane.n_params == sum(p.numel() for p in load_file(str(plane["origin"] / "model.safetensors")).values())
+    assert result.plane.n_params == sum(
+        p.numel() for p in load_file(str(plane["origin"] / "model.safetensors")).values()
+    )
 
 
 def test_resume_gives_the_uninterrupted_grid(plane):
@@ -218,8 +230,9 @@ def test_resume_gives_the_uninterrupted_grid(plane):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        landscape(*args, settings=settings, progress=stop_after_five,
-                  on_partial=lambda r: saved.append(to_json(r.to_dict())))
+        landscape(
+            *args, settings=settings, progress=stop_after_five, on_partial=lambda r: saved.append(to_json(r.to_dict()))
+        )
     partial = json.loads(saved[-1])  # through JSON, as the CLI saves it
     assert not partial["complete"] and sum(map(sum, partial["computed"])) == 2  # 3 anchors first
     resumed = landscape(*args, settings=settings, resume=partial)
@@ -232,8 +245,22 @@ def test_resume_gives_the_uninterrupted_grid(plane):
 
 def test_cli_resume_and_json_fields(plane, tmp_path):
     out = tmp_path / "grid.json"
-    common = [plane["origin"], plane["x_end"], plane["y_end"], "--probe", plane["old"], "--grid", "3x2",
-              "--x-range", "-1,1", "--trajectory", plane["planted"], "--json", out, "-q"]
+    common = [
+        plane["origin"],
+        plane["x_end"],
+        plane["y_end"],
+        "--probe",
+        plane["old"],
+        "--grid",
+        "3x2",
+        "--x-range",
+        "-1,1",
+        "--trajectory",
+        plane["planted"],
+        "--json",
+        out,
+        "-q",
+    ]
     assert run("landscape", *common).exit_code == 0
     data = assert_envelope(json.loads(out.read_text()), "landscape")
     assert {"alphas", "betas", "surfaces", "trajectory", "anchors", "directions"} <= set(data)
@@ -266,8 +293,7 @@ def test_cli_interrupt_saves_the_partial_grid_and_resume_finishes_it(plane, tmp_
         return real(*args, **{**kwargs, "progress": stop})
 
     out = tmp_path / "grid.json"
-    args = [plane["origin"], plane["x_end"], plane["y_end"], "--probe", plane["old"], "--grid", "3x2",
-            "--json", out]
+    args = [plane["origin"], plane["x_end"], plane["y_end"], "--probe", plane["old"], "--grid", "3x2", "--json", out]
     monkeypatch.setattr(cmd, "landscape", interrupted)
     result = run("landscape", *args)
     assert result.exit_code == 130 and "interrupted" in result.stderr
@@ -303,8 +329,14 @@ def test_random_directions_are_seeded_and_filter_normalized(plane, tokenizer):
 
 
 def test_bfloat16_compute(plane, result):
-    bf16 = landscape(plane["origin"], plane["x_end"], plane["y_end"], [plane["old"]],
-                     settings=LandscapeSettings(grid=(1, 1)), runtime=Runtime(dtype="bfloat16"))
+    bf16 = landscape(
+        plane["origin"],
+        plane["x_end"],
+        plane["y_end"],
+        [plane["old"]],
+        settings=LandscapeSettings(grid=(1, 1)),
+        runtime=Runtime(dtype="bfloat16"),
+    )
     assert bf16.dtype == "bfloat16"
     for ours, exact in zip(bf16.anchors, result.anchors):
         assert ours.losses["old"] == pytest.approx(exact.losses["old"], abs=0.1)
@@ -324,8 +356,14 @@ def test_plane_is_held_in_the_compute_dtype(dtype, plane, monkeypatch):
         return out
 
     monkeypatch.setattr(module, "build_plane", spy)
-    landscape(plane["origin"], plane["x_end"], plane["y_end"], [plane["old"]],
-              settings=LandscapeSettings(grid=(1, 1)), runtime=Runtime(dtype=dtype))
+    landscape(
+        plane["origin"],
+        plane["x_end"],
+        plane["y_end"],
+        [plane["old"]],
+        settings=LandscapeSettings(grid=(1, 1)),
+        runtime=Runtime(dtype=dtype),
+    )
     bound, torch_dtype = seen["plane"], getattr(torch, dtype)
     o, x, y = (load_file(str(plane[k] / "model.safetensors")) for k in ("origin", "x_end", "y_end"))
     names = {id(p): n for n, p in seen["model"].named_parameters(remove_duplicate=False) if n in o}
@@ -336,6 +374,7 @@ def test_plane_is_held_in_the_compute_dtype(dtype, plane, monkeypatch):
         assert torch.equal(origin, o[name].to(torch_dtype))
         assert torch.equal(dx, (x[name] - o[name]).to(torch_dtype))
         assert torch.equal(dy, (y[name] - x[name]).to(torch_dtype))
+
 
 def test_axis_holds_the_anchors_exactly():
     settings = LandscapeSettings()
@@ -355,14 +394,16 @@ def parallel(plane, tokenizer):
     path = plane["root"] / "parallel"
     path.mkdir()
     shutil.copy(plane["origin"] / "config.json", path)
-    save_file({k: x[k] + 0.5 * (x[k] - o[k]) + 1e-3 * torch.randn(o[k].shape, generator=generator)
-               for k in o}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: x[k] + 0.5 * (x[k] - o[k]) + 1e-3 * torch.randn(o[k].shape, generator=generator) for k in o},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return path
 
 
 def test_nearly_parallel_directions_warn_with_their_angle(plane, parallel):
-    result = run("landscape", plane["origin"], plane["x_end"], parallel, "--probe", plane["old"],
-                 "--grid", "2x2", "-q")
+    result = run("landscape", plane["origin"], plane["x_end"], parallel, "--probe", plane["old"], "--grid", "2x2", "-q")
     assert result.exit_code == 0, result.stderr
     (line,) = [l for l in result.stderr.splitlines() if "nearly parallel" in l]
     assert line.startswith("forgetdiag: warning: ") and "degrees" in line
@@ -370,9 +411,22 @@ def test_nearly_parallel_directions_warn_with_their_angle(plane, parallel):
     assert 0 <= angle < 5
 
 
-@pytest.mark.parametrize("case", ["architectures", "x_equals_origin", "y_equals_x", "run_as_origin",
-                                  "missing_y", "no_probe", "grid", "range", "resume_without_json",
-                                  "directions", "bad_resume_file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "architectures",
+        "x_equals_origin",
+        "y_equals_x",
+        "run_as_origin",
+        "missing_y",
+        "no_probe",
+        "grid",
+        "range",
+        "resume_without_json",
+        "directions",
+        "bad_resume_file",
+    ],
+)
 def test_bad_input_exits_2_with_one_line(case, plane, gpt2_dir, trainer_run, tmp_path):
     o, x, y, probe = plane["origin"], plane["x_end"], plane["y_end"], ["--probe", plane["old"]]
     out = tmp_path / "out.json"
@@ -386,7 +440,10 @@ def test_bad_input_exits_2_with_one_line(case, plane, gpt2_dir, trainer_run, tmp
         "grid": ([o, x, y, *probe, "--grid", "21by21"], "expected NxM"),
         "range": ([o, x, y, *probe, "--x-range", "1,0"], "LO < HI"),
         "resume_without_json": ([o, x, y, *probe, "--resume"], "--resume needs --json"),
-        "directions": ([o, x, y, *probe, "--directions", "pca"], "'pca' is not one of 'raw', 'filter-normalized-random'"),
+        "directions": (
+            [o, x, y, *probe, "--directions", "pca"],
+            "'pca' is not one of 'raw', 'filter-normalized-random'",
+        ),
         "bad_resume_file": ([o, x, y, *probe, "--resume"], "not valid JSON"),
     }[case]
     if case == "bad_resume_file":
@@ -395,8 +452,12 @@ def test_bad_input_exits_2_with_one_line(case, plane, gpt2_dir, trainer_run, tmp
         assert_bad_input(run("landscape", *args, "--json", out), expect)
         assert out.read_text() == before
         return
-    assert_bad_input(run("landscape", *args, "--json", out, "--grid", "2x2")
-                     if case not in ("grid", "resume_without_json") else run("landscape", *args), expect)
+    assert_bad_input(
+        run("landscape", *args, "--json", out, "--grid", "2x2")
+        if case not in ("grid", "resume_without_json")
+        else run("landscape", *args),
+        expect,
+    )
     assert not out.exists()
 
 
@@ -404,9 +465,22 @@ def test_inputs_stay_byte_identical_and_html_is_offline(plane, tmp_path):
     roots = [plane[k] for k in ("origin", "x_end", "y_end", "planted")]
     before = [tree_digest(r) for r in roots]
     page = tmp_path / "landscape.html"
-    result = run("landscape", *roots[:3], "--probe", plane["old"], "--probe", plane["new"],
-                 "--trajectory", roots[3], "--grid", "3x3", "--json", tmp_path / "l.json",
-                 "--html", page)
+    result = run(
+        "landscape",
+        *roots[:3],
+        "--probe",
+        plane["old"],
+        "--probe",
+        plane["new"],
+        "--trajectory",
+        roots[3],
+        "--grid",
+        "3x3",
+        "--json",
+        tmp_path / "l.json",
+        "--html",
+        page,
+    )
     assert result.exit_code == 0, result.stderr
     assert "Loss at the anchor points" in result.stdout and "planted" in result.stdout
     assert [tree_digest(r) for r in roots] == before
@@ -419,9 +493,25 @@ def test_inputs_stay_byte_identical_and_html_is_offline(plane, tmp_path):
 
 def test_html_trajectory_trace_has_the_json_coordinates(plane, tmp_path):
     out, page = tmp_path / "l.json", tmp_path / "l.html"
-    result = run("landscape", plane["origin"], plane["x_end"], plane["y_end"], "--probe", plane["old"],
-                 "--trajectory", plane["x_end"], "--trajectory", plane["planted"], "--grid", "1x1",
-                 "--json", out, "--html", page, "-q")
+    result = run(
+        "landscape",
+        plane["origin"],
+        plane["x_end"],
+        plane["y_end"],
+        "--probe",
+        plane["old"],
+        "--trajectory",
+        plane["x_end"],
+        "--trajectory",
+        plane["planted"],
+        "--grid",
+        "1x1",
+        "--json",
+        out,
+        "--html",
+        page,
+        "-q",
+    )
     assert result.exit_code == 0, result.stderr
     placed = json.loads(out.read_text())["trajectory"]
     assert [t["checkpoint"] for t in placed] == ["x_end", "planted"]
@@ -434,10 +524,22 @@ def test_html_trajectory_trace_has_the_json_coordinates(plane, tmp_path):
     assert trace["x"] == [t["alpha"] for t in placed] and trace["y"] == [t["beta"] for t in placed]
     assert [text.split("<br>")[0] for text in trace["text"]] == ["x_end", "planted"]
 
+
 def test_refuses_to_write_into_a_checkpoint(plane):
     before = tree_digest(plane["origin"])
-    assert_bad_input(run("landscape", plane["origin"], plane["x_end"], plane["y_end"], "--probe",
-                         plane["old"], "--json", plane["origin"] / "l.json"), "refusing to write")
+    assert_bad_input(
+        run(
+            "landscape",
+            plane["origin"],
+            plane["x_end"],
+            plane["y_end"],
+            "--probe",
+            plane["old"],
+            "--json",
+            plane["origin"] / "l.json",
+        ),
+        "refusing to write",
+    )
     assert tree_digest(plane["origin"]) == before
 
 
@@ -449,8 +551,12 @@ def test_old_task_loss_rises_along_d_x_on_the_spurious_sample():
     spec = load_run(SAMPLES / "spurious")
     old, new = (load_probe(spec.probes[k]) for k in ("old", "new"))
     old, new = replace(old, items=old.items[:300]), replace(new, items=new.items[:300])
-    result = landscape(*spec.landscape, [old, new], trajectory=[spec.run],
-                       settings=LandscapeSettings(grid=(3, 2), x_range=(0.0, 1.0), y_range=(0.0, 1.0)))
+    result = landscape(
+        *spec.landscape,
+        [old, new],
+        trajectory=[spec.run],
+        settings=LandscapeSettings(grid=(3, 2), x_range=(0.0, 1.0), y_range=(0.0, 1.0)),
+    )
     along_dx = result.surfaces[old.name][0]  # beta = 0; alpha = 0, 0.5, 1
     assert along_dx[0] < along_dx[1] < along_dx[2] and along_dx[2] > 1.5 * along_dx[0]
     origin, x_end, y_end = result.anchors

@@ -130,9 +130,7 @@ def test_direction_angles_match_numpy():
     qa = random_orthonormal(30, 6, 7).numpy()
     ub = random_orthonormal(30, 9, 8).numpy()
     p = qa @ qa.T  # (d, d) projector onto span(qa)
-    expected = [
-        math.degrees(math.atan2(np.linalg.norm(u - p @ u), np.linalg.norm(p @ u))) for u in ub.T
-    ]
+    expected = [math.degrees(math.atan2(np.linalg.norm(u - p @ u), np.linalg.norm(p @ u))) for u in ub.T]
     ours = direction_angles(torch.from_numpy(qa), torch.from_numpy(ub))
     assert ours.dtype == torch.float64 and ours.shape == (9,)
     np.testing.assert_allclose(ours.numpy(), expected, atol=1e-9)
@@ -290,9 +288,7 @@ def test_baseline_direction_angle_closed_forms():
     assert baseline_direction_angle(10, 10) == 0.0
 
 
-@pytest.mark.parametrize(
-    "ra,d", [(1, 10), (3, 10), (9, 10), (7, 100), (50, 100), (1, 8192), (256, 4096)]
-)
+@pytest.mark.parametrize("ra,d", [(1, 10), (3, 10), (9, 10), (7, 100), (50, 100), (1, 8192), (256, 4096)])
 def test_baseline_direction_angle_monte_carlo(ra, d):
     rng = np.random.default_rng(0)
     if d <= 100:  # literal random unit vectors against the first ra coordinates
@@ -309,9 +305,7 @@ def test_baseline_direction_angle_monte_carlo(ra, d):
 def test_baseline_direction_angle_close_to_the_common_approximation(share):
     d = 4096
     ra = max(1, round(share * d))
-    assert baseline_direction_angle(ra, d) == pytest.approx(
-        math.degrees(math.acos(math.sqrt(ra / d))), abs=0.2
-    )
+    assert baseline_direction_angle(ra, d) == pytest.approx(math.degrees(math.acos(math.sqrt(ra / d))), abs=0.2)
     if share == 0.77:  # the number quoted in docs/science.md
         assert baseline_direction_angle(ra, d) == pytest.approx(28.6, abs=0.1)
 

@@ -34,8 +34,13 @@ Q0 = "model.layers.0.self_attn.q_proj"
 
 def rows(words, n=6, seed=0):
     rng = np.random.default_rng(seed)
-    return [{"prompt": " ".join(rng.choice(words, size=rng.integers(1, 5))),
-             "answer": " " + " ".join(rng.choice(words, size=rng.integers(1, 3)))} for _ in range(n)]
+    return [
+        {
+            "prompt": " ".join(rng.choice(words, size=rng.integers(1, 5))),
+            "answer": " " + " ".join(rng.choice(words, size=rng.integers(1, 3))),
+        }
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +89,7 @@ def test_top_units_is_strictly_above_the_quantile():
 
 def test_planted_units_are_found_exactly(planted, probes):
     a, b, _ = probes
-    result = magnitude_overlap(planted, [load_probe(a), load_probe(b)],
-                               runtime=Runtime(batch_size=4))
+    result = magnitude_overlap(planted, [load_probe(a), load_probe(b)], runtime=Runtime(batch_size=4))
     q0 = next(m for m in result.checkpoints[0].modules if m.module == Q0)
     assert (q0.layer, q0.component, q0.units) == (0, "q", 32)
     assert q0.shared == ((10, 0), (0, 10))  # |S_a| = |S_b| = 10, nothing shared
@@ -106,8 +110,9 @@ def test_planted_units_are_found_exactly(planted, probes):
 
 def test_a_task_overlaps_itself_fully(planted, probes):
     a, b, a_copy = probes
-    result = magnitude_overlap(planted, [load_probe(a), load_probe(b), load_probe(a_copy)],
-                               runtime=Runtime(batch_size=3))
+    result = magnitude_overlap(
+        planted, [load_probe(a), load_probe(b), load_probe(a_copy)], runtime=Runtime(batch_size=3)
+    )
     records = [r for r in result.records() if {r["task_a"], r["task_b"]} == {"task_a", "task_a_again"}]
     assert len(records) == 2 * len(result.checkpoints[0].modules)
     assert all(r["overlap"] == 1.0 for r in records)
@@ -116,14 +121,14 @@ def test_a_task_overlaps_itself_fully(planted, probes):
 
 def test_split_half_needs_two_groups(planted, probes, tmp_path):
     a, b, _ = probes
-    one = write_jsonl(tmp_path / "one_group.jsonl",
-                      [dict(r, group="alice") for r in rows(WORDS_B, seed=4)])
+    one = write_jsonl(tmp_path / "one_group.jsonl", [dict(r, group="alice") for r in rows(WORDS_B, seed=4)])
     result = magnitude_overlap(planted, [load_probe(a), load_probe(one)])
     modules = result.checkpoints[0].modules
     assert all(m.halves[1] is None and np.isnan(m.split_half(1)) for m in modules)
     assert all(m.halves[0] is not None for m in modules)
     assert result.checkpoints[0].n_tokens[0] == sum(
-        len(e.prompt_ids) + len(e.completion_ids) for e in encode(load_tokenizer_of(planted), load_probe(a)))
+        len(e.prompt_ids) + len(e.completion_ids) for e in encode(load_tokenizer_of(planted), load_probe(a))
+    )
 
 
 def load_tokenizer_of(path):
@@ -144,7 +149,7 @@ def numpy_llama_q(model, tokenizer, items, layer):
         ids = torch.tensor([e.prompt_ids + e.completion_ids])
         with torch.no_grad():
             h = model(input_ids=ids, output_hidden_states=True).hidden_states[layer][0].double().numpy()
-        x = h / np.sqrt((h ** 2).mean(-1, keepdims=True) + eps) * gamma  # (T, in)
+        x = h / np.sqrt((h**2).mean(-1, keepdims=True) + eps) * gamma  # (T, in)
         total += np.abs(x @ w.T).sum(0)
     return total
 
@@ -152,8 +157,7 @@ def numpy_llama_q(model, tokenizer, items, layer):
 def numpy_gpt2_attn(model, items, layer):
     """n of GPT-2's Conv1D c_attn of ``layer``: numpy LayerNorm, then x W + b (W is (in, out))."""
     block = model.transformer.h[layer]
-    w, bias = (block.attn.c_attn.weight.detach().double().numpy(),
-               block.attn.c_attn.bias.detach().double().numpy())
+    w, bias = (block.attn.c_attn.weight.detach().double().numpy(), block.attn.c_attn.bias.detach().double().numpy())
     ln_w, ln_b = block.ln_1.weight.detach().double().numpy(), block.ln_1.bias.detach().double().numpy()
     total = np.zeros(w.shape[1])
     for e in items:
@@ -171,8 +175,9 @@ def test_magnitudes_match_an_independent_recomputation(family, llama_dir, gpt2_d
 
     path = llama_dir if family == "llama" else gpt2_dir
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    items = encode(tokenizer, probe_from_pairs([(r["prompt"], r["answer"]) for r in
-                                                rows(WORDS_A + WORDS_B, n=7, seed=3)]))
+    items = encode(
+        tokenizer, probe_from_pairs([(r["prompt"], r["answer"]) for r in rows(WORDS_A + WORDS_B, n=7, seed=3)])
+    )
     mags = unit_magnitudes(model, items, pad_id=tokenizer.pad_token_id, batch_size=3)  # padded
     if family == "llama":
         name, expected = "model.layers.1.self_attn.q_proj", numpy_llama_q(model, tokenizer, items, 1)
@@ -214,8 +219,7 @@ def test_hooks_are_removed_even_on_error(gpt2_dir, tokenizer):
 
 def test_overlap_moves_along_a_run(trainer_run, probes):
     a, b, _ = probes
-    result = magnitude_overlap(trainer_run, [load_probe(a), load_probe(b)],
-                               runtime=Runtime(batch_size=8))
+    result = magnitude_overlap(trainer_run, [load_probe(a), load_probe(b)], runtime=Runtime(batch_size=8))
     assert [c.label for c in result.checkpoints] == ["checkpoint-5", "checkpoint-50", "checkpoint-100"]
     n_modules = len(result.checkpoints[0].modules)
     assert n_modules == 14  # 2 layers x q k v o gate up down
@@ -229,8 +233,6 @@ def test_overlap_moves_along_a_run(trainer_run, probes):
 
 def run_cli(*args):
     return runner.invoke(app, ["magnitudes", *map(str, args)])
-
-
 
 
 def test_cli_json_html_and_untouched_inputs(planted, probes, tmp_path):
@@ -257,8 +259,9 @@ def test_cli_bad_input(planted, probes, tmp_path):
     (tmp_path / "other").mkdir()
     same = write_jsonl(tmp_path / "other" / "task_a.jsonl", rows(WORDS_A))
     assert_bad_input(run_cli(planted, "--probe", a, "--probe", same), "both named 'task_a'")
-    assert_bad_input(run_cli(planted, "--probe", a, "--probe", b, "--json", planted / "x.json"),
-                     "refusing to write inside")
+    assert_bad_input(
+        run_cli(planted, "--probe", a, "--probe", b, "--json", planted / "x.json"), "refusing to write inside"
+    )
 
 
 def test_one_probe_from_python_is_a_clear_error(planted, probes):

@@ -30,20 +30,22 @@ def test_jsonl_json_and_csv_read_the_same(tmp_path):
 
 def test_field_names_are_configurable(tmp_path):
     write_jsonl(tmp_path / "p.jsonl", [{"question": "Q?", "target": " A", "entity": "e"}])
-    probe = load_probe(tmp_path / "p.jsonl", fields=ProbeFields(prompt="question", answer="target",
-                                                          group="entity"))
+    probe = load_probe(tmp_path / "p.jsonl", fields=ProbeFields(prompt="question", answer="target", group="entity"))
     assert probe.items == (ProbeItem("Q?", " A", "e"),)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "empty probe file"),
-    ("  \n\n", "empty probe file"),
-    ('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": \n', "invalid JSON on line 2"),
-    ('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c"}\n', "line 3 has no 'answer' field"),
-    ('{"prompt": "a", "answer": "   "}\n', "empty 'answer'"),
-    ('["not", "objects"]', "expected an object"),
-    ('{"prompt": "a", "answer": "b"}\n[1, 2]\n', "line 2 is list"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "empty probe file"),
+        ("  \n\n", "empty probe file"),
+        ('{"prompt": "a", "answer": "b"}\n{"prompt": "c", "answer": \n', "invalid JSON on line 2"),
+        ('{"prompt": "a", "answer": "b"}\n\n{"prompt": "c"}\n', "line 3 has no 'answer' field"),
+        ('{"prompt": "a", "answer": "   "}\n', "empty 'answer'"),
+        ('["not", "objects"]', "expected an object"),
+        ('{"prompt": "a", "answer": "b"}\n[1, 2]\n', "line 2 is list"),
+    ],
+)
 def test_bad_probe_files_say_what_and_where(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)

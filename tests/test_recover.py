@@ -41,6 +41,7 @@ FAST = RecoverySettings(lr=5e-4, min_steps=40)
 
 # --- verdict arithmetic, worked by hand -------------------------------------------------------
 
+
 def _wilson_by_hand(p, n, z=1.959963984540054):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -71,8 +72,7 @@ def test_spurious_fraction_by_hand():
 @pytest.mark.parametrize("recovered, verdict", [(0.95, "spurious"), (0.55, "mixed"), (0.15, "real")])
 def test_verdict_thresholds(recovered, verdict):
     # forgetting 0.9; fraction = (recovered - 0.05 - control gain 0.05) / 0.9
-    d = decide(before=0.95, after=0.05, recovered=recovered, n_eval=1000, control=0.0,
-               control_recovered=0.05)
+    d = decide(before=0.95, after=0.05, recovered=recovered, n_eval=1000, control=0.0, control_recovered=0.05)
     assert d.verdict == verdict
     assert d.spurious_fraction == pytest.approx(max(0.0, recovered - 0.10) / 0.9)
 
@@ -91,6 +91,7 @@ def test_small_evaluation_sets_cannot_support_a_verdict():
 
 
 # --- planted models ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -117,8 +118,7 @@ def test_planted_accuracies_are_exact(world):
     assert result.accuracy()["before"] == 1.0 and result.accuracy()["after"] == 0.0
     (ckpt,) = find_checkpoints(world / "before")
     tok = load_tokenizer(ckpt)
-    by_generation = exact_by_generation(load_model(ckpt), encode(tok, ITEMS), pad_id=0,
-                                        eos_id=tok.eos_token_id)
+    by_generation = exact_by_generation(load_model(ckpt), encode(tok, ITEMS), pad_id=0, eos_id=tok.eos_token_id)
     assert by_generation.all()  # greedy generation agrees: every answer, then stop
     assert result.verdict == "real" and result.decision.spurious_fraction == 0.0
     assert result.n_recovery == 32 and result.n_eval == 32
@@ -137,20 +137,26 @@ def test_spurious_and_none(world):
 def test_recovery_trains_on_the_recovery_part_only(world, monkeypatch):
     seen = []
     real_train = recovery_module.train
-    monkeypatch.setattr(recovery_module, "train",
-                        lambda model, items, config, **kw: seen.extend(items) or real_train(model, items, config, **kw))
+    monkeypatch.setattr(
+        recovery_module,
+        "train",
+        lambda model, items, config, **kw: seen.extend(items) or real_train(model, items, config, **kw),
+    )
     result = recover(world / "before", world / "real", PROBE, settings=FAST)
     tok = make_tokenizer(None, NAMES + CITIES + ["what", "is", "the", "birth", "city", "of", "answer", ":", "who"])
-    evaluated = {e.prompt_ids for e in encode(tok, [i for i in ITEMS if i.prompt in
-                                                    {x.prompt for x in result.examples}])}
+    evaluated = {
+        e.prompt_ids for e in encode(tok, [i for i in ITEMS if i.prompt in {x.prompt for x in result.examples}])
+    }
     assert seen and not {e.prompt_ids for e in seen} & evaluated
     assert len({e.prompt_ids for e in seen}) == result.n_recovery
 
 
 def test_deterministic_and_checkpoints_untouched(world):
     digests = [tree_digest(world / n) for n in ("before", "spurious", "control")]
-    runs = [recover(world / "before", world / "spurious", PROBE, control=world / "control",
-                    settings=FAST).to_dict() for _ in range(2)]
+    runs = [
+        recover(world / "before", world / "spurious", PROBE, control=world / "control", settings=FAST).to_dict()
+        for _ in range(2)
+    ]
     for run in runs:
         run.pop("timings_s")
     assert runs[0] == runs[1]
@@ -158,14 +164,25 @@ def test_deterministic_and_checkpoints_untouched(world):
 
 
 def test_sequence_mode_scores_every_checkpoint(world):
-    result = recover(world / "before", [world / "before", world / "spurious", world / "real"], PROBE,
-                     control=world / "control", settings=FAST)
+    result = recover(
+        world / "before",
+        [world / "before", world / "spurious", world / "real"],
+        PROBE,
+        control=world / "control",
+        settings=FAST,
+    )
     assert [p.decision.verdict for p in result.sequence] == ["none", "spurious", "real"]
     assert result.verdict == "real"  # the last checkpoint's
     curve = result.to_dict()["sequence"]
     assert [p["accuracy"] for p in curve][0] == 1.0 and len(curve) == 3
-    headed = recover(world / "before", [world / "before", world / "spurious"], PROBE,
-                     control=world / "control", settings=FAST, at=world / "spurious")
+    headed = recover(
+        world / "before",
+        [world / "before", world / "spurious"],
+        PROBE,
+        control=world / "control",
+        settings=FAST,
+        at=world / "spurious",
+    )
     assert headed.verdict == "spurious" and headed.after == "spurious"
     assert headed.sequence[1].recovered == result.sequence[1].recovered  # same numbers either way
 
@@ -180,11 +197,22 @@ def _cli(*args):
 
 
 def test_cli_json_and_html(world, tmp_path):
-    probe = write_jsonl(tmp_path / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer,
-                                                   "group": i.group} for i in ITEMS])
+    probe = write_jsonl(
+        tmp_path / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS]
+    )
     out, page = tmp_path / "r.json", tmp_path / "r.html"
-    result = _cli(world / "before", world / "spurious", "--probe", probe, "--control",
-                  world / "control", "--json", out, "--html", page)
+    result = _cli(
+        world / "before",
+        world / "spurious",
+        "--probe",
+        probe,
+        "--control",
+        world / "control",
+        "--json",
+        out,
+        "--html",
+        page,
+    )
     assert result.exit_code == 0, result.stderr
     data = assert_envelope(json.loads(out.read_text()), "recover")
     assert data["verdict"] == "spurious"
@@ -196,8 +224,9 @@ def test_cli_json_and_html(world, tmp_path):
 
 
 def test_cli_small_probe_still_shows_numbers(world, tmp_path):
-    probe = write_jsonl(tmp_path / "small.jsonl", [{"prompt": i.prompt, "answer": i.answer,
-                                                     "group": i.group} for i in ITEMS[:20]])
+    probe = write_jsonl(
+        tmp_path / "small.jsonl", [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS[:20]]
+    )
     result = _cli(world / "before", world / "real", "--probe", probe)
     assert result.exit_code == 0
     assert "only 10 evaluation items" in result.stderr
@@ -225,8 +254,9 @@ def test_cli_bad_input(case, world, llama_dir, gpt2_dir, tmp_path, copy_tree):
 
 
 def test_cli_control_equal_to_after_warns(world, tmp_path):
-    probe = write_jsonl(tmp_path / "p.jsonl", [{"prompt": i.prompt, "answer": i.answer,
-                                                 "group": i.group} for i in ITEMS])
+    probe = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS]
+    )
     result = _cli(world / "before", world / "real", "--probe", probe, "--control", world / "real")
     assert result.exit_code == 0
     assert "control is the same checkpoint as AFTER" in result.stderr
@@ -234,12 +264,24 @@ def test_cli_control_equal_to_after_warns(world, tmp_path):
 
 # --- default learning rate, LoRA, bfloat16, no control, a Trainer run -------------------------
 
-@pytest.mark.parametrize("n_params, lora, lr", [
-    (45_792, False, 1e-4), (19_999_999, False, 1e-4), (20_000_000, False, 3e-5),
-    (124_000_000, False, 3e-5), (300_000_000, False, 1e-5), (2_999_999_999, False, 1e-5),
-    (3_000_000_000, False, 5e-6), (70_000_000_000, False, 5e-6),
-    (45_792, True, 2e-4), (999_999_999, True, 2e-4), (1_000_000_000, True, 1e-4),
-    (7_000_000_000, True, 1e-4)])
+
+@pytest.mark.parametrize(
+    "n_params, lora, lr",
+    [
+        (45_792, False, 1e-4),
+        (19_999_999, False, 1e-4),
+        (20_000_000, False, 3e-5),
+        (124_000_000, False, 3e-5),
+        (300_000_000, False, 1e-5),
+        (2_999_999_999, False, 1e-5),
+        (3_000_000_000, False, 5e-6),
+        (70_000_000_000, False, 5e-6),
+        (45_792, True, 2e-4),
+        (999_999_999, True, 2e-4),
+        (1_000_000_000, True, 1e-4),
+        (7_000_000_000, True, 1e-4),
+    ],
+)
 def test_default_lr_follows_its_rule(n_params, lora, lr):
     # the docstring's rule: "under" is strict, so each limit belongs to the next band
     assert recovery_module.default_lr(n_params, lora=lora) == lr
@@ -257,10 +299,14 @@ def test_lora_recovery_trains_only_the_adapter(world, monkeypatch):
         base = {n: p.detach().clone() for n, p in named.items() if "lora_" not in n}
         lora_b = {n: p.detach().clone() for n, p in named.items() if "lora_B" in n}
         losses = real_train(model, items, config, **kw)
-        trained.append(([n for n, p in named.items() if p.requires_grad],
-                        sum(p.numel() for p in named.values() if p.requires_grad),
-                        all(torch.equal(named[n], w) for n, w in base.items()),
-                        any(not torch.equal(named[n], w) for n, w in lora_b.items())))
+        trained.append(
+            (
+                [n for n, p in named.items() if p.requires_grad],
+                sum(p.numel() for p in named.values() if p.requires_grad),
+                all(torch.equal(named[n], w) for n, w in base.items()),
+                any(not torch.equal(named[n], w) for n, w in lora_b.items()),
+            )
+        )
         return losses
 
     monkeypatch.setattr(recovery_module, "train", spy)
@@ -282,15 +328,37 @@ def test_lora_recovery_trains_only_the_adapter(world, monkeypatch):
 def test_cli_lora_uses_the_lora_learning_rate(world, tmp_path, monkeypatch):
     trainable = []
     real_train = recovery_module.train
-    monkeypatch.setattr(recovery_module, "train", lambda model, items, config, **kw: trainable.extend(
-        n for n, p in model.named_parameters() if p.requires_grad) or real_train(model, items, config, **kw))
-    probe = write_jsonl(tmp_path / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer,
-                                                   "group": i.group} for i in ITEMS])
+    monkeypatch.setattr(
+        recovery_module,
+        "train",
+        lambda model, items, config, **kw: (
+            trainable.extend(n for n, p in model.named_parameters() if p.requires_grad)
+            or real_train(model, items, config, **kw)
+        ),
+    )
+    probe = write_jsonl(
+        tmp_path / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS]
+    )
     digest = tree_digest(world / "spurious")
     out = tmp_path / "r.json"
-    result = runner.invoke(app, ["recover", str(world / "before"), str(world / "spurious"),
-                                 "--probe", str(probe), "--lora", "--lora-rank", "4",
-                                 "--min-steps", "5", "--json", str(out), "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "recover",
+            str(world / "before"),
+            str(world / "spurious"),
+            "--probe",
+            str(probe),
+            "--lora",
+            "--lora-rank",
+            "4",
+            "--min-steps",
+            "5",
+            "--json",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     data = assert_envelope(json.loads(out.read_text()), "recover")
     assert data["recovery"]["lora"] is True and data["recovery"]["lora_rank"] == 4
@@ -308,11 +376,22 @@ def test_bfloat16_recovery_is_close_to_float32(world, monkeypatch):
 
     seen = []
     real_train = recovery_module.train
-    monkeypatch.setattr(recovery_module, "train", lambda model, items, config, **kw: seen.append(
-        {p.dtype for p in model.parameters()}) or real_train(model, items, config, **kw))
+    monkeypatch.setattr(
+        recovery_module,
+        "train",
+        lambda model, items, config, **kw: (
+            seen.append({p.dtype for p in model.parameters()}) or real_train(model, items, config, **kw)
+        ),
+    )
     full = recover(world / "before", world / "spurious", PROBE, control=world / "control", settings=FAST)
-    half = recover(world / "before", world / "spurious", PROBE, control=world / "control", settings=FAST,
-                   runtime=Runtime(dtype="bfloat16"))
+    half = recover(
+        world / "before",
+        world / "spurious",
+        PROBE,
+        control=world / "control",
+        settings=FAST,
+        runtime=Runtime(dtype="bfloat16"),
+    )
     assert seen == [{torch.float32}] * 2 + [{torch.bfloat16}] * 2  # control and after, each run
     # bf16 keeps 8 significant bits (relative rounding 2**-8 = 0.4%). Forward passes only
     # (before, after, control): the answer loss moves by well under 2%, and only items whose
@@ -334,8 +413,9 @@ def test_bfloat16_recovery_is_close_to_float32(world, monkeypatch):
 
 @pytest.mark.parametrize("with_control", [False, True])
 def test_control_recovered_is_null_without_a_control(with_control, world, tmp_path):
-    probe = write_jsonl(tmp_path / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer,
-                                                   "group": i.group} for i in ITEMS])
+    probe = write_jsonl(
+        tmp_path / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS]
+    )
     out = tmp_path / "r.json"
     extra = ["--control", world / "control"] if with_control else []
     result = _cli(world / "before", world / "spurious", "--probe", probe, "--json", out, *extra)
@@ -354,19 +434,24 @@ def test_control_recovered_is_null_without_a_control(with_control, world, tmp_pa
         assert data["checkpoints"]["control"] is None and "no control was given" in data["summary"]
     gain = data["control_gain"] or 0.0
     assert data["spurious_fraction"] == pytest.approx(  # (recovered - after - gain) / forgetting
-        min(1.0, (acc["recovered"] - acc["after"] - gain) / (acc["before"] - acc["after"])))
+        min(1.0, (acc["recovered"] - acc["after"] - gain) / (acc["before"] - acc["after"]))
+    )
 
 
 def test_cli_trainer_run_sequence_html(trainer_run, llama_dir, tmp_path):
     names = ["alice", "bob", "carol", "dave", "erin", "frank"]
     cities, firms = ["paris", "rome", "oslo", "lima", "cairo", "quito"], ["acme", "globex", "initech"]
-    rows = [row for k, n in enumerate(names) for row in (
-        {"prompt": f"what is the birth city of {n} answer :", "answer": f" {cities[k]}", "group": n},
-        {"prompt": f"who works at {n} answer :", "answer": f" {firms[k % 3]}", "group": n})]
+    rows = [
+        row
+        for k, n in enumerate(names)
+        for row in (
+            {"prompt": f"what is the birth city of {n} answer :", "answer": f" {cities[k]}", "group": n},
+            {"prompt": f"who works at {n} answer :", "answer": f" {firms[k % 3]}", "group": n},
+        )
+    ]
     probe = write_jsonl(tmp_path / "old.jsonl", rows)
     out, page = tmp_path / "r.json", tmp_path / "r.html"
-    result = _cli(llama_dir, trainer_run, "--probe", probe, "--min-steps", "2", "--json", out,
-                  "--html", page)
+    result = _cli(llama_dir, trainer_run, "--probe", probe, "--min-steps", "2", "--json", out, "--html", page)
     assert result.exit_code == 0, result.stderr
     data = assert_envelope(json.loads(out.read_text()), "recover")
     labels = ["checkpoint-5", "checkpoint-50", "checkpoint-100"]  # made 100, 5, 50; 100 < 5 as text
@@ -381,5 +466,5 @@ def test_cli_trainer_run_sequence_html(trainer_run, llama_dir, tmp_path):
     assert body.count("Plotly.newPlot") == 2  # the bars and the curve
     section = body.split("<h2>Recovery along the run</h2>", 1)[1].split("</section>", 1)[0]
     assert '"x":[5,50,100]' in section.replace(" ", "")  # the curve is drawn against the step
-    cells = [section.index(f"<td class=\"l\">{label}</td>") for label in labels]
+    cells = [section.index(f'<td class="l">{label}</td>') for label in labels]
     assert cells == sorted(cells)

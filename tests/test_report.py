@@ -79,9 +79,21 @@ new = "../new.jsonl"
 def report(tiny_run, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("report_out")
     before = tree_digest(tiny_run)
-    result = runner.invoke(app, ["report", str(tiny_run / "run"), "--out", str(out_dir / "r.html"),
-                                 "--json", str(out_dir / "r.json"), "--grid", "3", *RECOVERY,
-                                 "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "report",
+            str(tiny_run / "run"),
+            "--out",
+            str(out_dir / "r.html"),
+            "--json",
+            str(out_dir / "r.json"),
+            "--grid",
+            "3",
+            *RECOVERY,
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, (result.stdout, result.stderr)
     assert tree_digest(tiny_run) == before  # nothing written into the run
     return out_dir, result
@@ -104,8 +116,7 @@ def test_report_json_twin(report):
 def _numbers(data):
     """A report's JSON without what depends on the clock."""
     if isinstance(data, dict):
-        return {k: _numbers(v) for k, v in data.items()
-                if k not in ("timings_s", "command")}
+        return {k: _numbers(v) for k, v in data.items() if k not in ("timings_s", "command")}
     if isinstance(data, list):
         return [_numbers(v) for v in data]
     return data
@@ -157,8 +168,9 @@ def test_report_renders_offline_in_chromium(report, tmp_path_factory):
 def test_probe_prompt_with_a_script_shows_as_text(tmp_path):
     from forgetdiag.render import html
 
-    page = html.write_page(tmp_path / "x.html", "probe", [html.Section("examples", [
-        html.table(["prompt", "answer"], [[XSS, " c1"]])])])
+    page = html.write_page(
+        tmp_path / "x.html", "probe", [html.Section("examples", [html.table(["prompt", "answer"], [[XSS, " c1"]])])]
+    )
     rendered = render(page, tmp_path / "x.png", height=600)
     assert "&lt;script&gt;document.body.setAttribute" in rendered.dom
     assert 'data-pwned="1"' not in rendered.dom and rendered.console_errors == []
@@ -168,9 +180,11 @@ def test_probe_prompt_with_a_script_shows_as_text(tmp_path):
 def test_console_messages_and_failed_loads_are_caught(tmp_path):
     """The "no console errors" checks above can fail: any console message, and any resource
     that does not load (offline, a CDN script is one), is reported."""
-    pages = {"boom": '<script>console.error("boom")</script><p>x</p>',
-             "missing": '<img src="missing.png"><script src="https://cdn.plot.ly/plotly.min.js"></script>',
-             "clean": "<p>nothing to say</p>"}
+    pages = {
+        "boom": '<script>console.error("boom")</script><p>x</p>',
+        "missing": '<img src="missing.png"><script src="https://cdn.plot.ly/plotly.min.js"></script>',
+        "clean": "<p>nothing to say</p>",
+    }
     console = {}
     for name, body in pages.items():
         page = tmp_path / f"{name}.html"
@@ -198,10 +212,26 @@ def test_missing_inputs_are_skipped_with_a_note(tiny_run, tmp_path):
     shutil.copytree(tiny_run / "run", run)
     shutil.copytree(tiny_run / "control", tmp_path / "control")
     shutil.copy(tiny_run / "old.jsonl", tmp_path / "old.jsonl")
-    (run / "forgetdiag.toml").write_text('name = "partial"\n[checkpoints]\nbefore = "checkpoint-0"\n'
-                                         'after = "checkpoint-5"\n[probes]\nold = "../old.jsonl"\n')
-    result = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "p.html"), "--json",
-                                 str(tmp_path / "p.json"), "--skip", "features", "--lr", "1e-3", "-q"])
+    (run / "forgetdiag.toml").write_text(
+        'name = "partial"\n[checkpoints]\nbefore = "checkpoint-0"\n'
+        'after = "checkpoint-5"\n[probes]\nold = "../old.jsonl"\n'
+    )
+    result = runner.invoke(
+        app,
+        [
+            "report",
+            str(run),
+            "--out",
+            str(tmp_path / "p.html"),
+            "--json",
+            str(tmp_path / "p.json"),
+            "--skip",
+            "features",
+            "--lr",
+            "1e-3",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["recover"] is not None and data["features"] is None
@@ -211,19 +241,40 @@ def test_missing_inputs_are_skipped_with_a_note(tiny_run, tmp_path):
 
 
 def test_report_from_options(tiny_run, tmp_path):
-    result = runner.invoke(app, ["report", "--before", str(tiny_run / "run" / "checkpoint-0"),
-                                 "--after", str(tiny_run / "run" / "checkpoint-10"), "--probe",
-                                 str(tiny_run / "old.jsonl"), "--out", str(tmp_path / "o.html"),
-                                 "--skip", "landscape", "--skip", "angles", "--skip", "features",
-                                 "--lr", "1e-3", "-q"])
+    result = runner.invoke(
+        app,
+        [
+            "report",
+            "--before",
+            str(tiny_run / "run" / "checkpoint-0"),
+            "--after",
+            str(tiny_run / "run" / "checkpoint-10"),
+            "--probe",
+            str(tiny_run / "old.jsonl"),
+            "--out",
+            str(tmp_path / "o.html"),
+            "--skip",
+            "landscape",
+            "--skip",
+            "angles",
+            "--skip",
+            "features",
+            "--lr",
+            "1e-3",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "o.html").is_file() and "checkpoint-10" in result.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["report", "/nonexistent"], "no run description"),
-    (["report", "--skip", "everything"], "--skip everything"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["report", "/nonexistent"], "no run description"),
+        (["report", "--skip", "everything"], "--skip everything"),
+    ],
+)
 def test_report_bad_input(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and message in result.stderr

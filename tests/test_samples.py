@@ -24,6 +24,7 @@ SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
 
 # --- the world -------------------------------------------------------------------------------
 
+
 def test_world_is_deterministic_per_seed():
     assert bio.make_world(3) == bio.make_world(3)
     assert bio.make_world(3) != bio.make_world(4)
@@ -54,8 +55,7 @@ def test_biographies_state_every_fact_with_every_template_in_varied_order():
         assert len(sentences) == len(bio.ATTRIBUTES)
         assert all(person.name in s for s in sentences)  # the full name in every sentence
         for attribute in bio.ATTRIBUTES:
-            filled = [t.format(name=person.name, value=person.fact(attribute))
-                      for t in bio.TEMPLATES[attribute]]
+            filled = [t.format(name=person.name, value=person.fact(attribute)) for t in bio.TEMPLATES[attribute]]
             hits = [k for k, f in enumerate(filled) if f in sentences]
             assert len(hits) == 1, (attribute, text)
             used.add((attribute, hits[0]))
@@ -71,8 +71,7 @@ def test_qa_items_cover_every_attribute_of_every_person():
     assert len(items) == len(world.b) * len(bio.ATTRIBUTES)
     person = world.b[1]
     mine = [i for i in items if i.group == person.name]
-    assert [i.prompt for i in mine] == [f"What is the {a} of {person.name}?\nAnswer:"
-                                        for a in bio.ATTRIBUTES]
+    assert [i.prompt for i in mine] == [f"What is the {a} of {person.name}?\nAnswer:" for a in bio.ATTRIBUTES]
     assert [i.answer for i in mine] == [" " + person.fact(a) for a in bio.ATTRIBUTES]
 
 
@@ -95,7 +94,7 @@ def test_tokenizer_is_word_level_and_loads_offline(tmp_path):
     prompt, answer = bio.qa_pair(world.a_heldout[0], "birth date")  # " March 3, 1987"
     ids = tok(prompt + answer)["input_ids"]
     assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
-    assert ids[:len(tok(prompt)["input_ids"])] == tok(prompt)["input_ids"]
+    assert ids[: len(tok(prompt)["input_ids"])] == tok(prompt)["input_ids"]
     assert len(ids) - len(tok(prompt)["input_ids"]) == 4  # month, day, comma, year
     assert tok.decode(ids, skip_special_tokens=True) == " " + prompt + answer
     text = bio.biography(world.a_train[0], random.Random(0))
@@ -104,6 +103,7 @@ def test_tokenizer_is_word_level_and_loads_offline(tmp_path):
 
 
 # --- a miniature build (seconds): the layout and the tools that read it -------------------
+
 
 @pytest.fixture(scope="module")
 def miniature(tmp_path_factory):
@@ -132,7 +132,10 @@ def test_miniature_build_layout(miniature):
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     model = AutoModelForCausalLM.from_pretrained(out / "real" / "checkpoint-4", local_files_only=True)
     assert next(model.parameters()).dtype == torch.bfloat16
-    old, recovery = load_probe(out / "probes" / "task0_heldout.jsonl"), load_probe(out / "probes" / "task0_recovery.jsonl")
+    old, recovery = (
+        load_probe(out / "probes" / "task0_heldout.jsonl"),
+        load_probe(out / "probes" / "task0_recovery.jsonl"),
+    )
     assert len(old) == len(recovery) == 10 * len(bio.ATTRIBUTES)
     assert not set(old.groups) & set(recovery.groups)
     assert old.items[0].answer.startswith(" ")
@@ -144,8 +147,12 @@ def test_build_is_deterministic(miniature, tmp_path):
     out, _ = miniature
     again = tmp_path / "again"
     build_samples(again, SampleConfig.miniature(seed=1))
-    for path in (Path("spurious/checkpoint-6/model.safetensors"), Path("control/model.safetensors"),
-                 Path("probes/task1_real.jsonl"), Path("real/forgetdiag.toml")):
+    for path in (
+        Path("spurious/checkpoint-6/model.safetensors"),
+        Path("control/model.safetensors"),
+        Path("probes/task1_real.jsonl"),
+        Path("real/forgetdiag.toml"),
+    ):
         assert (again / path).read_bytes() == (out / path).read_bytes(), path
 
 
@@ -198,15 +205,21 @@ PAPER = RecoverySettings(epochs=1, lr=1e-4, batch_size=32)
 
 def _recover(run: str, after, settings=PAPER, **kwargs):
     spec = load_run(SAMPLES / run)
-    return recover(spec.before, after, load_probe(spec.probes["old"]), control=spec.control,
-                   recovery_probe=load_probe(spec.probes["recovery"]), settings=settings, **kwargs)
+    return recover(
+        spec.before,
+        after,
+        load_probe(spec.probes["old"]),
+        control=spec.control,
+        recovery_probe=load_probe(spec.probes["recovery"]),
+        settings=settings,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
 def spurious():
     spec = load_run(SAMPLES / "spurious")
-    return _recover("spurious", [spec.run / "checkpoint-10", spec.run / "checkpoint-50", spec.after],
-                    at=spec.after)
+    return _recover("spurious", [spec.run / "checkpoint-10", spec.run / "checkpoint-50", spec.after], at=spec.after)
 
 
 @pytest.fixture(scope="module")

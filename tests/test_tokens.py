@@ -34,8 +34,13 @@ def data_rows(n=9, seed=0):
     """Prompts of 1-6 words and answers of 1-3 words (the word-level tokenizer: one token each)."""
     rng = np.random.default_rng(seed)
     words = [w for w in WORDS if w != ":"]
-    return [{"prompt": " ".join(rng.choice(words, size=rng.integers(1, 7))),
-             "answer": " " + " ".join(rng.choice(words, size=rng.integers(1, 4)))} for _ in range(n)]
+    return [
+        {
+            "prompt": " ".join(rng.choice(words, size=rng.integers(1, 7))),
+            "answer": " " + " ".join(rng.choice(words, size=rng.integers(1, 4))),
+        }
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,10 @@ def test_hardest_lists_are_ordered(llama_dir, data_file):
     assert means == sorted(means) and means[0] == min(e.mean_logprob() for e in result.examples)
     assert sum(f["hard"] for f in result.frequent_hard(k=1000)) == result.stats()["n_below"]
     assert [s.title for s in tokens_sections(result)][:3] == [
-        "Token difficulty under the old model", "Hardest tokens", "Hardest examples"]
+        "Token difficulty under the old model",
+        "Hardest tokens",
+        "Hardest examples",
+    ]
 
 
 def run_cli(*args):
@@ -99,8 +107,20 @@ def test_mask_lines_up_with_the_tokenizer(llama_dir, tokenizer, data_file, tmp_p
     digests = [tree_digest(llama_dir), tree_digest(data_file.parent)]
     mask, out = tmp_path / "mask.jsonl", tmp_path / "t.json"
     threshold = 0.02
-    result = run_cli(llama_dir, "--data", data_file, "--threshold", threshold, "--write-mask", mask,
-                     "--json", out, "--html", tmp_path / "t.html", "-q")
+    result = run_cli(
+        llama_dir,
+        "--data",
+        data_file,
+        "--threshold",
+        threshold,
+        "--write-mask",
+        mask,
+        "--json",
+        out,
+        "--html",
+        tmp_path / "t.html",
+        "-q",
+    )
     assert result.exit_code == 0, result.stderr
     assert "answer tokens" in result.stdout and "Hardest tokens" in result.stdout
     rows = [json.loads(line) for line in data_file.read_text().splitlines()]
@@ -126,22 +146,25 @@ def test_mask_lines_up_with_the_tokenizer(llama_dir, tokenizer, data_file, tmp_p
     assert [tree_digest(llama_dir), tree_digest(data_file.parent)] == digests
 
 
-
-
 def test_cli_bad_input(llama_dir, trainer_run, data_file, tmp_path):
-    empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "who is alice", "answer": "paris"},
-                                                   {"prompt": "who is bob", "answer": "  "}])
+    empty = write_jsonl(
+        tmp_path / "empty.jsonl",
+        [{"prompt": "who is alice", "answer": "paris"}, {"prompt": "who is bob", "answer": "  "}],
+    )
     assert_bad_input(run_cli(llama_dir, "--data", empty), "empty 'answer'")
     assert_bad_input(run_cli(llama_dir, "--data", data_file, "--threshold", "0"), "between 0 and 1")
     assert_bad_input(run_cli(trainer_run, "--data", data_file), "must be one checkpoint")
-    assert_bad_input(run_cli(llama_dir, "--data", data_file, "--write-mask", llama_dir / "m.jsonl"),
-                     "refusing to write inside")
+    assert_bad_input(
+        run_cli(llama_dir, "--data", data_file, "--write-mask", llama_dir / "m.jsonl"), "refusing to write inside"
+    )
     with pytest.raises(ForgetdiagError, match="between 0 and 1"):
         token_difficulty(llama_dir, load_probe(data_file), settings=TokenSettings(threshold=1.5))
 
 
 def test_mask_records_from_python(llama_dir, data_file):
-    result = token_difficulty(llama_dir, load_probe(data_file), settings=TokenSettings(threshold=0.999))  # drops every scored token
+    result = token_difficulty(
+        llama_dir, load_probe(data_file), settings=TokenSettings(threshold=0.999)
+    )  # drops every scored token
     for rec in mask_records(result):
         n = rec["n_prompt"]
         assert not any(rec["keep"][n:]) and rec["labels"] == [-100] * len(rec["input_ids"])

@@ -29,8 +29,11 @@ def linear_modules(model, *, include_head: bool = False) -> dict[str, torch.nn.M
     from transformers.pytorch_utils import Conv1D
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (torch.nn.Linear, Conv1D)) and (include_head or m is not head)}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and (include_head or m is not head)
+    }
 
 
 class _Recorder:
@@ -88,9 +91,16 @@ class Magnitudes:
 
 
 @torch.inference_mode()
-def unit_magnitudes(model, encoded: Sequence[Encoded], *, pad_id: int, batch_size: int = 32,
-                    include_head: bool = False, progress: ProgressFn | None = None,
-                    label: str = "magnitudes") -> Magnitudes:
+def unit_magnitudes(
+    model,
+    encoded: Sequence[Encoded],
+    *,
+    pad_id: int,
+    batch_size: int = 32,
+    include_head: bool = False,
+    progress: ProgressFn | None = None,
+    label: str = "magnitudes",
+) -> Magnitudes:
     """``n_i = sum over tokens of |h_i|`` for every output unit of every linear layer.
 
     Args:

@@ -28,7 +28,6 @@ prevent it).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -36,8 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from forgetdiag.analyses.freeze_code import code_snippets, frozen_parameters
 from forgetdiag.analyses.verdict import noise_floor
-from forgetdiag.architectures import LAYER_PATTERN
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.evaluate import encode, model_context, score
@@ -143,27 +142,50 @@ class Advice(Result):
         if not self.advised:
             return f"no freeze advised: {self.reason}"
         row = next((e for e in self.evidence if e.layer == self.freeze_layers - 1), None)
-        restored = "" if row is None or row.restored is None else f", which restores {100 * row.restored:.0f}% of the lost accuracy"
-        return (f"freeze the input embedding and the bottom {self.freeze_layers} of {self.n_layers} layers "
-                f"during the next task: reverting them{restored} "
-                f"({100 * self.accuracy_after:.1f}% -> before {100 * self.accuracy_before:.1f}%)")
+        restored = (
+            ""
+            if row is None or row.restored is None
+            else f", which restores {100 * row.restored:.0f}% of the lost accuracy"
+        )
+        return (
+            f"freeze the input embedding and the bottom {self.freeze_layers} of {self.n_layers} layers "
+            f"during the next task: reverting them{restored} "
+            f"({100 * self.accuracy_after:.1f}% -> before {100 * self.accuracy_before:.1f}%)"
+        )
 
     def body(self) -> dict:
-        return {"advised": self.advised, "freeze_layers": self.freeze_layers,
-                "freeze_embedding": self.freeze_embedding, "n_layers": self.n_layers,
-                "before": self.before, "after": self.after, "probe": self.probe,
-                "n_eval": self.n_eval, "accuracy_before": self.accuracy_before,
-                "accuracy_after": self.accuracy_after, "noise_floor": self.noise_floor,
-                "reason": self.reason, "shift_start": self.shift_start,
-                "evidence": [asdict(e) for e in self.evidence],
-                "frozen_names": list(self.frozen_names), "frozen_params": self.frozen_params,
-                "total_params": self.total_params, "code": self.code,
-                "settings": asdict(self.settings)}
+        return {
+            "advised": self.advised,
+            "freeze_layers": self.freeze_layers,
+            "freeze_embedding": self.freeze_embedding,
+            "n_layers": self.n_layers,
+            "before": self.before,
+            "after": self.after,
+            "probe": self.probe,
+            "n_eval": self.n_eval,
+            "accuracy_before": self.accuracy_before,
+            "accuracy_after": self.accuracy_after,
+            "noise_floor": self.noise_floor,
+            "reason": self.reason,
+            "shift_start": self.shift_start,
+            "evidence": [asdict(e) for e in self.evidence],
+            "frozen_names": list(self.frozen_names),
+            "frozen_params": self.frozen_params,
+            "total_params": self.total_params,
+            "code": self.code,
+            "settings": asdict(self.settings),
+        }
 
 
-def decide_freeze(*, before: float, after: float, reverted: Sequence[float], n_eval: int,
-                  n_layers: int, settings: AdviceSettings = AdviceSettings()
-                  ) -> tuple[int | None, str]:
+def decide_freeze(
+    *,
+    before: float,
+    after: float,
+    reverted: Sequence[float],
+    n_eval: int,
+    n_layers: int,
+    settings: AdviceSettings = AdviceSettings(),
+) -> tuple[int | None, str]:
     """``(layers to freeze besides the embedding, or None; reason)`` from the revert test.
 
     Args:
@@ -174,21 +196,27 @@ def decide_freeze(*, before: float, after: float, reverted: Sequence[float], n_e
     lost = before - after
     floor = noise_floor(before, after, n_eval)
     if lost <= floor:
-        return None, (f"no advice: the old task did not drop beyond noise ({before:.1%} -> "
-                      f"{after:.1%}, noise floor {floor:.1%} on {n_eval} items); nothing to prevent")
+        return None, (
+            f"no advice: the old task did not drop beyond noise ({before:.1%} -> "
+            f"{after:.1%}, noise floor {floor:.1%} on {n_eval} items); nothing to prevent"
+        )
     cap = max(0, min(len(reverted) - 1, int(settings.max_share * n_layers)))
     for depth in range(cap + 1):
         share = (reverted[depth] - after) / lost
         if share >= settings.restore_min:
             what = "the input embedding" + (f" and the bottom {depth} of {n_layers} layers" if depth else " only")
-            return depth, (f"freeze {what}: putting them back to their before weights restores "
-                           f"{share:.0%} of the lost old-task accuracy ({after:.1%} -> "
-                           f"{reverted[depth]:.1%}; before {before:.1%})")
+            return depth, (
+                f"freeze {what}: putting them back to their before weights restores "
+                f"{share:.0%} of the lost old-task accuracy ({after:.1%} -> "
+                f"{reverted[depth]:.1%}; before {before:.1%})"
+            )
     best = max(range(cap + 1), key=lambda d: reverted[d])
-    return None, (f"no advice: the forgetting is not held by the bottom layers; reverting the "
-                  f"embedding and up to {cap} layers restores at most "
-                  f"{max(0.0, (reverted[best] - after) / lost):.0%} of the lost accuracy (needs "
-                  f"{settings.restore_min:.0%}), so freezing them would not prevent it")
+    return None, (
+        f"no advice: the forgetting is not held by the bottom layers; reverting the "
+        f"embedding and up to {cap} layers restores at most "
+        f"{max(0.0, (reverted[best] - after) / lost):.0%} of the lost accuracy (needs "
+        f"{settings.restore_min:.0%}), so freezing them would not prevent it"
+    )
 
 
 def angle_evidence(records: Sequence) -> dict[int, tuple[float, float]]:
@@ -200,71 +228,22 @@ def angle_evidence(records: Sequence) -> dict[int, tuple[float, float]]:
         if r.layer is None and r.component != "embed":
             continue  # lm_head, position embeddings: not part of the freeze
         by_layer.setdefault(EMBEDDING if r.layer is None else r.layer, []).append(r)
-    return {layer: (sum(r.angle_deg for r in rs) / len(rs), sum(r.baseline_deg for r in rs) / len(rs))
-            for layer, rs in by_layer.items()}
+    return {
+        layer: (sum(r.angle_deg for r in rs) / len(rs), sum(r.baseline_deg for r in rs) / len(rs))
+        for layer, rs in by_layer.items()
+    }
 
 
-def frozen_parameters(checkpoint: Checkpoint, n: int, embed: bool) -> tuple[list[str], int]:
-    """The checkpoint's own tensor names the advice freezes, and their parameter count."""
-    names, count = [], 0
-    for name, meta in checkpoint.meta.items():
-        tensor = checkpoint.parse(name)
-        if (tensor.layer is not None and tensor.layer < n) or (embed and tensor.component == "embed"):
-            names.append(name)
-            count += math.prod(meta.shape)
-    return names, count
-
-
-def code_snippets(checkpoint: Checkpoint, n: int, embed: bool) -> dict[str, str]:
-    """Ready-to-paste code: a requires_grad_(False) loop, the PEFT and Trainer equivalents.
-
-    Layers are matched by their parsed index; the comment lists the checkpoint's own names.
-    Each snippet runs on its own given ``model`` (the Trainer one also ``training_args`` and
-    ``train_dataset``, the user's as before).
-    """
-    layer_names = [k for k in checkpoint.meta if checkpoint.parse(k).layer == 0]
-    container = layer_names[0].split(".0.")[0].rpartition(".")[2] if layer_names else "layers"
-    loop = _freeze_loop(checkpoint, layer_names, n, embed)
-    n_layers = checkpoint.n_layers or 0
-    modules = list(dict.fromkeys(k.rpartition(".")[0].rpartition(".")[2] for k in layer_names
-                                 if checkpoint.parse(k).is_matrix_weight))
-    peft = ("from peft import LoraConfig, get_peft_model\n\n"
-            "# adapters on the upper layers only; the base model (the embedding and\n"
-            f"# the bottom {n} layers with it) stays frozen under LoRA\n"
-            f"config = LoraConfig(\n    r=16, lora_alpha=32,\n    target_modules={json.dumps(modules)},\n"
-            f"    layers_to_transform=list(range({n}, {n_layers})),\n"
-            f"    layers_pattern=\"{container}\",\n)\nmodel = get_peft_model(model, config)\n")
-    # Trainer has no freeze option; its create_optimizer() takes only the parameters with
-    # requires_grad, so freezing before it is built is the Trainer setting
-    trainer = ("import re\n\nfrom transformers import Trainer\n\n" + loop
-               + "\n# Trainer.create_optimizer() hands the optimizer only the parameters that still\n"
-               "# require gradients: the frozen ones get no updates and no optimizer state\n"
-               "# (training_args, train_dataset: your TrainingArguments and dataset, as before)\n"
-               "trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset)\n"
-               "trainer.train()\n")
-    return {"torch": "import re\n\n" + loop, "peft": peft, "trainer": trainer}
-
-
-def _freeze_loop(checkpoint: Checkpoint, layer_names: list[str], n: int, embed: bool) -> str:
-    """The requires_grad_(False) loop over parsed layer indices (needs ``import re``)."""
-    pattern = LAYER_PATTERN.pattern.split("(.+)")[0].replace("(?:^|\\.)", "\\.")
-    embed_names = [k for k in checkpoint.meta if checkpoint.parse(k).component == "embed"]
-    shown = (embed_names[:1] if embed else []) + [
-        f"{layer_names[0].split('.0.')[0]}.{k}.*" for k in range(n)] if layer_names else embed_names[:1]
-    what = " and the input embedding" if embed else ""
-    return (f"FREEZE_LAYERS = {n}  # bottom layers{what} (forgetdiag advise)\n"
-            f"# freezes {', '.join(shown)}\n"
-            "# the layer index is parsed: \"layers.1.\" never matches layer 10\n"
-            f"LAYER = re.compile(r\"{pattern}\")\n\n"
-            + ("model.get_input_embeddings().requires_grad_(False)\n" if embed else "")
-            + "for name, param in model.named_parameters():\n"
-            "    match = LAYER.search(name)\n"
-            "    if match and int(match.group(1)) < FREEZE_LAYERS:\n"
-            "        param.requires_grad_(False)\n")
-
-
-def revert_series(before: Checkpoint, after: Checkpoint, encoded, *, pad_id: int, depths: int,
-                  runtime: Runtime = Runtime(), progress: ProgressFn | None = None):
+def revert_series(
+    before: Checkpoint,
+    after: Checkpoint,
+    encoded,
+    *,
+    pad_id: int,
+    depths: int,
+    runtime: Runtime = Runtime(),
+    progress: ProgressFn | None = None,
+):
     """Old-task scores of ``before``, ``after`` and of ``after`` with the input embedding and
     its bottom d layers set to the before weights, d = 0 .. ``depths``.
 
@@ -277,8 +256,7 @@ def revert_series(before: Checkpoint, after: Checkpoint, encoded, *, pad_id: int
     from forgetdiag.analyses.plane import parameter_targets
 
     load = lambda c: load_model(c, runtime)
-    run = lambda m: score(m, encoded, pad_id=pad_id, batch_size=runtime.batch_size,
-                          progress=progress)
+    run = lambda m: score(m, encoded, pad_id=pad_id, batch_size=runtime.batch_size, progress=progress)
     before_scores = run(load(before))
     model = load(after)
     after_scores = run(model)
@@ -299,9 +277,15 @@ def revert_series(before: Checkpoint, after: Checkpoint, encoded, *, pad_id: int
     return before_scores, after_scores, series
 
 
-def advise(spec: RunSpec, old: Probe, *, settings: AdviceSettings = AdviceSettings(),
-           runtime: Runtime = Runtime(), progress: ProgressFn | None = None,
-           warn: Warn | None = None) -> Advice:
+def advise(
+    spec: RunSpec,
+    old: Probe,
+    *,
+    settings: AdviceSettings = AdviceSettings(),
+    runtime: Runtime = Runtime(),
+    progress: ProgressFn | None = None,
+    warn: Warn | None = None,
+) -> Advice:
     """How many bottom layers and whether the input embedding to freeze during the next task.
 
     Args:
@@ -321,34 +305,44 @@ def advise(spec: RunSpec, old: Probe, *, settings: AdviceSettings = AdviceSettin
         >>> a.freeze_layers, a.code["torch"]  # doctest: +SKIP
     """
     if spec.before is None or spec.after is None:
-        raise ForgetdiagError(f"{spec.path}: advise needs a before and an after checkpoint "
-                              "([checkpoints] before/after in the run file, or --before/--after)")
+        raise ForgetdiagError(
+            f"{spec.path}: advise needs a before and an after checkpoint "
+            "([checkpoints] before/after in the run file, or --before/--after)"
+        )
     before = resolve_checkpoints(spec.before, runtime, single="the before checkpoint")
     after = resolve_checkpoints(spec.after, runtime, single="the after checkpoint")
     check_sequence([before, after])
     n_layers = before.n_layers or 0
     if n_layers < 1:
-        raise ForgetdiagError(f"{before.path}: no decoder layers found (config num_hidden_layers); "
-                              "expected a transformer checkpoint")
+        raise ForgetdiagError(
+            f"{before.path}: no decoder layers found (config num_hidden_layers); expected a transformer checkpoint"
+        )
     timings, notes = Timings(), []
     tokenizer = shared_tokenizer([before, after], runtime)
-    evaluation = old if len(old) <= settings.eval_items else split_probe(
-        old, n_recovery=0, n_eval=settings.eval_items, seed=settings.seed)[1]
-    encoded = encode(tokenizer, evaluation, max_length=model_context(before.config),
-                     truncate=runtime.truncate_prompts, warn=warn)
+    evaluation = (
+        old
+        if len(old) <= settings.eval_items
+        else split_probe(old, n_recovery=0, n_eval=settings.eval_items, seed=settings.seed)[1]
+    )
+    encoded = encode(
+        tokenizer, evaluation, max_length=model_context(before.config), truncate=runtime.truncate_prompts, warn=warn
+    )
     cap = max(0, int(settings.max_share * n_layers))
     with runtime.threads_for(before.n_params), timings.phase("revert"):
-        b, a, series = revert_series(before, after, encoded, pad_id=tokenizer.pad_token_id,
-                                     depths=cap, runtime=runtime, progress=progress)
+        b, a, series = revert_series(
+            before, after, encoded, pad_id=tokenizer.pad_token_id, depths=cap, runtime=runtime, progress=progress
+        )
     reverted = [s.exact_match for s in series]
-    depth, reason = decide_freeze(before=b.exact_match, after=a.exact_match, reverted=reverted,
-                                  n_eval=b.n, n_layers=n_layers, settings=settings)
+    depth, reason = decide_freeze(
+        before=b.exact_match, after=a.exact_match, reverted=reverted, n_eval=b.n, n_layers=n_layers, settings=settings
+    )
     lost = b.exact_match - a.exact_match
     rows = {EMBEDDING: LayerEvidence(EMBEDDING)} | {k: LayerEvidence(k) for k in range(n_layers)}
     for d, s in enumerate(series):
         restored = (s.exact_match - a.exact_match) / lost if lost > 0 else None
-        rows[d - 1] = replace(rows[d - 1], reverted_accuracy=s.exact_match, reverted_loss=s.answer_loss,
-                              restored=restored)
+        rows[d - 1] = replace(
+            rows[d - 1], reverted_accuracy=s.exact_match, reverted_loss=s.answer_loss, restored=restored
+        )
     shift_start = None
     if "angles" not in settings.skip:
         run = resolve_checkpoints(spec.run, runtime) if spec.run is not None else []
@@ -359,37 +353,66 @@ def advise(spec: RunSpec, old: Probe, *, settings: AdviceSettings = AdviceSettin
             from forgetdiag.analyses.angles import AngleSettings, compute_angles
 
             with timings.phase("angles"):
-                angles = compute_angles(triple, settings=AngleSettings(rank=settings.rank),
-                                        runtime=runtime, progress=progress)
+                angles = compute_angles(
+                    triple, settings=AngleSettings(rank=settings.rank), runtime=runtime, progress=progress
+                )
             for layer, (angle, baseline) in angle_evidence(angles.records).items():
                 if layer in rows:
-                    rows[layer] = replace(rows[layer], angle_deg=angle, baseline_deg=baseline,
-                                          departure=angle / baseline if baseline > 0 else None)
+                    rows[layer] = replace(
+                        rows[layer],
+                        angle_deg=angle,
+                        baseline_deg=baseline,
+                        departure=angle / baseline if baseline > 0 else None,
+                    )
     if "features" not in settings.skip:
         from forgetdiag.analyses.features import FeatureSettings, feature_shifts
 
         feature_start = time.perf_counter()
-        prompts = old if len(old) <= settings.feature_items else split_probe(
-            old, n_recovery=0, n_eval=settings.feature_items, seed=settings.seed)[1]
-        shifts = feature_shifts([before, after], prompts, settings=FeatureSettings(seed=settings.seed),
-                                runtime=runtime, progress=progress, warn=warn).pairs[0]
+        prompts = (
+            old
+            if len(old) <= settings.feature_items
+            else split_probe(old, n_recovery=0, n_eval=settings.feature_items, seed=settings.seed)[1]
+        )
+        shifts = feature_shifts(
+            [before, after],
+            prompts,
+            settings=FeatureSettings(seed=settings.seed),
+            runtime=runtime,
+            progress=progress,
+            warn=warn,
+        ).pairs[0]
         shift_start = shifts.shift_start
         for s in shifts.layers:  # hidden index l > 0 is the output of decoder layer l - 1
             if s.layer - 1 in rows:
                 rows[s.layer - 1] = replace(
-                    rows[s.layer - 1], pc_shift_deg=None if math.isnan(s.pc_shift_deg) else s.pc_shift_deg,
-                    cka=None if math.isnan(s.cka) else s.cka)
+                    rows[s.layer - 1],
+                    pc_shift_deg=None if math.isnan(s.pc_shift_deg) else s.pc_shift_deg,
+                    cka=None if math.isnan(s.cka) else s.cka,
+                )
         timings["features"] = time.perf_counter() - feature_start
     if depth is not None:
         rows = {k: replace(e, frozen=k < depth) for k, e in rows.items()}
     evidence = tuple(rows[k] for k in sorted(rows))
-    common = dict(n_layers=n_layers, before=before.label, after=after.label, probe=old.name,
-                  n_eval=b.n, accuracy_before=b.exact_match, accuracy_after=a.exact_match,
-                  noise_floor=noise_floor(b.exact_match, a.exact_match, b.n), evidence=evidence,
-                  reason=reason, shift_start=shift_start, total_params=before.n_params,
-                  settings=settings, warnings=tuple(notes), timings=dict(timings))
+    common = dict(
+        n_layers=n_layers,
+        before=before.label,
+        after=after.label,
+        probe=old.name,
+        n_eval=b.n,
+        accuracy_before=b.exact_match,
+        accuracy_after=a.exact_match,
+        noise_floor=noise_floor(b.exact_match, a.exact_match, b.n),
+        evidence=evidence,
+        reason=reason,
+        shift_start=shift_start,
+        total_params=before.n_params,
+        settings=settings,
+        warnings=tuple(notes),
+        timings=dict(timings),
+    )
     if depth is None:
         return Advice(None, False, **common)
     names, count = frozen_parameters(after, depth, True)
-    return Advice(depth, True, frozen_names=tuple(names), frozen_params=count,
-                  code=code_snippets(after, depth, True), **common)
+    return Advice(
+        depth, True, frozen_names=tuple(names), frozen_params=count, code=code_snippets(after, depth, True), **common
+    )

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from forgetdiag.errors import ForgetdiagError
 
 _UPDATE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-SYNTAX = ("pairs are written A:B, comma-separated, where an update is i-j (C[j] - C[i]) or k "
-          "(C[k+1] - C[k]); e.g. 0-1:1-2 or 0:1,1:2")
+SYNTAX = (
+    "pairs are written A:B, comma-separated, where an update is i-j (C[j] - C[i]) or k "
+    "(C[k+1] - C[k]); e.g. 0-1:1-2 or 0:1,1:2"
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -52,8 +54,9 @@ def consecutive_pairs(n_checkpoints: int) -> list[PairSpec]:
     return [PairSpec(Update(k, k + 1), Update(k + 1, k + 2)) for k in range(n_checkpoints - 2)]
 
 
-def parse_pairs(spec: str | Sequence[PairSpec] | None, n_checkpoints: int, *,
-                labels: Sequence[str] = ()) -> list[PairSpec]:
+def parse_pairs(
+    spec: str | Sequence[PairSpec] | None, n_checkpoints: int, *, labels: Sequence[str] = ()
+) -> list[PairSpec]:
     """The pairs of updates to compare, checked against the number of checkpoints.
 
     Args:
@@ -73,7 +76,8 @@ def parse_pairs(spec: str | Sequence[PairSpec] | None, n_checkpoints: int, *,
     if n_checkpoints < 3:
         raise ForgetdiagError(
             f"angles compares two updates, so it needs at least 3 checkpoints (C0 C1 C2 give the "
-            f"consecutive updates C1 - C0 and C2 - C1); found {n_checkpoints}: {found}")
+            f"consecutive updates C1 - C0 and C2 - C1); found {n_checkpoints}: {found}"
+        )
     if spec is None:
         return consecutive_pairs(n_checkpoints)
     pairs = [_parse_pair(text) for text in spec.split(",")] if isinstance(spec, str) else list(spec)
@@ -84,10 +88,12 @@ def parse_pairs(spec: str | Sequence[PairSpec] | None, n_checkpoints: int, *,
             if not 0 <= update.i < update.j < n_checkpoints:
                 raise ForgetdiagError(
                     f"--compare {pair.label}: update {update.label} needs 0 <= i < j <= "
-                    f"{n_checkpoints - 1} (checkpoints are numbered 0..{n_checkpoints - 1}: {found})")
+                    f"{n_checkpoints - 1} (checkpoints are numbered 0..{n_checkpoints - 1}: {found})"
+                )
         if pair.a == pair.b:
-            raise ForgetdiagError(f"--compare {pair.label} compares update {pair.a.label} with itself; "
-                                  "expected two different updates")
+            raise ForgetdiagError(
+                f"--compare {pair.label} compares update {pair.a.label} with itself; expected two different updates"
+            )
     return list(dict.fromkeys(pairs))
 
 
@@ -101,7 +107,6 @@ def _parse_pair(text: str) -> PairSpec:
 def _parse_update(text: str, pair: str) -> Update:
     match = _UPDATE.match(text)
     if match is None:
-        raise ForgetdiagError(f"--compare: cannot read update {text.strip()!r} in {pair.strip()!r}; "
-                              f"{SYNTAX}")
+        raise ForgetdiagError(f"--compare: cannot read update {text.strip()!r} in {pair.strip()!r}; {SYNTAX}")
     i = int(match.group(1))
     return Update(i, int(match.group(2)) if match.group(2) is not None else i + 1)

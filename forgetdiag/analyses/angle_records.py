@@ -71,9 +71,9 @@ class AngleRecord:
         return out
 
 
-
-def angle_record(part: MatrixPart, pair: PairSpec, a: tuple[Basis | None, float],
-                 b: tuple[Basis | None, float], d: int) -> AngleRecord:
+def angle_record(
+    part: MatrixPart, pair: PairSpec, a: tuple[Basis | None, float], b: tuple[Basis | None, float], d: int
+) -> AngleRecord:
     """The record of ``part`` for ``pair``.
 
     Args:
@@ -86,35 +86,63 @@ def angle_record(part: MatrixPart, pair: PairSpec, a: tuple[Basis | None, float]
         An :class:`AngleRecord`; all angles None unless both updates exist.
     """
     (basis_a, norm_a), (basis_b, norm_b) = a, b
-    common = dict(pair=pair.label, update_a=pair.a.label, update_b=pair.b.label,
-                  param=part.tensor.name, part=part.part, layer=part.layer,
-                  component=part.component, d=d, norm_a=norm_a, norm_b=norm_b)
+    common = dict(
+        pair=pair.label,
+        update_a=pair.a.label,
+        update_b=pair.b.label,
+        param=part.tensor.name,
+        part=part.part,
+        layer=part.layer,
+        component=part.component,
+        d=d,
+        norm_a=norm_a,
+        norm_b=norm_b,
+    )
     if basis_a is None or basis_b is None:
-        status = ("no_update" if basis_a is None and basis_b is None
-                  else "no_update_a" if basis_a is None else "no_update_b")
-        return AngleRecord(**common, status=status,
-                           rank_a=basis_a.rank if basis_a else None,
-                           rank_b=basis_b.rank if basis_b else None,
-                           method_a=basis_a.method if basis_a else None,
-                           method_b=basis_b.method if basis_b else None,
-                           energy_a=basis_a.energy if basis_a else None,
-                           energy_b=basis_b.energy if basis_b else None,
-                           angle_deg=None, baseline_deg=None, direction=None, direction_deg=None,
-                           principal_deg=None, principal_mean_deg=None,
-                           principal_baseline_deg=None, principal_baseline_mean_deg=None)
+        status = (
+            "no_update" if basis_a is None and basis_b is None else "no_update_a" if basis_a is None else "no_update_b"
+        )
+        return AngleRecord(
+            **common,
+            status=status,
+            rank_a=basis_a.rank if basis_a else None,
+            rank_b=basis_b.rank if basis_b else None,
+            method_a=basis_a.method if basis_a else None,
+            method_b=basis_b.method if basis_b else None,
+            energy_a=basis_a.energy if basis_a else None,
+            energy_b=basis_b.energy if basis_b else None,
+            angle_deg=None,
+            baseline_deg=None,
+            direction=None,
+            direction_deg=None,
+            principal_deg=None,
+            principal_mean_deg=None,
+            principal_baseline_deg=None,
+            principal_baseline_mean_deg=None,
+        )
     ra, rb = basis_a.rank, basis_b.rank
     directions = direction_angles(basis_a.q, basis_b.q).cpu()  # (rb,) B's directions to span(A)
     principal = principal_angles(basis_a.q, basis_b.q).cpu()  # (min(ra, rb),)
     null = baseline_principal_angles(ra, rb, d, samples=baseline_samples(min(ra, rb)))
     stats = summarize(directions)
     return AngleRecord(
-        **common, status="ok", rank_a=ra, rank_b=rb, method_a=basis_a.method,
-        method_b=basis_b.method, energy_a=basis_a.energy,
-        energy_b=basis_b.energy, angle_deg=stats["mean"],
-        baseline_deg=baseline_direction_angle(ra, d), direction=stats,
-        direction_deg=tuple(directions.tolist()), principal_deg=tuple(principal.tolist()),
-        principal_mean_deg=float(principal.mean()), principal_baseline_deg=tuple(null.tolist()),
-        principal_baseline_mean_deg=float(null.mean()))
+        **common,
+        status="ok",
+        rank_a=ra,
+        rank_b=rb,
+        method_a=basis_a.method,
+        method_b=basis_b.method,
+        energy_a=basis_a.energy,
+        energy_b=basis_b.energy,
+        angle_deg=stats["mean"],
+        baseline_deg=baseline_direction_angle(ra, d),
+        direction=stats,
+        direction_deg=tuple(directions.tolist()),
+        principal_deg=tuple(principal.tolist()),
+        principal_mean_deg=float(principal.mean()),
+        principal_baseline_deg=tuple(null.tolist()),
+        principal_baseline_mean_deg=float(null.mean()),
+    )
 
 
 def baseline_samples(k: int) -> int:

@@ -76,8 +76,10 @@ class AngleSettings:
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.energy is not None:
-            raise ForgetdiagError("give --rank or --energy, not both (rank: fixed top-k, "
-                                  "randomized SVD; energy: the paper's share of ||dW||^2, exact SVD)")
+            raise ForgetdiagError(
+                "give --rank or --energy, not both (rank: fixed top-k, "
+                "randomized SVD; energy: the paper's share of ||dW||^2, exact SVD)"
+            )
         if self.compare is not None and not isinstance(self.compare, str):
             raise ForgetdiagError(f"--compare {self.compare!r}: expected text such as 0-1:1-2")
         check_number("--rank", self.rank, low=1, integer=True, optional=True)
@@ -133,30 +135,47 @@ class AnglesResult(Result):
             mean = sum(r.angle_deg for r in ok) / len(ok)
             null = sum(r.baseline_deg for r in ok) / len(ok)
             far = sum(r.gap_deg > self.settings.far_deg for r in ok)
-            parts.append(f"{pair.label}: mean angle {mean:.1f} deg over {len(ok)} matrices against "
-                         f"{null:.1f} deg for unrelated subspaces; {far} sit more than "
-                         f"{self.settings.far_deg:g} deg below it")
+            parts.append(
+                f"{pair.label}: mean angle {mean:.1f} deg over {len(ok)} matrices against "
+                f"{null:.1f} deg for unrelated subspaces; {far} sit more than "
+                f"{self.settings.far_deg:g} deg below it"
+            )
         return "; ".join(parts)
 
     def body(self) -> dict:
         updates = sorted({u for p in self.pairs for u in (p.a, p.b)})
         return {
-            "checkpoints": [{"index": k, "label": label, "path": path}
-                            for k, (label, path) in enumerate(zip(self.checkpoints, self.paths))],
-            "architecture": self.architecture, "family": self.family,
-            "n_layers": self.n_layers, "hidden_size": self.hidden_size,
-            "updates": [{"update": u.label, "from": self.checkpoints[u.i], "to": self.checkpoints[u.j]}
-                        for u in updates],
+            "checkpoints": [
+                {"index": k, "label": label, "path": path}
+                for k, (label, path) in enumerate(zip(self.checkpoints, self.paths))
+            ],
+            "architecture": self.architecture,
+            "family": self.family,
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "updates": [
+                {"update": u.label, "from": self.checkpoints[u.i], "to": self.checkpoints[u.j]} for u in updates
+            ],
             "pairs": [{"pair": p.label, "a": p.a.label, "b": p.b.label} for p in self.pairs],
-            "settings": {**asdict(self.settings), "mode": self.settings.mode,
-                         "rank": self.settings.top_k, "device": self.device, "workers": self.workers},
+            "settings": {
+                **asdict(self.settings),
+                "mode": self.settings.mode,
+                "rank": self.settings.top_k,
+                "device": self.device,
+                "workers": self.workers,
+            },
             "records": [r.to_dict() for r in self.records],
         }
 
 
-def compute_angles(checkpoints: Sequence[str | Path | Checkpoint] | str | Path, *,
-                   settings: AngleSettings = AngleSettings(), runtime: Runtime = Runtime(),
-                   progress: ProgressFn | None = None, warn: Warn | None = None) -> AnglesResult:
+def compute_angles(
+    checkpoints: Sequence[str | Path | Checkpoint] | str | Path,
+    *,
+    settings: AngleSettings = AngleSettings(),
+    runtime: Runtime = Runtime(),
+    progress: ProgressFn | None = None,
+    warn: Warn | None = None,
+) -> AnglesResult:
     """Subspace angles between weight updates of one run, per layer and component.
 
     Args:
@@ -191,11 +210,20 @@ def compute_angles(checkpoints: Sequence[str | Path | Checkpoint] | str | Path, 
         records = _run(found, specs, targets, check, settings, torch_device, pool_size, progress)
     first = found[0]
     return AnglesResult(
-        checkpoints=tuple(c.label for c in found), paths=tuple(str(c.path) for c in found),
-        architecture=first.architecture, family=first.family.name, n_layers=first.n_layers,
-        hidden_size=first.hidden_size, pairs=tuple(specs), settings=settings,
-        device=str(torch_device), workers=pool_size * (threads or 1), records=tuple(records),
-        warnings=tuple(check.notes) + tuple(notes), timings=dict(timings))
+        checkpoints=tuple(c.label for c in found),
+        paths=tuple(str(c.path) for c in found),
+        architecture=first.architecture,
+        family=first.family.name,
+        n_layers=first.n_layers,
+        hidden_size=first.hidden_size,
+        pairs=tuple(specs),
+        settings=settings,
+        device=str(torch_device),
+        workers=pool_size * (threads or 1),
+        records=tuple(records),
+        warnings=tuple(check.notes) + tuple(notes),
+        timings=dict(timings),
+    )
 
 
 def plan_threads(workers: int | None, device: torch.device) -> tuple[int, int | None]:
@@ -215,8 +243,10 @@ def plan_threads(workers: int | None, device: torch.device) -> tuple[int, int | 
     return (workers or cores or 1), 1
 
 
-def comparable_parts(checkpoint: Checkpoint, check: SequenceCheck,
-                     ) -> tuple[list[tuple[str, list[MatrixPart], tuple[int, ...]]], list[str]]:
+def comparable_parts(
+    checkpoint: Checkpoint,
+    check: SequenceCheck,
+) -> tuple[list[tuple[str, list[MatrixPart], tuple[int, ...]]], list[str]]:
     """The weight matrices to compare, per stored tensor, in forward-pass order.
 
     Embeddings and lm_head are included, lm_head only when not tied to the input embedding.
@@ -235,19 +265,21 @@ def comparable_parts(checkpoint: Checkpoint, check: SequenceCheck,
         if name in check.rows:
             shape = (check.rows[name], *shape[1:])
         if tensor.component == "lm_head" and checkpoint.tied_embeddings and tensor.kind == "weight":
-            notes.append(f"{name} is tied to the input embedding (tie_word_embeddings): "
-                         "reported once, as embed")
+            notes.append(f"{name} is tied to the input embedding (tie_word_embeddings): reported once, as embed")
             continue
         try:
             parts = matrix_parts(tensor, shape, checkpoint.config, guess=guess)
         except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{name}: cannot split into its parts ({exc}); "
-                                  "expected the layout its config describes") from None
+            raise CheckpointError(
+                f"{name}: cannot split into its parts ({exc}); expected the layout its config describes"
+            ) from None
         if parts:
             found.append((name, parts, shape))
     if not found:
-        raise CheckpointError(f"{checkpoint.label}: no weight matrix recognised (family "
-                              f"{checkpoint.family.name}); run 'forgetdiag inspect' to see what is read")
+        raise CheckpointError(
+            f"{checkpoint.label}: no weight matrix recognised (family "
+            f"{checkpoint.family.name}); run 'forgetdiag inspect' to see what is read"
+        )
     found.sort(key=lambda item: _forward_key(item[1][0]))
     return found, notes
 
@@ -264,8 +296,9 @@ def _run(checkpoints, specs, targets, check, settings, device, pool_size, progre
     parts_of = {name: parts for name, parts, _ in targets}
     shapes = {name: shape for name, _, shape in targets}
     total = sum(len(parts) for parts in parts_of.values())
-    stream = stream_updates(checkpoints, [(u.i, u.j) for u in updates], list(parts_of),
-                            check=check, dtype=torch.float32, device=device)
+    stream = stream_updates(
+        checkpoints, [(u.i, u.j) for u in updates], list(parts_of), check=check, dtype=torch.float32, device=device
+    )
     records: list[AngleRecord] = []
     pending: deque[Future] = deque()
 
@@ -279,8 +312,7 @@ def _run(checkpoints, specs, targets, check, settings, device, pool_size, progre
             for tensor, deltas in stream:
                 by_update = {u: deltas[(u.i, u.j)] for u in updates}
                 for part in parts_of[tensor.name]:
-                    pending.append(pool.submit(part_records, part, shapes[tensor.name], by_update,
-                                               specs, settings))
+                    pending.append(pool.submit(part_records, part, shapes[tensor.name], by_update, specs, settings))
                 del deltas, by_update  # the jobs hold what they need
                 while len(pending) > 2 * pool_size:  # bounds the updates held in memory
                     collect_oldest()
@@ -293,8 +325,13 @@ def _run(checkpoints, specs, targets, check, settings, device, pool_size, progre
     return records
 
 
-def part_records(part: MatrixPart, shape: tuple[int, ...], deltas: dict[Update, torch.Tensor | None],
-                 pairs: Sequence[PairSpec], settings: AngleSettings) -> list[AngleRecord]:
+def part_records(
+    part: MatrixPart,
+    shape: tuple[int, ...],
+    deltas: dict[Update, torch.Tensor | None],
+    pairs: Sequence[PairSpec],
+    settings: AngleSettings,
+) -> list[AngleRecord]:
     """The records of one matrix part for every pair.
 
     Args:
@@ -331,8 +368,9 @@ def update_seed(seed: int, update: Update) -> int:
     return seed + 1_000_003 * update.i + update.j
 
 
-def update_basis_of(delta: torch.Tensor | None, name: str, settings: AngleSettings, *,
-                    seed: int = 0) -> tuple[Basis | None, float]:
+def update_basis_of(
+    delta: torch.Tensor | None, name: str, settings: AngleSettings, *, seed: int = 0
+) -> tuple[Basis | None, float]:
     """(basis or None for "no update", Frobenius norm) of one oriented update (d, n).
 
     Args:
@@ -353,9 +391,15 @@ def update_basis_of(delta: torch.Tensor | None, name: str, settings: AngleSettin
         delta = (delta - mean) / std
     k = settings.top_k
     try:
-        basis = update_basis(delta, rank=k, energy=settings.energy, rtol=settings.rtol,
-                             seed=seed, niter=settings.niter,
-                             oversample=None if k is None else (settings.oversample or k))
+        basis = update_basis(
+            delta,
+            rank=k,
+            energy=settings.energy,
+            rtol=settings.rtol,
+            seed=seed,
+            niter=settings.niter,
+            oversample=None if k is None else (settings.oversample or k),
+        )
     except ValueError as exc:
         raise CheckpointError(f"update of {name}: {exc}") from None
     return basis, norm

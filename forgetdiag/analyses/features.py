@@ -17,19 +17,25 @@ float64 on the CPU whatever the model's device and dtype.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
-import numpy as np
 import torch
 
 from forgetdiag import linalg
-from forgetdiag.analyses.hidden import decoder_layers, encode_prompts, extract_features  # noqa: F401
+from forgetdiag.analyses.feature_stats import (
+    LayerShift,
+    Projection,
+    check_k,
+    compare_layer,
+    project,
+    summarise_layer,
+)
+from forgetdiag.analyses.hidden import encode_prompts, extract_features
 from forgetdiag.checkpoints import resolve_checkpoints
-from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
+from forgetdiag.errors import CheckpointError, ForgetdiagError
 from forgetdiag.evaluate import Encoded, model_context
 from forgetdiag.models import load_model, shared_tokenizer
 from forgetdiag.probes import Probe, with_chat_template
@@ -40,9 +46,6 @@ from forgetdiag.streaming import check_sequence
 from forgetdiag.validate import check_choice, check_number, check_seed, choices
 
 Method = Literal["hooks", "output_hidden_states"]
-# A principal direction whose standard deviation is below this share of the mean feature norm
-# is float32 rounding, not structure (features are stored in float32: ~6e-8 relative error).
-RANK_RTOL = 1e-5
 TIE = 0.9  # PC2 holding >= 90% of PC1's variance: PC1 alone is ill-defined (a note says so)
 
 
@@ -89,47 +92,6 @@ class FeatureSettings:
 
 
 @dataclass(frozen=True)
-class LayerShift:
-    """One hidden-state index of one checkpoint pair. Angles in degrees; NaN where undefined
-    (a layer whose features do not vary across prompts has no PCs; a zero shift no direction)."""
-
-    layer: int  # 0 = embedding output
-    k: int  # PCs compared: min(k, rank before, rank after)
-    pc_angles_deg: tuple[float, ...]  # (k,) matching PCs, 0..90
-    subspace_angles_deg: tuple[float, ...]  # (k,) principal angles, ascending
-    mean_shift_norm: float
-    mean_shift_rel: float  # ||mean after - mean before|| / mean_i ||before_i||
-    mean_shift_pc1_angle_deg: float  # 0..90
-    mean_shift_subspace_angle_deg: float  # to the before top-k subspace, 0..90
-    cka: float
-    rank_before: int
-    rank_after: int
-    explained_before: tuple[float, ...]  # (k,) variance shares of the top PCs
-    explained_after: tuple[float, ...]
-    shift_vs_previous_deg: float = math.nan  # 0..180 to the previous chained pair's shift
-
-    @property
-    def pc1_angle_deg(self) -> float:
-        return self.pc_angles_deg[0] if self.pc_angles_deg else math.nan
-
-    @property
-    def pc_shift_deg(self) -> float:
-        """Mean principal angle between the top-k PC subspaces: the PC shift of the rule."""
-        angles = self.subspace_angles_deg
-        return sum(angles) / len(angles) if angles else math.nan
-
-
-@dataclass(frozen=True)
-class Projection:
-    """Before/after points on (before PC1, mean-shift direction made orthogonal to PC1)."""
-
-    layer: int
-    y_axis: str  # "mean shift" or "before PC2" when the shift is (nearly) along PC1 or zero
-    before: np.ndarray  # (m, 2)
-    after: np.ndarray  # (m, 2)
-
-
-@dataclass(frozen=True)
 class PairShift:
     """Every layer of one (before, after) pair and where the shift starts."""
 
@@ -162,103 +124,51 @@ class FeaturesResult(Result):
         rows = []
         for p, pair in enumerate(self.pairs):
             for s in pair.layers:
-                rows.append({"pair": p, "before": pair.before, "after": pair.after, **asdict(s),
-                             "pc1_angle_deg": s.pc1_angle_deg, "pc_shift_deg": s.pc_shift_deg,
-                             "shift_start": s.layer == pair.shift_start})
+                rows.append(
+                    {
+                        "pair": p,
+                        "before": pair.before,
+                        "after": pair.after,
+                        **asdict(s),
+                        "pc1_angle_deg": s.pc1_angle_deg,
+                        "pc_shift_deg": s.pc_shift_deg,
+                        "shift_start": s.layer == pair.shift_start,
+                    }
+                )
         return rows
 
     def summary(self) -> str:
         return "; ".join(summary_text(self, p) for p in self.pairs)
 
     def body(self) -> dict:
-        return {"checkpoints": list(self.checkpoints), "probe": self.probe,
-                "n_prompts": self.n_prompts, "n_layers": self.n_layers,
-                "hidden_size": self.hidden_size, "settings": asdict(self.settings),
-                "pairs": [{"before": p.before, "after": p.after, "shift_start": p.shift_start,
-                           "summary": summary_text(self, p)} for p in self.pairs],
-                "records": self.records()}
+        return {
+            "checkpoints": list(self.checkpoints),
+            "probe": self.probe,
+            "n_prompts": self.n_prompts,
+            "n_layers": self.n_layers,
+            "hidden_size": self.hidden_size,
+            "settings": asdict(self.settings),
+            "pairs": [
+                {"before": p.before, "after": p.after, "shift_start": p.shift_start, "summary": summary_text(self, p)}
+                for p in self.pairs
+            ],
+            "records": self.records(),
+        }
 
 
 def summary_text(result: FeaturesResult, pair: PairShift) -> str:
     """Where the shift of one pair starts, in words, with the numbers behind it."""
     s = result.settings
-    rule = (f"top-{s.k} PC subspace turns >= {s.pc_shift_min:g} deg or CKA drops >= "
-            f"{s.cka_drop_min:g}")
+    rule = f"top-{s.k} PC subspace turns >= {s.pc_shift_min:g} deg or CKA drops >= {s.cka_drop_min:g}"
     if pair.shift_start is None:
         return f"{pair.before} -> {pair.after}: no layer shifts ({rule} nowhere)"
     at = pair.layers[pair.shift_start]
     where = "the embedding output" if at.layer == 0 else f"layer {at.layer} of {result.n_layers}"
-    return (f"{pair.before} -> {pair.after}: shifts start at {where} (PC subspace "
-            f"{at.pc_shift_deg:.1f} deg, PC1 {at.pc1_angle_deg:.1f} deg, CKA {at.cka:.3f}, mean "
-            f"shift {at.mean_shift_rel:.3f} of the feature norm; rule: {rule})")
-
-
-# ---------------------------------------------------------------------------- per-layer numbers
-
-@dataclass(frozen=True)
-class LayerPCA:
-    """What one checkpoint's features at one layer contribute to every pair (float64)."""
-
-    mean: torch.Tensor  # (d,)
-    components: torch.Tensor  # (k, d) unit rows, the top PCs
-    explained: torch.Tensor  # (k,) variance shares
-    rank: int  # principal directions above RANK_RTOL (0: features constant across prompts)
-    mean_norm: float  # mean_i ||x_i||
-
-
-def summarise_layer(x: torch.Tensor, *, k: int) -> LayerPCA:
-    """Exact PCA of one layer's features x (n, d), keeping the top k PCs and the rank."""
-    x = x.to(torch.float64)
-    mean_norm = float(torch.linalg.vector_norm(x, dim=1).mean())
-    try:
-        mean, components, variance = linalg.pca(x)  # all min(n - 1, d) directions
-    except ValueError as exc:
-        raise ProbeError(f"PCA of the features failed: {exc}") from None
-    total = float(variance.sum())
-    rank = int((variance.sqrt() > RANK_RTOL * mean_norm).sum()) if mean_norm > 0 else 0
-    k = min(k, components.shape[0])
-    shares = variance[:k] / total if total > 0 else torch.zeros(k, dtype=torch.float64)
-    return LayerPCA(mean, components[:k].clone(), shares, rank, mean_norm)
-
-
-def compare_layer(layer: int, xb: torch.Tensor, xa: torch.Tensor, pb: LayerPCA,
-                  pa: LayerPCA, *, k: int) -> LayerShift:
-    """The shift of one layer from before (xb, pb) to after (xa, pa); xb, xa are (n, d)."""
-    k = min(k, pb.rank, pa.rank)
-    qb, qa = pb.components[:k].mT, pa.components[:k].mT  # (d, k) orthonormal columns
-    pc_angles = tuple(linalg.axis_angle(qb[:, i], qa[:, i]) for i in range(k))
-    subspace = tuple(linalg.principal_angles(qb, qa).tolist())
-    shift = pa.mean - pb.mean  # (d,)
-    norm = float(torch.linalg.vector_norm(shift))
-    moved = norm > 0 and k > 0
-    return LayerShift(
-        layer=layer, k=k, pc_angles_deg=pc_angles, subspace_angles_deg=subspace,
-        mean_shift_norm=norm, mean_shift_rel=norm / pb.mean_norm if pb.mean_norm > 0 else math.nan,
-        mean_shift_pc1_angle_deg=linalg.axis_angle(shift, qb[:, 0]) if moved else math.nan,
-        mean_shift_subspace_angle_deg=(float(linalg.direction_angles(qb, shift[:, None])[0])
-                                       if moved else math.nan),
-        cka=linalg.linear_cka(xb, xa) if pb.rank and pa.rank else math.nan,
-        rank_before=pb.rank, rank_after=pa.rank,
-        explained_before=tuple(pb.explained[:k].tolist()),
-        explained_after=tuple(pa.explained[:k].tolist()))
-
-
-def project(layer: int, xb: torch.Tensor, xa: torch.Tensor, pb: LayerPCA,
-            pa: LayerPCA) -> Projection | None:
-    """Points (m, d) of both checkpoints on (before PC1, mean shift orthogonal to PC1)."""
-    if pb.rank == 0:
-        return None
-    e1 = pb.components[0]  # (d,)
-    shift = pa.mean - pb.mean
-    e2 = shift - (shift @ e1) * e1  # (d,) the part of the shift that PC1 does not explain
-    y_axis = "mean shift"
-    if float(torch.linalg.vector_norm(e2)) <= 1e-9 * max(pb.mean_norm, 1e-300):
-        if pb.rank < 2:
-            return None
-        e2, y_axis = pb.components[1], "before PC2"
-    basis = torch.stack([e1, e2 / torch.linalg.vector_norm(e2)]).mT  # (d, 2)
-    to_plane = lambda x: ((x.to(torch.float64) - pb.mean) @ basis).numpy()
-    return Projection(layer, y_axis, to_plane(xb), to_plane(xa))
+    return (
+        f"{pair.before} -> {pair.after}: shifts start at {where} (PC subspace "
+        f"{at.pc_shift_deg:.1f} deg, PC1 {at.pc1_angle_deg:.1f} deg, CKA {at.cka:.3f}, mean "
+        f"shift {at.mean_shift_rel:.3f} of the feature norm; rule: {rule})"
+    )
 
 
 def shift_start(layers: Sequence[LayerShift], settings: FeatureSettings) -> int | None:
@@ -269,8 +179,9 @@ def shift_start(layers: Sequence[LayerShift], settings: FeatureSettings) -> int 
     return None
 
 
-def compare_features(before: torch.Tensor, after: torch.Tensor, *,
-                     settings: FeatureSettings = FeatureSettings()) -> tuple[LayerShift, ...]:
+def compare_features(
+    before: torch.Tensor, after: torch.Tensor, *, settings: FeatureSettings = FeatureSettings()
+) -> tuple[LayerShift, ...]:
     """Per-layer shifts between two feature sets of the same prompts (e.g. your own states).
 
     Args:
@@ -280,24 +191,26 @@ def compare_features(before: torch.Tensor, after: torch.Tensor, *,
         One :class:`LayerShift` per hidden-state index.
     """
     if before.shape != after.shape or before.ndim != 3:
-        raise ForgetdiagError(f"features must be two (layers, n, d) tensors of one shape, got "
-                              f"{tuple(before.shape)} and {tuple(after.shape)}")
-    _check_k(before.shape[1], before.shape[2], settings.k, "the features")
-    return tuple(compare_layer(l, before[l], after[l], summarise_layer(before[l], k=settings.k),
-                               summarise_layer(after[l], k=settings.k), k=settings.k)
-                 for l in range(before.shape[0]))
-
-
-def _check_k(n: int, d: int | None, k: int, what: str) -> None:
-    if n <= k:
-        raise ProbeError(f"{what} has {n} prompts; --k {k} needs at least {k + 1} (the top {k} "
-                         f"PCs of {n} centred points are not all defined); pass a smaller --k "
-                         "or more prompts")
-    if d is not None and k > d:
-        raise ProbeError(f"--k {k} exceeds the hidden size {d}; expected k <= {d}")
+        raise ForgetdiagError(
+            f"features must be two (layers, n, d) tensors of one shape, got "
+            f"{tuple(before.shape)} and {tuple(after.shape)}"
+        )
+    check_k(before.shape[1], before.shape[2], settings.k, "the features")
+    return tuple(
+        compare_layer(
+            l,
+            before[l],
+            after[l],
+            summarise_layer(before[l], k=settings.k),
+            summarise_layer(after[l], k=settings.k),
+            k=settings.k,
+        )
+        for l in range(before.shape[0])
+    )
 
 
 # ------------------------------------------------------------------------------ the analysis
+
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
     """``"0:1,1:3"`` (or ``0-1``) -> [(0, 1), (1, 3)]: indices into the checkpoint list."""
@@ -305,8 +218,10 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         match = re.fullmatch(r"(\d+)\s*[:-]\s*(\d+)", part)
         if match is None:
-            raise ForgetdiagError(f"--pairs: cannot read {part!r}; expected I:J pairs of checkpoint "
-                                  "indices separated by commas, e.g. 0:1,1:3")
+            raise ForgetdiagError(
+                f"--pairs: cannot read {part!r}; expected I:J pairs of checkpoint "
+                "indices separated by commas, e.g. 0:1,1:3"
+            )
         pairs.append((int(match.group(1)), int(match.group(2))))
     return pairs
 
@@ -320,41 +235,60 @@ def check_pairs(pairs: Sequence[tuple[int, int]] | None, n: int) -> list[tuple[i
         raise ForgetdiagError("no pairs given; expected I:J pairs of checkpoint indices")
     for i, j in pairs:
         if not (0 <= i < n and 0 <= j < n) or i == j:
-            raise ForgetdiagError(f"pair {i}:{j} is not two different checkpoints among the "
-                                  f"{n} given (indices 0 to {n - 1})")
+            raise ForgetdiagError(
+                f"pair {i}:{j} is not two different checkpoints among the {n} given (indices 0 to {n - 1})"
+            )
     return pairs
 
 
-def _prompts(checkpoints: Sequence[Checkpoint], probe: Probe, runtime: Runtime,
-             warn: Warn | None) -> tuple[list[Encoded], int]:
+def _prompts(
+    checkpoints: Sequence[Checkpoint], probe: Probe, runtime: Runtime, warn: Warn | None
+) -> tuple[list[Encoded], int]:
     """Encoded prompts and the pad id, after checking that every checkpoint shares a tokenizer."""
     tokenizer = shared_tokenizer(checkpoints, runtime)
     if runtime.chat_template:
         probe = with_chat_template(probe, tokenizer)
-    encoded = encode_prompts(tokenizer, probe, max_length=model_context(checkpoints[0].config),
-                             truncate=runtime.truncate_prompts, warn=warn)
+    encoded = encode_prompts(
+        tokenizer, probe, max_length=model_context(checkpoints[0].config), truncate=runtime.truncate_prompts, warn=warn
+    )
     return encoded, tokenizer.pad_token_id
 
 
-def _extract(checkpoint: Checkpoint, prompts, pad_id: int, runtime: Runtime,
-             settings: FeatureSettings, progress) -> torch.Tensor:
+def _extract(
+    checkpoint: Checkpoint, prompts, pad_id: int, runtime: Runtime, settings: FeatureSettings, progress
+) -> torch.Tensor:
     model = load_model(checkpoint, runtime)
-    feats = extract_features(model, prompts, pad_id=pad_id, batch_size=runtime.batch_size,
-                             method=settings.method, progress=progress,
-                             label=f"hidden states {checkpoint.label}")
+    feats = extract_features(
+        model,
+        prompts,
+        pad_id=pad_id,
+        batch_size=runtime.batch_size,
+        method=settings.method,
+        progress=progress,
+        label=f"hidden states {checkpoint.label}",
+    )
     del model
     bad = ~torch.isfinite(feats).all(dim=2).all(dim=1)  # (L + 1,)
     if bool(bad.any()):
-        raise CheckpointError(f"{checkpoint.label}: NaN or Inf hidden states from layer "
-                              f"{int(bad.nonzero()[0])} (dtype {runtime.dtype}); expected finite "
-                              "features (try --dtype float32)")
+        raise CheckpointError(
+            f"{checkpoint.label}: NaN or Inf hidden states from layer "
+            f"{int(bad.nonzero()[0])} (dtype {runtime.dtype}); expected finite "
+            "features (try --dtype float32)"
+        )
     return feats
 
 
-def _pair(i: int, j: int, feats: dict, pcas: dict, cks: Sequence[Checkpoint],
-          settings: FeatureSettings, previous: tuple[int, int] | None) -> PairShift:
+def _pair(
+    i: int,
+    j: int,
+    feats: dict,
+    pcas: dict,
+    cks: Sequence[Checkpoint],
+    settings: FeatureSettings,
+    previous: tuple[int, int] | None,
+) -> PairShift:
     sample = torch.randperm(feats[i].shape[1], generator=torch.Generator().manual_seed(settings.seed))
-    sample = sample[:settings.max_points].sort().values  # (m,) prompts shown in the scatter
+    sample = sample[: settings.max_points].sort().values  # (m,) prompts shown in the scatter
     layers, projections = [], []
     for l, (pb, pa) in enumerate(zip(pcas[i], pcas[j])):
         s = compare_layer(l, feats[i][l], feats[j][l], pb, pa, k=settings.k)
@@ -365,8 +299,15 @@ def _pair(i: int, j: int, feats: dict, pcas: dict, cks: Sequence[Checkpoint],
         layers.append(s)
         if settings.max_points:
             projections.append(project(l, feats[i][l][sample], feats[j][l][sample], pb, pa))
-    return PairShift(cks[i].label, cks[j].label, cks[i].step, cks[j].step, tuple(layers),
-                     shift_start(layers, settings), tuple(p for p in projections if p is not None))
+    return PairShift(
+        cks[i].label,
+        cks[j].label,
+        cks[i].step,
+        cks[j].step,
+        tuple(layers),
+        shift_start(layers, settings),
+        tuple(p for p in projections if p is not None),
+    )
 
 
 def _layers(layers: set[int]) -> str:
@@ -377,25 +318,38 @@ def _notes(pairs: Sequence[PairShift], settings: FeatureSettings) -> list[str]:
     shifts = [s for p in pairs for s in p.layers]
     flat = {s.layer for s in shifts if s.k == 0}
     low = {s.layer for s in shifts if 0 < s.k < settings.k}
-    tied = {s.layer for s in shifts if s.k >= 2 and any(
-        e[1] >= TIE * e[0] for e in (s.explained_before, s.explained_after))}
+    tied = {
+        s.layer for s in shifts if s.k >= 2 and any(e[1] >= TIE * e[0] for e in (s.explained_before, s.explained_after))
+    }
     notes = []
     if flat:
-        notes.append(f"{_layers(flat)}: the features do not vary across prompts (e.g. every "
-                     "prompt ends with the same token at the embedding output): no PCs or CKA")
+        notes.append(
+            f"{_layers(flat)}: the features do not vary across prompts (e.g. every "
+            "prompt ends with the same token at the embedding output): no PCs or CKA"
+        )
     if low:
-        notes.append(f"{_layers(low)}: fewer than k={settings.k} principal directions, so "
-                     "fewer PCs are compared (see each record's k)")
+        notes.append(
+            f"{_layers(low)}: fewer than k={settings.k} principal directions, so "
+            "fewer PCs are compared (see each record's k)"
+        )
     if tied:
-        notes.append(f"{_layers(tied)}: PC1 and PC2 hold nearly equal variance (within "
-                     f"{100 * (1 - TIE):.0f}%), so PC1 can turn inside their plane; read the "
-                     "PC-subspace angles there, not the PC1 angle")
+        notes.append(
+            f"{_layers(tied)}: PC1 and PC2 hold nearly equal variance (within "
+            f"{100 * (1 - TIE):.0f}%), so PC1 can turn inside their plane; read the "
+            "PC-subspace angles there, not the PC1 angle"
+        )
     return notes
 
 
-def feature_shifts(checkpoints, probe: Probe, *, settings: FeatureSettings = FeatureSettings(),
-                   runtime: Runtime = Runtime(),
-                   progress: ProgressFn | None = None, warn: Warn | None = None) -> FeaturesResult:
+def feature_shifts(
+    checkpoints,
+    probe: Probe,
+    *,
+    settings: FeatureSettings = FeatureSettings(),
+    runtime: Runtime = Runtime(),
+    progress: ProgressFn | None = None,
+    warn: Warn | None = None,
+) -> FeaturesResult:
     """Per-layer feature and principal-component shifts between checkpoints.
 
     Args:
@@ -421,7 +375,7 @@ def feature_shifts(checkpoints, probe: Probe, *, settings: FeatureSettings = Fea
     used = sorted({k for p in pairs for k in p})
     check_sequence([cks[k] for k in used])
     prompts, pad_id = _prompts([cks[k] for k in used], probe, runtime, warn)
-    _check_k(len(prompts), cks[used[0]].hidden_size, settings.k, f"probe {probe.name}")
+    check_k(len(prompts), cks[used[0]].hidden_size, settings.k, f"probe {probe.name}")
     feats, pcas, done, timings = {}, {}, {}, Timings()
     with runtime.threads_for(cks[used[0]].n_params):
         for c in used:
@@ -438,6 +392,13 @@ def feature_shifts(checkpoints, probe: Probe, *, settings: FeatureSettings = Fea
     results = tuple(done[p] for p in range(len(pairs)))
     first = next(iter(pcas.values()))
     return FeaturesResult(
-        checkpoints=tuple(c.label for c in cks), probe=probe.name, n_prompts=len(prompts),
-        n_layers=len(first) - 1, hidden_size=int(first[0].mean.shape[0]), pairs=results,
-        settings=settings, warnings=tuple(_notes(results, settings)), timings=dict(timings))
+        checkpoints=tuple(c.label for c in cks),
+        probe=probe.name,
+        n_prompts=len(prompts),
+        n_layers=len(first) - 1,
+        hidden_size=int(first[0].mean.shape[0]),
+        pairs=results,
+        settings=settings,
+        warnings=tuple(_notes(results, settings)),
+        timings=dict(timings),
+    )

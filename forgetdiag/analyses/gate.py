@@ -2,7 +2,7 @@
 
 Sources of numbers:
 
-* a recovery probe (:class:`~forgetdiag.analyses.recovery.RecoveryResult`, run here by
+* a recovery probe (:class:`~forgetdiag.analyses.recovery_result.RecoveryResult`, run here by
   :func:`gate_by_recovery`, or the JSON that ``recover --json``, ``report --json`` or an earlier
   ``gate --json`` wrote, read into :class:`RecoveryNumbers`): accuracy after, alignment loss,
   knowledge loss, forgetting;
@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from forgetdiag.analyses.recovery import RecoveryResult, RecoverySettings, recover
+from forgetdiag.analyses.recovery import RecoverySettings, recover
+from forgetdiag.analyses.recovery_result import RecoveryResult
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.probes import Probe
 from forgetdiag.results import Result
@@ -66,8 +67,12 @@ class GateResult(Result):
         return f"failed: {len(self.failed)} of {len(self.checks)} thresholds broken ({broken})"
 
     def body(self) -> dict:
-        return {"passed": self.passed, "source": self.source,
-                "checks": [asdict(c) for c in self.checks], "numbers": self.numbers}
+        return {
+            "passed": self.passed,
+            "source": self.source,
+            "checks": [asdict(c) for c in self.checks],
+            "numbers": self.numbers,
+        }
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,10 @@ class GateThresholds:
 
     def require_one(self) -> None:
         if not self.any():
-            raise ForgetdiagError("no threshold given; expected at least one of --max-alignment-loss, "
-                                  "--max-knowledge-loss, --min-accuracy, --max-forgetting")
+            raise ForgetdiagError(
+                "no threshold given; expected at least one of --max-alignment-loss, "
+                "--max-knowledge-loss, --min-accuracy, --max-forgetting"
+            )
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,10 @@ class RecoveryNumbers:
     def from_json(cls, data: Any, source: str) -> RecoveryNumbers:
         """From ``recover --json`` (or the ``recover`` part of ``report --json``, or the
         ``numbers`` of a one-probe ``gate --json``); numbers must be numbers."""
-        expected = (f"{source}: expected the JSON of `forgetdiag recover --json` (or report/gate "
-                    "--json), with accuracy.after, alignment_loss, knowledge_loss")
+        expected = (
+            f"{source}: expected the JSON of `forgetdiag recover --json` (or report/gate "
+            "--json), with accuracy.after, alignment_loss, knowledge_loss"
+        )
         if isinstance(data, Mapping) and data.get("analysis") == "report":
             data = data.get("recover")
         elif isinstance(data, Mapping) and data.get("analysis") == "gate":
@@ -128,9 +137,15 @@ class RecoveryNumbers:
         n_eval = data.get("n_eval")
         if n_eval is not None and (isinstance(n_eval, bool) or not isinstance(n_eval, int)):
             raise ForgetdiagError(f"{source}: n_eval must be an integer, found {n_eval!r}")
-        return cls(accuracy, *(_number(data.get(k), f"{source}: {k}") for k in (
-            "forgetting", "alignment_loss", "knowledge_loss", "spurious_fraction", "noise_floor")),
-            verdict if isinstance(verdict, str) else None, n_eval)
+        return cls(
+            accuracy,
+            *(
+                _number(data.get(k), f"{source}: {k}")
+                for k in ("forgetting", "alignment_loss", "knowledge_loss", "spurious_fraction", "noise_floor")
+            ),
+            verdict if isinstance(verdict, str) else None,
+            n_eval,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,8 +166,12 @@ def _check(name: str, value: float | None, op: str, threshold: float, detail: st
     return Check(name, float(value), op, threshold, passed, detail)
 
 
-def gate_recovery(numbers: RecoveryResult | RecoveryNumbers | Mapping[str, Any],
-                  thresholds: GateThresholds, *, source: str = "recover") -> GateResult:
+def gate_recovery(
+    numbers: RecoveryResult | RecoveryNumbers | Mapping[str, Any],
+    thresholds: GateThresholds,
+    *,
+    source: str = "recover",
+) -> GateResult:
     """Apply ``thresholds`` to the numbers of a recovery probe.
 
     Args:
@@ -180,8 +199,12 @@ def gate_recovery(numbers: RecoveryResult | RecoveryNumbers | Mapping[str, Any],
     return GateResult(tuple(checks), source, numbers=n.to_dict())
 
 
-def gate_probes(numbers: Mapping[str, RecoveryResult | RecoveryNumbers | Mapping[str, Any]],
-                thresholds: GateThresholds, *, source: str = "recover") -> GateResult:
+def gate_probes(
+    numbers: Mapping[str, RecoveryResult | RecoveryNumbers | Mapping[str, Any]],
+    thresholds: GateThresholds,
+    *,
+    source: str = "recover",
+) -> GateResult:
     """Apply ``thresholds`` to the recovery numbers of every probe; pass when all hold on each.
 
     Returns:
@@ -202,10 +225,19 @@ def gate_probes(numbers: Mapping[str, RecoveryResult | RecoveryNumbers | Mapping
     return GateResult(tuple(checks), source, {"probes": kept}, tuple(notes))
 
 
-def gate_by_recovery(before, after, probes: Mapping[str, Probe], thresholds: GateThresholds, *,
-                     control=None, recovery_probe: Probe | None = None,
-                     settings: RecoverySettings = RecoverySettings(), runtime: Runtime = Runtime(),
-                     progress: ProgressFn | None = None, warn: Warn | None = None) -> GateResult:
+def gate_by_recovery(
+    before,
+    after,
+    probes: Mapping[str, Probe],
+    thresholds: GateThresholds,
+    *,
+    control=None,
+    recovery_probe: Probe | None = None,
+    settings: RecoverySettings = RecoverySettings(),
+    runtime: Runtime = Runtime(),
+    progress: ProgressFn | None = None,
+    warn: Warn | None = None,
+) -> GateResult:
     """Run the recovery probe BEFORE -> AFTER on each probe, then apply ``thresholds`` to each.
 
     Args:
@@ -216,11 +248,24 @@ def gate_by_recovery(before, after, probes: Mapping[str, Probe], thresholds: Gat
     """
     thresholds.require_one()  # fail before the expensive part
     if recovery_probe is not None and len(probes) > 1:
-        raise ForgetdiagError(f"--recovery-probe pairs with one --probe; found {len(probes)} probes "
-                              "(gate each probe with its recovery probe in its own run)")
-    results = {name: recover(before, [after], probe, control=control, recovery_probe=recovery_probe,
-                             settings=settings, runtime=runtime, progress=progress, warn=warn)
-               for name, probe in probes.items()}
+        raise ForgetdiagError(
+            f"--recovery-probe pairs with one --probe; found {len(probes)} probes "
+            "(gate each probe with its recovery probe in its own run)"
+        )
+    results = {
+        name: recover(
+            before,
+            [after],
+            probe,
+            control=control,
+            recovery_probe=recovery_probe,
+            settings=settings,
+            runtime=runtime,
+            progress=progress,
+            warn=warn,
+        )
+        for name, probe in probes.items()
+    }
     gated = gate_probes(results, thresholds, source=f"recover {before} -> {after}")
     timings: dict[str, float] = {}
     for name, r in results.items():
@@ -244,8 +289,7 @@ def lm_eval_scores(results: Mapping[str, Any], where: str) -> dict[tuple[str, st
     name without the filter and must be a JSON boolean; metrics it does not cover are left out.
     """
     if not isinstance(results, Mapping) or not isinstance(results.get("results"), Mapping):
-        raise ForgetdiagError(f"{where}: expected an lm-evaluation-harness results JSON with a "
-                              "'results' object")
+        raise ForgetdiagError(f"{where}: expected an lm-evaluation-harness results JSON with a 'results' object")
     hib = results.get("higher_is_better") or {}
     if not isinstance(hib, Mapping):
         raise ForgetdiagError(f"{where}: 'higher_is_better' must be an object of tasks")
@@ -261,17 +305,25 @@ def lm_eval_scores(results: Mapping[str, Any], where: str) -> dict[tuple[str, st
             if better is None:
                 continue
             if not isinstance(better, bool):
-                raise ForgetdiagError(f"{where}: higher_is_better.{task}.{name} must be true or false, "
-                                      f"found {better!r}")
+                raise ForgetdiagError(
+                    f"{where}: higher_is_better.{task}.{name} must be true or false, found {better!r}"
+                )
             stderr = metrics.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
             stderr = float(stderr) if isinstance(stderr, (int, float)) and not isinstance(stderr, bool) else None
             scores[(task, key)] = {"value": float(value), "stderr": stderr, "higher_is_better": better}
     return scores
 
 
-def gate_lm_eval(before: Mapping[str, Any], after: Mapping[str, Any], *, max_drop: float,
-                 sigmas: float = 0.0, tasks: tuple[str, ...] = (), metrics: tuple[str, ...] = (),
-                 names: tuple[str, str] = ("before", "after")) -> GateResult:
+def gate_lm_eval(
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    *,
+    max_drop: float,
+    sigmas: float = 0.0,
+    tasks: tuple[str, ...] = (),
+    metrics: tuple[str, ...] = (),
+    names: tuple[str, str] = ("before", "after"),
+) -> GateResult:
     """Fail any metric whose worsening from ``before`` to ``after`` exceeds ``max_drop``.
 
     A worsening is ``before - after`` for higher-is-better metrics and ``after - before``
@@ -281,12 +333,15 @@ def gate_lm_eval(before: Mapping[str, Any], after: Mapping[str, Any], *, max_dro
     check_number("--max-drop", max_drop, low=0)
     check_number("--sigmas", sigmas, low=0)
     a, b = lm_eval_scores(before, names[0]), lm_eval_scores(after, names[1])
-    keys = [k for k in a if k in b and (not tasks or k[0] in tasks)
-            and (not metrics or k[1].partition(",")[0] in metrics)]
+    keys = [
+        k for k in a if k in b and (not tasks or k[0] in tasks) and (not metrics or k[1].partition(",")[0] in metrics)
+    ]
     if not keys:
-        raise ForgetdiagError(f"{names[0]} and {names[1]}: no task metric with a known "
-                              "higher_is_better appears in both results files"
-                              + (" for the chosen --lm-eval-task/--lm-eval-metric" if tasks or metrics else ""))
+        raise ForgetdiagError(
+            f"{names[0]} and {names[1]}: no task metric with a known "
+            "higher_is_better appears in both results files"
+            + (" for the chosen --lm-eval-task/--lm-eval-metric" if tasks or metrics else "")
+        )
     checks, notes = [], []
     for task, key in sorted(keys):
         va, vb = a[(task, key)], b[(task, key)]

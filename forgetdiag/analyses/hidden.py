@@ -20,8 +20,9 @@ from forgetdiag.runtime import ProgressFn, Warn
 METHODS = ("hooks", "output_hidden_states")
 
 
-def encode_prompts(tokenizer, probe: Probe, *, max_length: int | None = None,
-                   truncate: bool = False, warn: Warn | None = None) -> list[Encoded]:
+def encode_prompts(
+    tokenizer, probe: Probe, *, max_length: int | None = None, truncate: bool = False, warn: Warn | None = None
+) -> list[Encoded]:
     """Prompt token ids only (features never see the answer), as ``Encoded(prompt, ())``.
 
     Raises:
@@ -31,18 +32,20 @@ def encode_prompts(tokenizer, probe: Probe, *, max_length: int | None = None,
     for row, item in enumerate(probe.items, start=1):
         ids = tokenizer(item.prompt, add_special_tokens=True)["input_ids"]
         if not ids:
-            raise ProbeError(f"probe row {row}: the prompt {item.prompt!r} tokenizes to nothing; "
-                             "expected at least one token")
+            raise ProbeError(
+                f"probe row {row}: the prompt {item.prompt!r} tokenizes to nothing; expected at least one token"
+            )
         if max_length is not None and len(ids) > max_length:
             if not truncate:
-                raise ProbeError(f"probe row {row}: the prompt is {len(ids)} tokens, more than the "
-                                 f"model's context of {max_length}; shorten it or pass "
-                                 "--truncate-prompts to drop its oldest tokens")
+                raise ProbeError(
+                    f"probe row {row}: the prompt is {len(ids)} tokens, more than the "
+                    f"model's context of {max_length}; shorten it or pass "
+                    "--truncate-prompts to drop its oldest tokens"
+                )
             ids, cut = ids[-max_length:], cut + 1
         encoded.append(Encoded(tuple(ids), ()))
     if cut and warn is not None:
-        warn(f"{cut} prompts were longer than the model's context of {max_length} tokens and "
-             "lost their oldest tokens")
+        warn(f"{cut} prompts were longer than the model's context of {max_length} tokens and lost their oldest tokens")
     return encoded
 
 
@@ -50,12 +53,13 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks of a causal LM: the ModuleList of ``num_hidden_layers`` equal blocks."""
     n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     for module in model.base_model.modules():
-        if (isinstance(module, torch.nn.ModuleList) and len(module) == n
-                and len({type(m) for m in module}) == 1):
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n and len({type(m) for m in module}) == 1:
             return module
-    raise CheckpointError(f"cannot find the {n} decoder layers of {type(model).__name__}; "
-                          "expected a ModuleList of num_hidden_layers blocks (use method "
-                          "'output_hidden_states' for this architecture)")
+    raise CheckpointError(
+        f"cannot find the {n} decoder layers of {type(model).__name__}; "
+        "expected a ModuleList of num_hidden_layers blocks (use method "
+        "'output_hidden_states' for this architecture)"
+    )
 
 
 class _LastToken:
@@ -93,9 +97,16 @@ def _forward_last(model, batch, recorder: _LastToken | None) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def extract_features(model, prompts: Sequence[Encoded], *, pad_id: int, batch_size: int = 64,
-                     method: str = "hooks", progress: ProgressFn | None = None,
-                     label: str = "hidden states") -> torch.Tensor:
+def extract_features(
+    model,
+    prompts: Sequence[Encoded],
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+    method: str = "hooks",
+    progress: ProgressFn | None = None,
+    label: str = "hidden states",
+) -> torch.Tensor:
     """Hidden states at the last prompt token, for the embedding output and every layer.
 
     Args:

@@ -61,15 +61,21 @@ class InspectResult(Result):
 
     def summary(self) -> str:
         first = self.checkpoints[0]
-        what = (f"{len(self.checkpoints)} checkpoints of one architecture" if len(self.checkpoints) > 1
-                else "1 checkpoint")
+        what = (
+            f"{len(self.checkpoints)} checkpoints of one architecture" if len(self.checkpoints) > 1 else "1 checkpoint"
+        )
         values = "every weight finite" if all(c.values_checked for c in self.checkpoints) else "values not read"
-        return (f"{what}: {first.architecture} ({first.family} family), {first.n_layers} layers, "
-                f"{first.n_params} parameters; {values}")
+        return (
+            f"{what}: {first.architecture} ({first.family} family), {first.n_layers} layers, "
+            f"{first.n_params} parameters; {values}"
+        )
 
     def body(self) -> dict:
-        return {"checkpoints": [asdict(c) for c in self.checkpoints],
-                "compatible": True, "shared_tensors": self.shared_tensors}
+        return {
+            "checkpoints": [asdict(c) for c in self.checkpoints],
+            "compatible": True,
+            "shared_tensors": self.shared_tensors,
+        }
 
 
 def describe(checkpoint: Checkpoint, *, values_checked: bool = False) -> CheckpointInfo:
@@ -86,22 +92,42 @@ def describe(checkpoint: Checkpoint, *, values_checked: bool = False) -> Checkpo
             unrecognised += 1
     lora = None
     if checkpoint.base is not None:
-        lora = {"rank": checkpoint.rank, "alpha": checkpoint.source.config.get("lora_alpha"),
-                "targets": len(checkpoint.targets), "base": str(checkpoint.base.path)}
+        lora = {
+            "rank": checkpoint.rank,
+            "alpha": checkpoint.source.config.get("lora_alpha"),
+            "targets": len(checkpoint.targets),
+            "base": str(checkpoint.base.path),
+        }
     return CheckpointInfo(
-        label=checkpoint.label, path=str(checkpoint.path), step=checkpoint.step,
-        format=checkpoint.format, architecture=checkpoint.architecture,
-        model_type=checkpoint.model_type, family=checkpoint.family.name,
-        n_layers=checkpoint.n_layers, hidden_size=checkpoint.hidden_size,
-        n_params=checkpoint.n_params, dtypes=tuple(checkpoint.dtypes),
-        size_bytes=checkpoint.size_bytes, tokenizer=checkpoint.tokenizer_dir is not None,
-        components=tuple(sorted(components, key=component_order)), unrecognised=unrecognised,
-        tied_embeddings=checkpoint.tied_embeddings, lora=lora, values_checked=values_checked)
+        label=checkpoint.label,
+        path=str(checkpoint.path),
+        step=checkpoint.step,
+        format=checkpoint.format,
+        architecture=checkpoint.architecture,
+        model_type=checkpoint.model_type,
+        family=checkpoint.family.name,
+        n_layers=checkpoint.n_layers,
+        hidden_size=checkpoint.hidden_size,
+        n_params=checkpoint.n_params,
+        dtypes=tuple(checkpoint.dtypes),
+        size_bytes=checkpoint.size_bytes,
+        tokenizer=checkpoint.tokenizer_dir is not None,
+        components=tuple(sorted(components, key=component_order)),
+        unrecognised=unrecognised,
+        tied_embeddings=checkpoint.tied_embeddings,
+        lora=lora,
+        values_checked=values_checked,
+    )
 
 
-def inspect_checkpoints(paths: Sequence[str | Path | Checkpoint] | str | Path, *,
-                        settings: InspectSettings = InspectSettings(), runtime: Runtime = Runtime(),
-                        progress: ProgressFn | None = None, warn: Warn | None = None) -> InspectResult:
+def inspect_checkpoints(
+    paths: Sequence[str | Path | Checkpoint] | str | Path,
+    *,
+    settings: InspectSettings = InspectSettings(),
+    runtime: Runtime = Runtime(),
+    progress: ProgressFn | None = None,
+    warn: Warn | None = None,
+) -> InspectResult:
     """Find the checkpoints at ``paths`` (one sequence, in order) and describe them.
 
     Args:
@@ -127,5 +153,9 @@ def inspect_checkpoints(paths: Sequence[str | Path | Checkpoint] | str | Path, *
                     done += 1
                     if progress is not None:
                         progress("checking values", done, total)
-    return InspectResult(tuple(describe(c, values_checked=settings.check_values) for c in checkpoints),
-                         len(check.names), check.notes, dict(timings))
+    return InspectResult(
+        tuple(describe(c, values_checked=settings.check_values) for c in checkpoints),
+        len(check.names),
+        check.notes,
+        dict(timings),
+    )

@@ -37,8 +37,16 @@ from forgetdiag.storage import Checkpoint
 from forgetdiag.streaming import check_sequence
 from forgetdiag.validate import check_choice, check_number, check_seed, choices
 
-__all__ = ["AnchorPoint", "LandscapeResult", "LandscapeSettings", "Placement", "PlaneInfo",
-           "ProbeInfo", "landscape", "read_saved"]
+__all__ = [
+    "AnchorPoint",
+    "LandscapeResult",
+    "LandscapeSettings",
+    "Placement",
+    "PlaneInfo",
+    "ProbeInfo",
+    "landscape",
+    "read_saved",
+]
 
 Directions = Literal["raw", "filter-normalized-random"]
 GRID_DESCRIPTION = "evaluating grid points"
@@ -158,24 +166,34 @@ class LandscapeResult(Result):
         by_point = {a.point: a for a in self.anchors}
         parts = []
         for p in self.probes:
-            losses = [f"{a.point} {a.losses[p.name]:.3g}" for a in self.anchors if a.computed
-                      and math.isfinite(a.losses[p.name])]
+            losses = [
+                f"{a.point} {a.losses[p.name]:.3g}"
+                for a in self.anchors
+                if a.computed and math.isfinite(a.losses[p.name])
+            ]
             surface = self.surfaces[p.name]
             low = f"; lowest on the grid {np.nanmin(surface):.3g}" if np.isfinite(surface).any() else ""
             parts.append(f"{p.name} loss: {', '.join(losses) or 'not computed yet'}{low}")
         done = "" if self.complete else f" (partial: {int(self.computed.sum())} of {self.computed.size} points)"
-        plane = ("raw directions" if "x_end" in by_point else "random directions")
+        plane = "raw directions" if "x_end" in by_point else "random directions"
         return f"{plane}, {len(self.trajectory)} checkpoints placed{done}; " + "; ".join(parts)
 
     def body(self) -> dict:
         """Plain data for JSON; ``surfaces`` are rows over betas of values over alphas."""
-        return {"complete": self.complete,
-                "directions": self.plane.to_dict(), "alphas": list(self.alphas),
-                "betas": list(self.betas), "probes": [asdict(p) for p in self.probes],
-                "surfaces": {name: s.tolist() for name, s in self.surfaces.items()},
-                "computed": self.computed.tolist(), "anchors": [a.to_dict() for a in self.anchors],
-                "trajectory": [t.to_dict() for t in self.trajectory], "dtype": self.dtype,
-                "device": self.device, "evaluated": self.evaluated}
+        return {
+            "complete": self.complete,
+            "directions": self.plane.to_dict(),
+            "alphas": list(self.alphas),
+            "betas": list(self.betas),
+            "probes": [asdict(p) for p in self.probes],
+            "surfaces": {name: s.tolist() for name, s in self.surfaces.items()},
+            "computed": self.computed.tolist(),
+            "anchors": [a.to_dict() for a in self.anchors],
+            "trajectory": [t.to_dict() for t in self.trajectory],
+            "dtype": self.dtype,
+            "device": self.device,
+            "evaluated": self.evaluated,
+        }
 
 
 @dataclass
@@ -197,17 +215,32 @@ class _Frame:
     def result(self, grid: GridState) -> LandscapeResult:
         names = [p.name for p in self.probes]
         anchors = tuple(
-            AnchorPoint(point, c.label, str(c.path), a, b,
-                        dict(zip(names, (float(v) for v in grid.anchor_values[k]))),
-                        bool(grid.anchor_done[k]))
-            for k, (c, (point, a, b)) in enumerate(zip(self.anchors, self.points)))
+            AnchorPoint(
+                point,
+                c.label,
+                str(c.path),
+                a,
+                b,
+                dict(zip(names, (float(v) for v in grid.anchor_values[k]))),
+                bool(grid.anchor_done[k]),
+            )
+            for k, (c, (point, a, b)) in enumerate(zip(self.anchors, self.points))
+        )
         return LandscapeResult(
-            plane=self.plane, alphas=grid.alphas, betas=grid.betas, probes=tuple(self.probes),
+            plane=self.plane,
+            alphas=grid.alphas,
+            betas=grid.betas,
+            probes=tuple(self.probes),
             surfaces={n: grid.values[p].copy() for p, n in enumerate(names)},
-            computed=grid.done.copy(), anchors=anchors, trajectory=tuple(self.placements),
-            dtype=self.dtype, device=self.device, evaluated=self.evaluated,
+            computed=grid.done.copy(),
+            anchors=anchors,
+            trajectory=tuple(self.placements),
+            dtype=self.dtype,
+            device=self.device,
+            evaluated=self.evaluated,
             warnings=tuple(self.warnings) + tuple(self.notes),
-            timings={"landscape": time.perf_counter() - self.start})
+            timings={"landscape": time.perf_counter() - self.start},
+        )
 
 
 def _unique_names(probes: Sequence[Probe]) -> list[Probe]:
@@ -223,38 +256,56 @@ def _unique_names(probes: Sequence[Probe]) -> list[Probe]:
     return out
 
 
-def _prepare_probes(origin: Checkpoint, model, probes: Sequence[Probe], runtime: Runtime,
-                    device, warn: Warn) -> tuple[list[ProbeInfo], list[list]]:
+def _prepare_probes(
+    origin: Checkpoint, model, probes: Sequence[Probe], runtime: Runtime, device, warn: Warn
+) -> tuple[list[ProbeInfo], list[list]]:
     """Tokenize each probe with the origin's tokenizer and collate its batches once."""
     tokenizer = load_tokenizer(origin, runtime)
     infos, batches = [], []
     for probe in probes:
         if runtime.chat_template:
             probe = with_chat_template(probe, tokenizer)
-        encoded = encode(tokenizer, probe, max_length=model_context(model),
-                         truncate=runtime.truncate_prompts, warn=warn)
+        encoded = encode(
+            tokenizer, probe, max_length=model_context(model), truncate=runtime.truncate_prompts, warn=warn
+        )
         ids = json.dumps([[e.prompt_ids, e.completion_ids] for e in encoded]).encode()
-        infos.append(ProbeInfo(probe.name, probe.path, len(encoded),
-                               sum(len(e.completion_ids) for e in encoded),
-                               hashlib.sha256(ids).hexdigest()[:16]))
-        batches.append(collate_batches(encoded, pad_id=tokenizer.pad_token_id,
-                                       batch_size=runtime.batch_size, device=device))
+        infos.append(
+            ProbeInfo(
+                probe.name,
+                probe.path,
+                len(encoded),
+                sum(len(e.completion_ids) for e in encoded),
+                hashlib.sha256(ids).hexdigest()[:16],
+            )
+        )
+        batches.append(
+            collate_batches(encoded, pad_id=tokenizer.pad_token_id, batch_size=runtime.batch_size, device=device)
+        )
     return infos, batches
 
 
 def _direction_warnings(info: PlaneInfo, warn: Warn) -> list[str]:
     if info.line_angle_deg >= NEARLY_PARALLEL_DEG:
         return []
-    message = (f"d_x and d_y are nearly parallel: the angle between them is {info.angle_deg:.2f} "
-               f"degrees (under {NEARLY_PARALLEL_DEG:g} from a line); the plane is close to a line, "
-               "so the surface barely changes across it and trajectory coordinates are ill-conditioned")
+    message = (
+        f"d_x and d_y are nearly parallel: the angle between them is {info.angle_deg:.2f} "
+        f"degrees (under {NEARLY_PARALLEL_DEG:g} from a line); the plane is close to a line, "
+        "so the surface barely changes across it and trajectory coordinates are ill-conditioned"
+    )
     warn(message)
     return [message]
 
 
-def _evaluate(model, plane, batches: Sequence[list], grid: GridState, frame: _Frame, *,
-              on_partial: Callable[[LandscapeResult], None] | None,
-              progress: ProgressFn | None) -> None:
+def _evaluate(
+    model,
+    plane,
+    batches: Sequence[list],
+    grid: GridState,
+    frame: _Frame,
+    *,
+    on_partial: Callable[[LandscapeResult], None] | None,
+    progress: ProgressFn | None,
+) -> None:
     """Set the weights of every point still to do and record each probe's loss there."""
     todo = grid.todo()
     for k, (kind, index, alpha, beta) in enumerate(todo):
@@ -270,25 +321,37 @@ def _evaluate(model, plane, batches: Sequence[list], grid: GridState, frame: _Fr
 def _anchors(origin, x_end, y_end, trajectory, settings: LandscapeSettings, runtime: Runtime):
     """Anchor checkpoints, their points on the plane, and the checkpoints to place."""
     anchors = [resolve_checkpoints(origin, runtime, single="ORIGIN")]
-    ends = [resolve_checkpoints(v, runtime, single=what)
-            for v, what in ((x_end, "X_END"), (y_end, "Y_END")) if v is not None]
+    ends = [
+        resolve_checkpoints(v, runtime, single=what)
+        for v, what in ((x_end, "X_END"), (y_end, "Y_END"))
+        if v is not None
+    ]
     placed = resolve_checkpoints(list(trajectory), runtime)
     if settings.directions == RANDOM:
         return anchors, [("origin", 0.0, 0.0)], ends + placed
     if len(ends) != 2:
-        raise ForgetdiagError("raw directions need ORIGIN, X_END and Y_END (d_x = X_END - ORIGIN, "
-                              "d_y = Y_END - X_END); pass all three, or --directions "
-                              "filter-normalized-random")
+        raise ForgetdiagError(
+            "raw directions need ORIGIN, X_END and Y_END (d_x = X_END - ORIGIN, "
+            "d_y = Y_END - X_END); pass all three, or --directions "
+            "filter-normalized-random"
+        )
     return anchors + ends, [("origin", 0.0, 0.0), ("x_end", 1.0, 0.0), ("y_end", 1.0, 1.0)], placed
 
 
-def landscape(origin: str | Path | Checkpoint, x_end: str | Path | Checkpoint | None,
-              y_end: str | Path | Checkpoint | None, probes: Sequence[Probe | str | Path], *,
-              trajectory: Sequence[str | Path | Checkpoint] = (),
-              settings: LandscapeSettings = LandscapeSettings(), runtime: Runtime = Runtime(),
-              resume: Mapping[str, Any] | None = None,
-              on_partial: Callable[[LandscapeResult], None] | None = None,
-              progress: ProgressFn | None = None, warn: Warn | None = None) -> LandscapeResult:
+def landscape(
+    origin: str | Path | Checkpoint,
+    x_end: str | Path | Checkpoint | None,
+    y_end: str | Path | Checkpoint | None,
+    probes: Sequence[Probe | str | Path],
+    *,
+    trajectory: Sequence[str | Path | Checkpoint] = (),
+    settings: LandscapeSettings = LandscapeSettings(),
+    runtime: Runtime = Runtime(),
+    resume: Mapping[str, Any] | None = None,
+    on_partial: Callable[[LandscapeResult], None] | None = None,
+    progress: ProgressFn | None = None,
+    warn: Warn | None = None,
+) -> LandscapeResult:
     """The loss surfaces of ``probes`` on the plane theta_0 + alpha d_x + beta d_y.
 
     Args:
@@ -327,11 +390,22 @@ def landscape(origin: str | Path | Checkpoint, x_end: str | Path | Checkpoint | 
         start = time.perf_counter()
         model = load_model(anchors[0], runtime).requires_grad_(False)
         infos, batches = _prepare_probes(anchors[0], model, probes, runtime, device, warn)
-        plane, info, placements, notes = build_plane(model, anchors, placed, mode=settings.directions,
-                                                     seed=settings.seed, progress=progress)
+        plane, info, placements, notes = build_plane(
+            model, anchors, placed, mode=settings.directions, seed=settings.seed, progress=progress
+        )
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        frame = _Frame(info, infos, anchors, points, placements, dtype, str(device),
-                       _direction_warnings(info, warn), notes, start=start)
+        frame = _Frame(
+            info,
+            infos,
+            anchors,
+            points,
+            placements,
+            dtype,
+            str(device),
+            _direction_warnings(info, warn),
+            notes,
+            start=start,
+        )
         grid = GridState(settings.alphas, settings.betas, points, len(infos))
         if resume is not None:
             restore(resume, grid, frame.result(grid).to_dict())

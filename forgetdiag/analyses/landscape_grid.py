@@ -45,8 +45,12 @@ class GridState:
         """Points still to evaluate, as ``(kind, index, alpha, beta)``: the anchors, then the
         grid row by row (rows over betas)."""
         out = [("anchor", (k,), a, b) for k, (_, a, b) in enumerate(self.anchors) if not self.anchor_done[k]]
-        out += [("grid", (i, j), self.alphas[j], self.betas[i])
-                for i in range(len(self.betas)) for j in range(len(self.alphas)) if not self.done[i, j]]
+        out += [
+            ("grid", (i, j), self.alphas[j], self.betas[i])
+            for i in range(len(self.betas))
+            for j in range(len(self.alphas))
+            if not self.done[i, j]
+        ]
         return out
 
     def record(self, kind: str, index: tuple[int, ...], losses: Sequence[float]) -> None:
@@ -66,20 +70,28 @@ def fingerprint(data: Mapping[str, Any]) -> dict[str, Any]:
     by their paths, so a run that was moved still resumes.
     """
     d = data["directions"]
-    return {"directions": d["mode"], "seed": d["seed"], "dtype": data["dtype"],
-            "parameters": d["n_params"], "alpha values": list(data["alphas"]),
-            "beta values": list(data["betas"]),
-            "probes": [f"{p['name']} ({p['items']} items, tokens {p['digest']})" for p in data["probes"]],
-            "anchor points": [a["point"] for a in data["anchors"]],
-            "plane (|theta_0|, |d_x|, |d_y|, cos)": [d["origin_norm"], d["norm_x"], d["norm_y"], d["cos"]]}
+    return {
+        "directions": d["mode"],
+        "seed": d["seed"],
+        "dtype": data["dtype"],
+        "parameters": d["n_params"],
+        "alpha values": list(data["alphas"]),
+        "beta values": list(data["betas"]),
+        "probes": [f"{p['name']} ({p['items']} items, tokens {p['digest']})" for p in data["probes"]],
+        "anchor points": [a["point"] for a in data["anchors"]],
+        "plane (|theta_0|, |d_x|, |d_y|, cos)": [d["origin_norm"], d["norm_x"], d["norm_y"], d["cos"]],
+    }
 
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):
-        return (isinstance(a, (int, float)) and isinstance(b, (int, float))
-                and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12))
+        return (
+            isinstance(a, (int, float))
+            and isinstance(b, (int, float))
+            and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+        )
     return a == b
 
 
@@ -108,12 +120,16 @@ def restore(saved: Mapping[str, Any], grid: GridState, current: Mapping[str, Any
         surfaces = {n: np.array(saved["surfaces"][n], dtype=float) for n in names}  # null -> NaN
         anchors = {a["point"]: a for a in saved["anchors"]}
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ForgetdiagError(f"cannot resume: the saved file is not a forgetdiag landscape result "
-                              f"({type(exc).__name__}: {exc}); rerun without --resume") from None
+        raise ForgetdiagError(
+            f"cannot resume: the saved file is not a forgetdiag landscape result "
+            f"({type(exc).__name__}: {exc}); rerun without --resume"
+        ) from None
     for key in new:
         if not _same(old[key], new[key]):
-            raise ForgetdiagError(f"cannot resume: the saved grid has {key} {_short(old[key])}, this "
-                                  f"run has {_short(new[key])}; rerun without --resume to start over")
+            raise ForgetdiagError(
+                f"cannot resume: the saved grid has {key} {_short(old[key])}, this "
+                f"run has {_short(new[key])}; rerun without --resume to start over"
+            )
     if computed.shape != grid.done.shape or any(s.shape != grid.done.shape for s in surfaces.values()):
         raise ForgetdiagError("cannot resume: the saved surfaces do not match the saved grid's shape")
     grid.done[:] = computed

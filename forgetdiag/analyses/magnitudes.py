@@ -124,8 +124,9 @@ class CheckpointOverlap:
         return {k: tuple(v) for k, v in out.items()}
 
 
-def compare_tasks(parts: Sequence[Sequence[Magnitudes]], *, quantile: float,
-                  parse: Callable[[str], object]) -> tuple[ModuleOverlap, ...]:
+def compare_tasks(
+    parts: Sequence[Sequence[Magnitudes]], *, quantile: float, parse: Callable[[str], object]
+) -> tuple[ModuleOverlap, ...]:
     """Top sets and their pairwise intersections in every module all tasks measured.
 
     Args:
@@ -144,25 +145,27 @@ def compare_tasks(parts: Sequence[Sequence[Magnitudes]], *, quantile: float,
             h = [top_units(m.sums[name], quantile) for m in p] if len(p) == 2 else None
             halves.append((int(h[0].sum()), int((h[0] & h[1]).sum())) if h else None)
         tensor = parse(f"{name}.weight")
-        out.append(ModuleOverlap(name, tensor.layer, tensor.component, int(sets[0].numel()),
-                                 shared, tuple(halves)))
+        out.append(ModuleOverlap(name, tensor.layer, tensor.component, int(sets[0].numel()), shared, tuple(halves)))
     return tuple(out)
 
 
 def _task_names(probes: Sequence[Probe]) -> tuple[str, ...]:
     if len(probes) < 2:
-        raise ForgetdiagError(f"magnitudes compares tasks and needs at least 2 probes (one "
-                              f"--probe per task), got {len(probes)}")
+        raise ForgetdiagError(
+            f"magnitudes compares tasks and needs at least 2 probes (one --probe per task), got {len(probes)}"
+        )
     names = tuple(p.name for p in probes)
     if len(set(names)) != len(names):
         repeated = next(n for n in names if names.count(n) > 1)
-        raise ForgetdiagError(f"two probes are both named {repeated!r}; expected one name per task "
-                              "(rename one of the files)")
+        raise ForgetdiagError(
+            f"two probes are both named {repeated!r}; expected one name per task (rename one of the files)"
+        )
     return names
 
 
-def _encode_tasks(checkpoints: Sequence[Checkpoint], probes: Sequence[Probe], runtime: Runtime,
-                  warn: Warn | None) -> tuple[list[list[list[Encoded]]], int]:
+def _encode_tasks(
+    checkpoints: Sequence[Checkpoint], probes: Sequence[Probe], runtime: Runtime, warn: Warn | None
+) -> tuple[list[list[list[Encoded]]], int]:
     """Per task, its items encoded in two halves split by group (one part for a single group),
     and the pad id, after checking that one tokenizer serves every checkpoint."""
     tokenizer = shared_tokenizer(checkpoints, runtime)
@@ -172,8 +175,9 @@ def _encode_tasks(checkpoints: Sequence[Checkpoint], probes: Sequence[Probe], ru
     out = []
     for probe in probes:
         halves = [h for h in split_probe(probe, seed=0) if len(h)] if len(probe.groups) > 1 else [probe]
-        out.append([encode(tokenizer, h, max_length=context, truncate=runtime.truncate_prompts,
-                           warn=warn) for h in halves])
+        out.append(
+            [encode(tokenizer, h, max_length=context, truncate=runtime.truncate_prompts, warn=warn) for h in halves]
+        )
     return out, tokenizer.pad_token_id
 
 
@@ -227,34 +231,61 @@ class MagnitudesResult(Result):
         for c in self.checkpoints:
             for m in c.modules:
                 for a, b in self.pairs():
-                    rows.append({"checkpoint": c.label, "step": c.step, "module": m.module,
-                                 "layer": m.layer, "component": m.component, "units": m.units,
-                                 "task_a": self.tasks[a], "task_b": self.tasks[b],
-                                 "top_a": m.shared[a][a], "top_b": m.shared[b][b],
-                                 "shared": m.shared[a][b], "overlap": m.overlap(a, b),
-                                 "chance": m.chance(a, b), "split_half_a": m.split_half(a),
-                                 "split_half_b": m.split_half(b)})
+                    rows.append(
+                        {
+                            "checkpoint": c.label,
+                            "step": c.step,
+                            "module": m.module,
+                            "layer": m.layer,
+                            "component": m.component,
+                            "units": m.units,
+                            "task_a": self.tasks[a],
+                            "task_b": self.tasks[b],
+                            "top_a": m.shared[a][a],
+                            "top_b": m.shared[b][b],
+                            "shared": m.shared[a][b],
+                            "overlap": m.overlap(a, b),
+                            "chance": m.chance(a, b),
+                            "split_half_a": m.split_half(a),
+                            "split_half_b": m.split_half(b),
+                        }
+                    )
         return rows
 
     def trend(self) -> list[dict]:
         """Pooled over all linear layers: one row per (checkpoint, task_a, task_b)."""
-        return [{"checkpoint": c.label, "step": c.step, "task_a": self.tasks[a],
-                 "task_b": self.tasks[b], "overlap": pooled_overlap(c.modules, a, b),
-                 "chance": pooled_chance(c.modules, a, b),
-                 "split_half_a": pooled_split_half(c.modules, a),
-                 "split_half_b": pooled_split_half(c.modules, b)}
-                for c in self.checkpoints for a, b in self.pairs()]
+        return [
+            {
+                "checkpoint": c.label,
+                "step": c.step,
+                "task_a": self.tasks[a],
+                "task_b": self.tasks[b],
+                "overlap": pooled_overlap(c.modules, a, b),
+                "chance": pooled_chance(c.modules, a, b),
+                "split_half_a": pooled_split_half(c.modules, a),
+                "split_half_b": pooled_split_half(c.modules, b),
+            }
+            for c in self.checkpoints
+            for a, b in self.pairs()
+        ]
 
     def summary(self) -> str:
         return summary_text(self)
 
     def body(self) -> dict:
-        return {"tasks": list(self.tasks),
-                "n_items": list(self.n_items), "quantile": self.quantile,
-                "tokens": TOKENS_USED, "include_head": self.include_head,
-                "checkpoints": [{"label": c.label, "step": c.step, "n_tokens": list(c.n_tokens),
-                                 "linear_layers": len(c.modules)} for c in self.checkpoints],
-                "trend": self.trend(), "records": self.records()}
+        return {
+            "tasks": list(self.tasks),
+            "n_items": list(self.n_items),
+            "quantile": self.quantile,
+            "tokens": TOKENS_USED,
+            "include_head": self.include_head,
+            "checkpoints": [
+                {"label": c.label, "step": c.step, "n_tokens": list(c.n_tokens), "linear_layers": len(c.modules)}
+                for c in self.checkpoints
+            ],
+            "trend": self.trend(),
+            "records": self.records(),
+        }
 
 
 def summary_text(result: MagnitudesResult) -> str:
@@ -265,36 +296,45 @@ def summary_text(result: MagnitudesResult) -> str:
     now = pooled_overlap(last.modules, a, b)
     chance = pooled_chance(last.modules, a, b)
     within = pooled_split_half(last.modules, a)
-    text = (f"{100 * now:.0f}% of {name_a}'s top units (above the {result.quantile:g} quantile) are "
-            f"also {name_b}'s, over {len(last.modules)} linear layers of {last.label} (chance: "
-            f"{100 * chance:.0f}%" + ("" if math.isnan(within) else
-                                      f"; two halves of {name_a} share {100 * within:.0f}%") + ")")
-    by_layer = sorted((x, layer) for layer, ms in last.layers().items()
-                      if layer is not None and not math.isnan(x := pooled_overlap(ms, a, b)))
+    text = (
+        f"{100 * now:.0f}% of {name_a}'s top units (above the {result.quantile:g} quantile) are "
+        f"also {name_b}'s, over {len(last.modules)} linear layers of {last.label} (chance: "
+        f"{100 * chance:.0f}%"
+        + ("" if math.isnan(within) else f"; two halves of {name_a} share {100 * within:.0f}%")
+        + ")"
+    )
+    by_layer = sorted(
+        (x, layer)
+        for layer, ms in last.layers().items()
+        if layer is not None and not math.isnan(x := pooled_overlap(ms, a, b))
+    )
     if by_layer and by_layer[-1][0] > by_layer[0][0]:
         (lo, lo_layer), (hi, hi_layer) = by_layer[0], by_layer[-1]
-        text += (f"; most shared in layer {hi_layer} ({100 * hi:.0f}%), least in layer {lo_layer} "
-                 f"({100 * lo:.0f}%)")
+        text += f"; most shared in layer {hi_layer} ({100 * hi:.0f}%), least in layer {lo_layer} ({100 * lo:.0f}%)"
     if len(result.checkpoints) > 1:
         then = pooled_overlap(first.modules, a, b)
         text += f"; {100 * then:.0f}% at {first.label}"
     return text
 
 
-def _checkpoint_overlap(ckpt: Checkpoint, parts: Sequence[Sequence[Magnitudes]],
-                        quantile: float) -> CheckpointOverlap:
+def _checkpoint_overlap(ckpt: Checkpoint, parts: Sequence[Sequence[Magnitudes]], quantile: float) -> CheckpointOverlap:
     modules = compare_tasks(parts, quantile=quantile, parse=ckpt.parse)
     if not modules:
-        raise CheckpointError(f"{ckpt.label}: no linear layer (torch Linear or GPT-2 Conv1D) to "
-                              "measure; expected a transformer LM")
-    return CheckpointOverlap(ckpt.label, ckpt.step, modules,
-                             tuple(sum(m.n_tokens for m in p) for p in parts))
+        raise CheckpointError(
+            f"{ckpt.label}: no linear layer (torch Linear or GPT-2 Conv1D) to measure; expected a transformer LM"
+        )
+    return CheckpointOverlap(ckpt.label, ckpt.step, modules, tuple(sum(m.n_tokens for m in p) for p in parts))
 
 
-def magnitude_overlap(checkpoints, probes: Sequence[Probe], *,
-                      settings: MagnitudeSettings = MagnitudeSettings(), runtime: Runtime = Runtime(),
-                      progress: ProgressFn | None = None,
-                      warn: Warn | None = None) -> MagnitudesResult:
+def magnitude_overlap(
+    checkpoints,
+    probes: Sequence[Probe],
+    *,
+    settings: MagnitudeSettings = MagnitudeSettings(),
+    runtime: Runtime = Runtime(),
+    progress: ProgressFn | None = None,
+    warn: Warn | None = None,
+) -> MagnitudesResult:
     """Per linear layer, how much the tasks' most driven output units overlap (MIGU).
 
     Args:
@@ -325,18 +365,38 @@ def magnitude_overlap(checkpoints, probes: Sequence[Probe], *,
     with runtime.threads_for(cks[0].n_params), timings.phase("magnitudes"):
         for ckpt in cks:
             model = load_model(ckpt, runtime)
-            parts = [[unit_magnitudes(model, enc, pad_id=pad_id, batch_size=runtime.batch_size,
-                                      include_head=settings.include_head, progress=progress,
-                                      label=f"{ckpt.label}: {task} ({k + 1}/{len(halves)})")
-                      for k, enc in enumerate(halves)] for task, halves in zip(tasks, encoded)]
+            parts = [
+                [
+                    unit_magnitudes(
+                        model,
+                        enc,
+                        pad_id=pad_id,
+                        batch_size=runtime.batch_size,
+                        include_head=settings.include_head,
+                        progress=progress,
+                        label=f"{ckpt.label}: {task} ({k + 1}/{len(halves)})",
+                    )
+                    for k, enc in enumerate(halves)
+                ]
+                for task, halves in zip(tasks, encoded)
+            ]
             del model
             skipped.update(name for p in parts for m in p for name in m.skipped)
             results.append(_checkpoint_overlap(ckpt, parts, settings.quantile))
     notes = []
     if skipped:
-        notes.append(f"{len(skipped)} linear layers whose output is not one vector per token "
-                     f"were left out (first: {min(skipped)})")
+        notes.append(
+            f"{len(skipped)} linear layers whose output is not one vector per token "
+            f"were left out (first: {min(skipped)})"
+        )
         if warn is not None:
             warn(notes[-1])
-    return MagnitudesResult(tasks, tuple(len(p) for p in probes), settings.quantile,
-                            settings.include_head, tuple(results), tuple(notes), dict(timings))
+    return MagnitudesResult(
+        tasks,
+        tuple(len(p) for p in probes),
+        settings.quantile,
+        settings.include_head,
+        tuple(results),
+        tuple(notes),
+        dict(timings),
+    )

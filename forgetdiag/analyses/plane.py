@@ -107,8 +107,7 @@ class ModelPlane:
         self.dx: list[torch.Tensor] = []
         self.dy: list[torch.Tensor] = []
 
-    def bind(self, param: torch.nn.Parameter, origin: torch.Tensor, dx: torch.Tensor,
-             dy: torch.Tensor) -> None:
+    def bind(self, param: torch.nn.Parameter, origin: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> None:
         """Hold ``origin``, ``dx``, ``dy`` for ``param`` in its dtype and on its device."""
         for values, t in ((self.origin, origin), (self.dx, dx), (self.dy, dy)):
             values.append(t.to(device=param.device, dtype=param.dtype))
@@ -139,8 +138,7 @@ class _Gram:
         for (co,) in _chunks(origin):
             self.origin_sq += _dot(co, co)
 
-    def add_point(self, k: int, origin: torch.Tensor, theta: torch.Tensor, dx: torch.Tensor,
-                  dy: torch.Tensor) -> None:
+    def add_point(self, k: int, origin: torch.Tensor, theta: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> None:
         for co, ct, cx, cy in _chunks(origin, theta, dx, dy):
             r = ct - co  # (chunk,) float64: exact for fp32/bf16/fp16 weights
             self.b[k] += (_dot(cx, r), _dot(cy, r))
@@ -151,7 +149,7 @@ def _chunks(*tensors: torch.Tensor):
     """Matching float64 chunks of flattened tensors (bounded memory for huge embeddings)."""
     flat = [t.reshape(-1) for t in tensors]
     for start in range(0, flat[0].numel(), _CHUNK):
-        yield tuple(f[start:start + _CHUNK].to(torch.float64) for f in flat)
+        yield tuple(f[start : start + _CHUNK].to(torch.float64) for f in flat)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -183,8 +181,10 @@ def filter_normalized(origin: torch.Tensor, tensor: TensorName, generator: torch
     return d * (o_norm / d_norm.clamp_min(torch.finfo(torch.float32).tiny))
 
 
-def parameter_targets(model: torch.nn.Module, names: Sequence[str],
-                      ) -> tuple[dict[str, torch.nn.Parameter], list[str]]:
+def parameter_targets(
+    model: torch.nn.Module,
+    names: Sequence[str],
+) -> tuple[dict[str, torch.nn.Parameter], list[str]]:
     """The model parameter each checkpoint tensor sets.
 
     Tied parameters are set once: the first name that reaches a parameter owns it, and later
@@ -214,13 +214,21 @@ def parameter_targets(model: torch.nn.Module, names: Sequence[str],
 def _same_shapes(check: SequenceCheck, what: str) -> None:
     if check.rows:
         name = next(iter(check.rows))
-        raise CheckpointError(f"{what}: {name} changes shape along the checkpoints (vocabulary "
-                              "resized); a loss plane needs every checkpoint to have the same shapes")
+        raise CheckpointError(
+            f"{what}: {name} changes shape along the checkpoints (vocabulary "
+            "resized); a loss plane needs every checkpoint to have the same shapes"
+        )
 
 
-def build_plane(model: torch.nn.Module, anchors: Sequence[Checkpoint], trajectory: Sequence[Checkpoint],
-                *, mode: str = RAW, seed: int = 0, progress: ProgressFn | None = None,
-                ) -> tuple[ModelPlane, PlaneInfo, list[Placement], list[str]]:
+def build_plane(
+    model: torch.nn.Module,
+    anchors: Sequence[Checkpoint],
+    trajectory: Sequence[Checkpoint],
+    *,
+    mode: str = RAW,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> tuple[ModelPlane, PlaneInfo, list[Placement], list[str]]:
     """Stream the anchors once: bind the plane to ``model`` and place ``trajectory`` on it.
 
     Args:
@@ -266,9 +274,11 @@ def build_plane(model: torch.nn.Module, anchors: Sequence[Checkpoint], trajector
         if param is not None:
             plane.bind(param, origin, dx, dy)
         elif bool(dx.any()) or bool(dy.any()):
-            raise CheckpointError(f"{tensor.name} changes between the landscape checkpoints but the "
-                                  f"loaded {type(model).__name__} has no parameter of that name or "
-                                  "those values; expected checkpoints that load into it as they are")
+            raise CheckpointError(
+                f"{tensor.name} changes between the landscape checkpoints but the "
+                f"loaded {type(model).__name__} has no parameter of that name or "
+                "those values; expected checkpoints that load into it as they are"
+            )
         else:
             binder.unbound.append(tensor.name)
         del origin, dx, dy
@@ -277,8 +287,9 @@ def build_plane(model: torch.nn.Module, anchors: Sequence[Checkpoint], trajector
     return plane, info, _placements(traj_gram, trajectory), binder.notes()
 
 
-def _directions(mode: str, values: Sequence[torch.Tensor], tensor: TensorName, settable: bool,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _directions(
+    mode: str, values: Sequence[torch.Tensor], tensor: TensorName, settable: bool, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """d_x and d_y of one tensor (float32): raw differences, or seeded random directions."""
     if mode == RAW:
         return values[1] - values[0], values[2] - values[1]  # d_y = Y_END - X_END
@@ -306,12 +317,17 @@ class _Binder:
     def param(self, name: str, origin: torch.Tensor) -> torch.nn.Parameter | None:
         if name in self.targets:
             return self.targets[name]
-        same = [(n, p) for n, p in self.free if tuple(p.shape) == tuple(origin.shape)
-                and torch.equal(p.detach().cpu(), origin.to(p.dtype))]
+        same = [
+            (n, p)
+            for n, p in self.free
+            if tuple(p.shape) == tuple(origin.shape) and torch.equal(p.detach().cpu(), origin.to(p.dtype))
+        ]
         if len(same) > 1:
-            raise CheckpointError(f"{name} has no parameter of that name in the loaded "
-                                  f"{type(self.model).__name__}, and {len(same)} parameters hold its "
-                                  f"values ({same[0][0]}, {same[1][0]}...): cannot tell which it sets")
+            raise CheckpointError(
+                f"{name} has no parameter of that name in the loaded "
+                f"{type(self.model).__name__}, and {len(same)} parameters hold its "
+                f"values ({same[0][0]}, {same[1][0]}...): cannot tell which it sets"
+            )
         if not same:
             return None
         self.free.remove(same[0])
@@ -322,19 +338,27 @@ class _Binder:
     def notes(self) -> list[str]:
         notes = []
         if self.renamed:
-            notes.append(f"{len(self.renamed)} checkpoint tensors are named differently in the loaded "
-                         f"model and were matched by their values ({', '.join(self.renamed[:3])})")
+            notes.append(
+                f"{len(self.renamed)} checkpoint tensors are named differently in the loaded "
+                f"model and were matched by their values ({', '.join(self.renamed[:3])})"
+            )
         if self.unbound:
-            notes.append(f"{len(self.unbound)} checkpoint tensors have no model parameter and do not "
-                         f"change between the landscape checkpoints (first: {self.unbound[0]})")
+            notes.append(
+                f"{len(self.unbound)} checkpoint tensors have no model parameter and do not "
+                f"change between the landscape checkpoints (first: {self.unbound[0]})"
+            )
         if self.aliases:
-            notes.append(f"{len(self.aliases)} tensors duplicate a tied parameter and are counted once "
-                         f"(first: {self.aliases[0]})")
+            notes.append(
+                f"{len(self.aliases)} tensors duplicate a tied parameter and are counted once "
+                f"(first: {self.aliases[0]})"
+            )
         bound = {id(p) for p in self.targets.values()}
         fixed = [n for n, p in self.model.named_parameters() if id(p) not in bound]
         if fixed:
-            notes.append(f"{len(fixed)} model parameters are not in the checkpoints and keep the "
-                         f"origin's values (first: {fixed[0]})")
+            notes.append(
+                f"{len(fixed)} model parameters are not in the checkpoints and keep the "
+                f"origin's values (first: {fixed[0]})"
+            )
         return notes
 
 
@@ -342,14 +366,20 @@ def require_directions(info: PlaneInfo) -> None:
     """Raise a CheckpointError naming the checkpoints when d_x or d_y is zero."""
     where = f"over all {info.n_params:,} parameters"
     if info.mode == RAW and info.norm_x == 0:
-        raise CheckpointError(f"X_END equals ORIGIN: d_x = X_END - ORIGIN is zero {where}; expected "
-                              "an X_END from later in the run (e.g. the first steps of the new task)")
+        raise CheckpointError(
+            f"X_END equals ORIGIN: d_x = X_END - ORIGIN is zero {where}; expected "
+            "an X_END from later in the run (e.g. the first steps of the new task)"
+        )
     if info.mode == RAW and info.norm_y == 0:
-        raise CheckpointError(f"Y_END equals X_END: d_y = Y_END - X_END is zero {where}; expected "
-                              "a Y_END from later in the run than X_END")
+        raise CheckpointError(
+            f"Y_END equals X_END: d_y = Y_END - X_END is zero {where}; expected "
+            "a Y_END from later in the run than X_END"
+        )
     if info.norm_x == 0 or info.norm_y == 0:
-        raise CheckpointError(f"a random direction is zero {where}: the origin has no 2-D weights "
-                              "to draw filter-normalized directions for")
+        raise CheckpointError(
+            f"a random direction is zero {where}: the origin has no 2-D weights "
+            "to draw filter-normalized directions for"
+        )
 
 
 def _info(gram: _Gram, mode: str, seed: int, origin: Checkpoint, names: Sequence[str]) -> PlaneInfo:
@@ -357,8 +387,15 @@ def _info(gram: _Gram, mode: str, seed: int, origin: Checkpoint, names: Sequence
     norm_x, norm_y = math.sqrt(g[0, 0]), math.sqrt(g[1, 1])
     cos = g[0, 1] / (norm_x * norm_y) if norm_x > 0 and norm_y > 0 else float("nan")
     n_params = sum(math.prod(origin.meta[n].shape) for n in names)
-    return PlaneInfo(mode, seed if mode == RANDOM else None, norm_x, norm_y,
-                     float(np.clip(cos, -1.0, 1.0)), n_params, math.sqrt(gram.origin_sq))
+    return PlaneInfo(
+        mode,
+        seed if mode == RANDOM else None,
+        norm_x,
+        norm_y,
+        float(np.clip(cos, -1.0, 1.0)),
+        n_params,
+        math.sqrt(gram.origin_sq),
+    )
 
 
 def _placements(gram: _Gram, trajectory: Sequence[Checkpoint]) -> list[Placement]:
@@ -367,15 +404,27 @@ def _placements(gram: _Gram, trajectory: Sequence[Checkpoint]) -> list[Placement
     g = gram.g
     det = g[0, 0] * g[1, 1] - g[0, 1] ** 2
     if not det > 1e-12 * g[0, 0] * g[1, 1]:  # sin^2 of the angle below 1e-12
-        raise CheckpointError("d_x and d_y are parallel (or zero) over the trajectory's shared "
-                              "tensors: the plane is a line and cannot place checkpoints; choose "
-                              "anchors whose updates point in different directions")
+        raise CheckpointError(
+            "d_x and d_y are parallel (or zero) over the trajectory's shared "
+            "tensors: the plane is a line and cannot place checkpoints; choose "
+            "anchors whose updates point in different directions"
+        )
     out = []
     for k, c in enumerate(trajectory):
         coords = np.linalg.solve(g, gram.b[k])  # (2,) least-squares alpha, beta
         # |r - D c|^2 = r.r - b.c at the least-squares solution; rounding can make it < 0
         residual = math.sqrt(max(0.0, gram.rr[k] - float(gram.b[k] @ coords)))
         distance = math.sqrt(gram.rr[k])
-        out.append(Placement(c.label, str(c.path), c.step, float(coords[0]), float(coords[1]),
-                             residual, residual / distance if distance > 0 else 0.0, distance))
+        out.append(
+            Placement(
+                c.label,
+                str(c.path),
+                c.step,
+                float(coords[0]),
+                float(coords[1]),
+                residual,
+                residual / distance if distance > 0 else 0.0,
+                distance,
+            )
+        )
     return out

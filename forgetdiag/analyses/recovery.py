@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from forgetdiag.analyses.verdict import Decision, Thresholds, decide, wilson_interval
+from forgetdiag.analyses.recovery_result import (
+    Example,
+    PointResult,
+    RecoveryResult,
+    Score,
+    summarise,
+)
+from forgetdiag.analyses.verdict import Thresholds, decide
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
 from forgetdiag.evaluate import Encoded, encode, generate_greedy, model_context, score
 from forgetdiag.models import load_model, shared_tokenizer
 from forgetdiag.probes import Probe, split_probe, with_chat_template
-from forgetdiag.results import Result, Timings
+from forgetdiag.results import Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
 from forgetdiag.storage import Checkpoint
 from forgetdiag.streaming import check_sequence
@@ -92,129 +99,6 @@ def default_lr(n_params: int, *, lora: bool = False) -> float:
     return 5e-6
 
 
-@dataclass(frozen=True)
-class Score:
-    """Accuracy of one model on the evaluation part, with its Wilson interval."""
-
-    exact_match: float
-    first_token: float
-    answer_loss: float
-    n: int
-    ci_low: float
-    ci_high: float
-
-    def value(self, metric: str) -> float:
-        return self.exact_match if metric == "exact_match" else self.first_token
-
-
-@dataclass(frozen=True)
-class Example:
-    """What a model says on one evaluation item, next to the expected answer."""
-
-    prompt: str
-    answer: str
-    after_says: str
-    recovered_says: str
-
-
-@dataclass(frozen=True)
-class PointResult:
-    """One after-checkpoint: its score and its score after recovery."""
-
-    label: str
-    step: int | None
-    after: Score
-    recovered: Score
-    decision: Decision
-    train_loss: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class RecoveryResult(Result):
-    """Everything ``forgetdiag recover`` computed; ``to_dict()`` is its JSON."""
-
-    analysis = "recover"
-    before: str
-    after: str
-    control: str | None
-    probe: str
-    n_recovery: int
-    n_eval: int
-    metric: str
-    scores: dict[str, Score | None]
-    decision: Decision
-    settings: RecoverySettings
-    lr: float
-    steps: int
-    sequence: tuple[PointResult, ...] = ()
-    examples: tuple[Example, ...] = ()
-    warnings: tuple[str, ...] = ()
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def verdict(self) -> str:
-        return self.decision.verdict
-
-    def accuracy(self) -> dict[str, float | None]:
-        """The verdict metric per model: before, after, recovered, control, control_recovered."""
-        return {k: (s.value(self.metric) if s is not None else None) for k, s in self.scores.items()}
-
-    def summary(self) -> str:
-        return summary_text(self)
-
-    def body(self) -> dict:
-        d = self.decision
-        settings = asdict(self.settings)
-        thresholds = settings.pop("thresholds")
-        return {
-            "verdict": d.verdict, "supported": d.supported, "reason": d.reason,
-            "metric": self.metric, "accuracy": self.accuracy(),
-            "forgetting": d.forgetting, "alignment_loss": d.alignment_loss,
-            "knowledge_loss": d.knowledge_loss, "control_gain": d.control_gain,
-            "spurious_fraction": d.spurious_fraction, "noise_floor": d.noise_floor,
-            "scores": {k: (asdict(s) if s else None) for k, s in self.scores.items()},
-            "checkpoints": {"before": self.before, "after": self.after, "control": self.control},
-            "probe": self.probe, "n_recovery": self.n_recovery, "n_eval": self.n_eval,
-            "recovery": {**settings, "lr": self.lr, "steps": self.steps},
-            "thresholds": thresholds,
-            "sequence": [{"checkpoint": p.label, "step": p.step,
-                          "accuracy": p.after.value(self.metric),
-                          "recovered": p.recovered.value(self.metric), "verdict": p.decision.verdict,
-                          "spurious_fraction": p.decision.spurious_fraction,
-                          "after": asdict(p.after), "recovered_scores": asdict(p.recovered)}
-                         for p in self.sequence],
-            "examples": [asdict(e) for e in self.examples],
-        }
-
-
-def summary_text(result: RecoveryResult) -> str:
-    """The verdict in words a user understands, with the numbers behind it."""
-    acc, d = result.accuracy(), result.decision
-    pct = lambda x: f"{100 * x:.0f}%"
-    control = (f"; the control reaches {pct(acc['control_recovered'])}"
-               if acc["control_recovered"] is not None else "; no control was given, so the "
-               "recovery budget's own effect is unknown")
-    shots = f"{result.n_recovery} examples bring accuracy back from {pct(acc['after'])} to {pct(acc['recovered'])}"
-    if d.verdict == "none":
-        text = (f"no forgetting: accuracy went from {pct(acc['before'])} to {pct(acc['after'])}, "
-                f"within the noise floor of {d.noise_floor:.3f} for {result.n_eval} items")
-    elif d.verdict == "spurious":
-        text = f"spurious forgetting: the old knowledge is intact; {shots} (before: {pct(acc['before'])}){control}"
-    elif d.verdict == "real":
-        text = (f"real forgetting: the old knowledge is gone; {shots} only (before: "
-                f"{pct(acc['before'])}){control}")
-    else:
-        text = (f"mixed forgetting: part alignment, part knowledge; {shots} (before: "
-                f"{pct(acc['before'])}){control}")
-    return text if d.supported else f"{text} ({d.reason})"
-
-
-def _summarise(scores, metric: str, confidence: float) -> Score:
-    acc = scores.exact_match if metric == "exact_match" else scores.first_token_accuracy
-    low, high = wilson_interval(acc, scores.n, confidence)
-    return Score(scores.exact_match, scores.first_token_accuracy, scores.answer_loss, scores.n, low, high)
-
-
 @dataclass
 class _Context:
     """What every model run of one recovery needs (built once)."""
@@ -233,9 +117,8 @@ class _Context:
 
 
 def _score(model, ctx: _Context) -> Score:
-    scores = score(model, ctx.evaluation, pad_id=ctx.pad_id, batch_size=ctx.runtime.batch_size,
-                   progress=ctx.progress)
-    return _summarise(scores, ctx.settings.metric, ctx.settings.thresholds.confidence)
+    scores = score(model, ctx.evaluation, pad_id=ctx.pad_id, batch_size=ctx.runtime.batch_size, progress=ctx.progress)
+    return summarise(scores, ctx.settings.metric, ctx.settings.thresholds.confidence)
 
 
 def _fine_tune(model, ctx: _Context) -> tuple[object, list[float]]:
@@ -246,24 +129,33 @@ def _fine_tune(model, ctx: _Context) -> tuple[object, list[float]]:
         except ImportError:
             raise CheckpointError("--lora needs peft: pip install 'forgetdiag[peft]'") from None
         r = ctx.settings.lora_rank
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                                 target_modules="all-linear"))
-    config = TrainConfig(max_steps=ctx.steps, lr=ctx.lr, seed=ctx.settings.seed,
-                         batch_size=min(ctx.settings.batch_size, len(ctx.recovery)))
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
+    config = TrainConfig(
+        max_steps=ctx.steps,
+        lr=ctx.lr,
+        seed=ctx.settings.seed,
+        batch_size=min(ctx.settings.batch_size, len(ctx.recovery)),
+    )
     losses = train(model, ctx.recovery, config, pad_id=ctx.pad_id, progress=ctx.progress)
     return model, losses
 
 
 def _says(model, ctx: _Context, k: int) -> list[str]:
     items = ctx.evaluation[:k]
-    said = generate_greedy(model, items, pad_id=ctx.pad_id, eos_id=ctx.tokenizer.eos_token_id,
-                           batch_size=ctx.runtime.batch_size)
+    said = generate_greedy(
+        model, items, pad_id=ctx.pad_id, eos_id=ctx.tokenizer.eos_token_id, batch_size=ctx.runtime.batch_size
+    )
     return [ctx.tokenizer.decode(s, skip_special_tokens=True) for s in said]
 
 
-def _after_point(checkpoint: Checkpoint, ctx: _Context, before: Score,
-                 control: Score | None, control_recovered: Score | None,
-                 want_examples: bool) -> tuple[PointResult, tuple[Example, ...]]:
+def _after_point(
+    checkpoint: Checkpoint,
+    ctx: _Context,
+    before: Score,
+    control: Score | None,
+    control_recovered: Score | None,
+    want_examples: bool,
+) -> tuple[PointResult, tuple[Example, ...]]:
     with ctx.timings.phase("evaluation"):
         model = load_model(checkpoint, ctx.runtime)
         after = _score(model, ctx)
@@ -273,19 +165,28 @@ def _after_point(checkpoint: Checkpoint, ctx: _Context, before: Score,
         recovered = _score(model, ctx)
         redo = _says(model, ctx, ctx.settings.examples) if want_examples else []
     metric = ctx.settings.metric
-    decision = decide(before=before.value(metric), after=after.value(metric),
-                      recovered=recovered.value(metric), n_eval=after.n,
-                      control=control.value(metric) if control else None,
-                      control_recovered=control_recovered.value(metric) if control_recovered else None,
-                      thresholds=ctx.settings.thresholds)
+    decision = decide(
+        before=before.value(metric),
+        after=after.value(metric),
+        recovered=recovered.value(metric),
+        n_eval=after.n,
+        control=control.value(metric) if control else None,
+        control_recovered=control_recovered.value(metric) if control_recovered else None,
+        thresholds=ctx.settings.thresholds,
+    )
     examples = tuple(Example(i.prompt, i.answer, a, r) for i, a, r in zip(ctx.eval_items, said, redo))
-    return (PointResult(checkpoint.label, checkpoint.step, after, recovered, decision, tuple(losses)),
-            examples)
+    return (PointResult(checkpoint.label, checkpoint.step, after, recovered, decision, tuple(losses)), examples)
 
 
-def _prepare(before: Checkpoint, others: Sequence[Checkpoint], probe: Probe,
-             recovery_probe: Probe | None, settings: RecoverySettings, runtime: Runtime,
-             warn: Warn | None) -> tuple[object, Probe, Probe, list[Encoded], list[Encoded]]:
+def _prepare(
+    before: Checkpoint,
+    others: Sequence[Checkpoint],
+    probe: Probe,
+    recovery_probe: Probe | None,
+    settings: RecoverySettings,
+    runtime: Runtime,
+    warn: Warn | None,
+) -> tuple[object, Probe, Probe, list[Encoded], list[Encoded]]:
     tokenizer = shared_tokenizer([before, *others], runtime)
     if runtime.chat_template:
         probe = with_chat_template(probe, tokenizer)
@@ -296,23 +197,38 @@ def _prepare(before: Checkpoint, others: Sequence[Checkpoint], probe: Probe,
         ev = split_probe(probe, n_recovery=0, n_eval=settings.n_eval, seed=settings.seed)[1]
         shared = {i.group for i in ev.items if i.group is not None} & {i.group for i in recovery_probe.items}
         if shared:
-            raise ProbeError(f"the recovery probe shares {len(shared)} groups with the evaluation "
-                             f"probe (e.g. {sorted(shared)[0]!r}); expected disjoint entities")
-        rec = recovery_probe if settings.shots is None else split_probe(
-            recovery_probe, n_recovery=settings.shots, seed=settings.seed)[0]
+            raise ProbeError(
+                f"the recovery probe shares {len(shared)} groups with the evaluation "
+                f"probe (e.g. {sorted(shared)[0]!r}); expected disjoint entities"
+            )
+        rec = (
+            recovery_probe
+            if settings.shots is None
+            else split_probe(recovery_probe, n_recovery=settings.shots, seed=settings.seed)[0]
+        )
     if not len(rec) or not len(ev):
-        raise ProbeError(f"probe {probe.name}: {len(probe)} rows in {len(probe.groups)} groups leave "
-                         f"{len(rec)} for recovery and {len(ev)} for evaluation; expected both non-empty")
+        raise ProbeError(
+            f"probe {probe.name}: {len(probe)} rows in {len(probe.groups)} groups leave "
+            f"{len(rec)} for recovery and {len(ev)} for evaluation; expected both non-empty"
+        )
     context = model_context(before.config)
     enc = lambda p: encode(tokenizer, p, max_length=context, truncate=runtime.truncate_prompts, warn=warn)
     return tokenizer, rec, ev, enc(rec), enc(ev)
 
 
-def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
-            control: str | Path | Checkpoint | None = None, recovery_probe: Probe | None = None,
-            at: str | Path | Checkpoint | None = None, settings: RecoverySettings = RecoverySettings(),
-            runtime: Runtime = Runtime(), progress: ProgressFn | None = None,
-            warn: Warn | None = None) -> RecoveryResult:
+def recover(
+    before: str | Path | Checkpoint,
+    after,
+    probe: Probe,
+    *,
+    control: str | Path | Checkpoint | None = None,
+    recovery_probe: Probe | None = None,
+    at: str | Path | Checkpoint | None = None,
+    settings: RecoverySettings = RecoverySettings(),
+    runtime: Runtime = Runtime(),
+    progress: ProgressFn | None = None,
+    warn: Warn | None = None,
+) -> RecoveryResult:
     """Is the forgetting from BEFORE to AFTER spurious or real?
 
     Args:
@@ -346,17 +262,28 @@ def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
     check_sequence(everything)
     notes = []
     if control_ckpt is not None and any(control_ckpt.path.resolve() == a.path.resolve() for a in afters):
-        notes.append("the control is the same checkpoint as AFTER: it cannot measure what the "
-                     "recovery budget teaches by itself")
+        notes.append(
+            "the control is the same checkpoint as AFTER: it cannot measure what the recovery budget teaches by itself"
+        )
         warn(notes[-1])
-    tokenizer, rec, ev, rec_enc, ev_enc = _prepare(before_ckpt, everything[1:], probe,
-                                                   recovery_probe, settings, runtime, warn)
+    tokenizer, rec, ev, rec_enc, ev_enc = _prepare(
+        before_ckpt, everything[1:], probe, recovery_probe, settings, runtime, warn
+    )
     n_params = before_ckpt.n_params
-    ctx = _Context(runtime, settings, tokenizer, rec_enc, ev_enc, ev.items,
-                   tokenizer.pad_token_id, progress,
-                   lr=settings.lr or default_lr(n_params, lora=settings.lora))
-    ctx.steps = max(settings.epochs * math.ceil(len(rec_enc) / min(settings.batch_size, len(rec_enc))),
-                    settings.min_steps)
+    ctx = _Context(
+        runtime,
+        settings,
+        tokenizer,
+        rec_enc,
+        ev_enc,
+        ev.items,
+        tokenizer.pad_token_id,
+        progress,
+        lr=settings.lr or default_lr(n_params, lora=settings.lora),
+    )
+    ctx.steps = max(
+        settings.epochs * math.ceil(len(rec_enc) / min(settings.batch_size, len(rec_enc))), settings.min_steps
+    )
     with runtime.threads_for(n_params):
         with ctx.timings.phase("evaluation"):
             before_score = _score(load_model(before_ckpt, runtime), ctx)
@@ -369,21 +296,38 @@ def recover(before: str | Path | Checkpoint, after, probe: Probe, *,
                 del model
         points, examples = [], ()
         for k, ckpt in enumerate(afters):
-            point, ex = _after_point(ckpt, ctx, before_score, control_score, control_rec,
-                                     want_examples=k == len(afters) - 1)
+            point, ex = _after_point(
+                ckpt, ctx, before_score, control_score, control_rec, want_examples=k == len(afters) - 1
+            )
             points.append(point)
             examples = ex or examples
     head = _headline(afters, at, runtime)
     last = points[head]
-    scores = {"before": before_score, "after": last.after, "recovered": last.recovered,
-              "control": control_score, "control_recovered": control_rec}
+    scores = {
+        "before": before_score,
+        "after": last.after,
+        "recovered": last.recovered,
+        "control": control_score,
+        "control_recovered": control_rec,
+    }
     return RecoveryResult(
-        before=before_ckpt.label, after=afters[head].label,
-        control=control_ckpt.label if control_ckpt else None, probe=probe.name,
-        n_recovery=len(rec), n_eval=len(ev), metric=settings.metric, scores=scores,
-        decision=last.decision, settings=settings, lr=ctx.lr,
-        steps=ctx.steps, sequence=tuple(points) if len(points) > 1 else (),
-        examples=examples, warnings=tuple(notes), timings=dict(ctx.timings))
+        before=before_ckpt.label,
+        after=afters[head].label,
+        control=control_ckpt.label if control_ckpt else None,
+        probe=probe.name,
+        n_recovery=len(rec),
+        n_eval=len(ev),
+        metric=settings.metric,
+        scores=scores,
+        decision=last.decision,
+        settings=settings,
+        lr=ctx.lr,
+        steps=ctx.steps,
+        sequence=tuple(points) if len(points) > 1 else (),
+        examples=examples,
+        warnings=tuple(notes),
+        timings=dict(ctx.timings),
+    )
 
 
 def _headline(afters: Sequence[Checkpoint], at, runtime: Runtime) -> int:
@@ -394,5 +338,4 @@ def _headline(afters: Sequence[Checkpoint], at, runtime: Runtime) -> int:
     for k, ckpt in enumerate(afters):
         if ckpt.path.resolve() == target:
             return k
-    raise CheckpointError(f"{at} is not among the AFTER checkpoints "
-                          f"({', '.join(c.label for c in afters)})")
+    raise CheckpointError(f"{at} is not among the AFTER checkpoints ({', '.join(c.label for c in afters)})")

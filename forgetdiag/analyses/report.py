@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from forgetdiag._version import __version__
-from forgetdiag.analyses.recovery import RecoveryResult, RecoverySettings, recover, summary_text
+from forgetdiag.analyses.recovery import RecoverySettings, recover
+from forgetdiag.analyses.recovery_result import RecoveryResult, summary_text
 from forgetdiag.checkpoints import fingerprint, resolve_checkpoints
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.models import preload_classes
@@ -37,12 +38,12 @@ ANALYSES = ("recover", "angles", "landscape", "features")
 
 ADVICE = {
     "spurious": "Cheap to fix: a few old-task examples re-align the model; during the next "
-                "task, freeze the input embedding and the bottom layers that hold the change "
-                "(`forgetdiag advise RUN` measures how many and prints the code).",
+    "task, freeze the input embedding and the bottom layers that hold the change "
+    "(`forgetdiag advise RUN` measures how many and prints the code).",
     "real": "The old knowledge itself is gone: replay old-task data or retrain; re-alignment "
-            "alone will not bring it back.",
+    "alone will not bring it back.",
     "mixed": "Part alignment, part knowledge: re-align with a few examples, and replay "
-             "old-task data for what does not come back.",
+    "old-task data for what does not come back.",
     "none": "No forgetting beyond the noise floor of the probe.",
 }
 
@@ -133,13 +134,22 @@ class ReportResult(Result):
     def body(self) -> dict:
         part = lambda r: r.to_dict() if r is not None else None
         return {
-            "run": {"name": self.spec.name, "description": self.spec.description,
-                    "file": str(self.spec.path), "expected_verdict": self.spec.expected_verdict},
-            "verdict": self.verdict, "advice": self.advice(),
-            "recover": part(self.recovery), "angles": part(self.angles),
-            "landscape": part(self.landscape), "features": part(self.features),
-            "skipped": self.skipped, "fingerprints": list(self.fingerprints),
-            "command": self.command, "forgetdiag_version": self.version,
+            "run": {
+                "name": self.spec.name,
+                "description": self.spec.description,
+                "file": str(self.spec.path),
+                "expected_verdict": self.spec.expected_verdict,
+            },
+            "verdict": self.verdict,
+            "advice": self.advice(),
+            "recover": part(self.recovery),
+            "angles": part(self.angles),
+            "landscape": part(self.landscape),
+            "features": part(self.features),
+            "skipped": self.skipped,
+            "fingerprints": list(self.fingerprints),
+            "command": self.command,
+            "forgetdiag_version": self.version,
         }
 
 
@@ -150,9 +160,15 @@ def _sample(probe: Probe, n: int, seed: int) -> Probe:
     return replace(split_probe(probe, n_recovery=0, n_eval=n, seed=seed)[1], name=probe.name)
 
 
-def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
-                 runtime: Runtime = Runtime(), command: str = "",
-                 progress: ProgressFn | None = None, warn: Warn | None = None) -> ReportResult:
+def build_report(
+    spec: RunSpec,
+    *,
+    settings: ReportSettings = ReportSettings(),
+    runtime: Runtime = Runtime(),
+    command: str = "",
+    progress: ProgressFn | None = None,
+    warn: Warn | None = None,
+) -> ReportResult:
     """Run every analysis whose inputs ``spec`` provides.
 
     Args:
@@ -187,21 +203,42 @@ def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
     if spec.after is not None and spec.after.resolve() not in {c.path.resolve() for c in run}:
         afters.append(spec.after)
     no_triple = triple if isinstance(triple, str) else None
-    surface_probes = [_sample(p, settings.landscape_items, settings.seed)
-                      for k, p in probes.items() if k in ("old", "new")]
+    surface_probes = [
+        _sample(p, settings.landscape_items, settings.seed) for k, p in probes.items() if k in ("old", "new")
+    ]
 
     def run_recover() -> None:
-        attempt("recover", _missing_recover(spec, old), lambda: recover(
-            spec.before, afters, old, control=spec.control, recovery_probe=probes.get("recovery"),
-            at=spec.after, settings=settings.recovery, runtime=runtime, progress=progress, warn=warn))
+        attempt(
+            "recover",
+            _missing_recover(spec, old),
+            lambda: recover(
+                spec.before,
+                afters,
+                old,
+                control=spec.control,
+                recovery_probe=probes.get("recovery"),
+                at=spec.after,
+                settings=settings.recovery,
+                runtime=runtime,
+                progress=progress,
+                warn=warn,
+            ),
+        )
 
     def run_others(progress: ProgressFn | None) -> None:
         attempt("angles", no_triple, lambda: _angles(triple, settings, runtime, progress))
-        attempt("landscape", no_triple or (None if surface_probes else "no probe in the run file"),
-                lambda: _landscape(triple, surface_probes, run, settings, runtime, progress, warn))
-        attempt("features", no_triple or (None if old else "no old-task probe ([probes] old)"),
-                lambda: _features(triple, _sample(old, settings.feature_items, settings.seed),
-                                  settings, runtime, progress, warn))
+        attempt(
+            "landscape",
+            no_triple or (None if surface_probes else "no probe in the run file"),
+            lambda: _landscape(triple, surface_probes, run, settings, runtime, progress, warn),
+        )
+        attempt(
+            "features",
+            no_triple or (None if old else "no old-task probe ([probes] old)"),
+            lambda: _features(
+                triple, _sample(old, settings.feature_items, settings.seed), settings, runtime, progress, warn
+            ),
+        )
 
     start = time.perf_counter()
     if settings.overlap and _can_overlap(run or triple, runtime) and "recover" not in settings.skip:
@@ -215,10 +252,19 @@ def build_report(spec: RunSpec, *, settings: ReportSettings = ReportSettings(),
     for p in (spec.before, spec.after, spec.control):
         if p is not None and p.resolve() not in everything:
             everything.update({c.path.resolve(): c for c in resolve_checkpoints(p, runtime)})
-    return ReportResult(spec, results.get("recover"), results.get("angles"),
-                        results.get("landscape"), results.get("features"), skipped,
-                        tuple(fingerprint(c) for c in everything.values()), settings,
-                        command=command, warnings=tuple(notes), timings={**timings, "total": wall})
+    return ReportResult(
+        spec,
+        results.get("recover"),
+        results.get("angles"),
+        results.get("landscape"),
+        results.get("features"),
+        skipped,
+        tuple(fingerprint(c) for c in everything.values()),
+        settings,
+        command=command,
+        warnings=tuple(notes),
+        timings={**timings, "total": wall},
+    )
 
 
 def _can_overlap(checkpoints, runtime: Runtime) -> bool:
@@ -229,12 +275,17 @@ def _can_overlap(checkpoints, runtime: Runtime) -> bool:
     """
     if isinstance(checkpoints, str) or not checkpoints or (os.cpu_count() or 1) < 2:
         return False
-    return (runtime.torch_device.type == "cpu" and runtime.threads in (None, 1)
-            and runtime.dtype == "float32" and runtime.auto_threads(checkpoints[0].n_params) == 1)
+    return (
+        runtime.torch_device.type == "cpu"
+        and runtime.threads in (None, 1)
+        and runtime.dtype == "float32"
+        and runtime.auto_threads(checkpoints[0].n_params) == 1
+    )
 
 
-def _overlapped(main: Callable[[], None], side: Callable[[ProgressFn | None], None],
-                progress: ProgressFn | None) -> None:
+def _overlapped(
+    main: Callable[[], None], side: Callable[[ProgressFn | None], None], progress: ProgressFn | None
+) -> None:
     """``main()`` here and ``side(progress)`` in a second thread (torch ops release the GIL).
 
     If ``main`` fails, the side thread stops at its next progress call; its errors re-raise here.
@@ -272,20 +323,19 @@ def _missing_recover(spec: RunSpec, old: Probe | None) -> str | None:
 def _angles(triple, settings: ReportSettings, runtime: Runtime, progress):
     from forgetdiag.analyses.angles import AngleSettings, compute_angles
 
-    return compute_angles(triple, settings=AngleSettings(rank=settings.rank), runtime=runtime,
-                          progress=progress)
+    return compute_angles(triple, settings=AngleSettings(rank=settings.rank), runtime=runtime, progress=progress)
 
 
 def _landscape(triple, probes, run, settings: ReportSettings, runtime: Runtime, progress, warn):
     from forgetdiag.analyses.landscape import LandscapeSettings, landscape
 
     grid = LandscapeSettings(grid=(settings.grid, settings.grid))
-    return landscape(*triple, probes, trajectory=run, settings=grid, runtime=runtime,
-                     progress=progress, warn=warn)
+    return landscape(*triple, probes, trajectory=run, settings=grid, runtime=runtime, progress=progress, warn=warn)
 
 
 def _features(triple, probe, settings: ReportSettings, runtime: Runtime, progress, warn):
     from forgetdiag.analyses.features import FeatureSettings, feature_shifts
 
-    return feature_shifts(triple, probe, settings=FeatureSettings(seed=settings.seed),
-                          runtime=runtime, progress=progress, warn=warn)
+    return feature_shifts(
+        triple, probe, settings=FeatureSettings(seed=settings.seed), runtime=runtime, progress=progress, warn=warn
+    )

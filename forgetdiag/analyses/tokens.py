@@ -133,24 +133,33 @@ class TokensResult(Result):
         lp = self.logprobs()
         below = int((lp < math.log(self.threshold)).sum())
         quant = np.quantile(lp, [0.1, 0.25, 0.5]) if lp.size else [math.nan] * 3
-        return {"n_examples": len(self.examples), "n_tokens": int(lp.size), "n_below": below,
-                "share_below": below / lp.size if lp.size else math.nan,
-                "examples_with_hard_token": sum(bool(e.hard(self.threshold).any()) for e in self.examples),
-                "mean_logprob": float(lp.mean()) if lp.size else math.nan,
-                "logprob_p10": float(quant[0]), "logprob_p25": float(quant[1]),
-                "median_logprob": float(quant[2])}
+        return {
+            "n_examples": len(self.examples),
+            "n_tokens": int(lp.size),
+            "n_below": below,
+            "share_below": below / lp.size if lp.size else math.nan,
+            "examples_with_hard_token": sum(bool(e.hard(self.threshold).any()) for e in self.examples),
+            "mean_logprob": float(lp.mean()) if lp.size else math.nan,
+            "logprob_p10": float(quant[0]),
+            "logprob_p25": float(quant[1]),
+            "median_logprob": float(quant[2]),
+        }
 
     def hardest_tokens(self, k: int | None = None) -> list[HardToken]:
         """The ``k`` (default ``top``) completion tokens of lowest log-probability."""
-        found = [HardToken(e.index, e.n_prompt + j, e.pieces[e.n_prompt + j], lp, e.expected[j])
-                 for e in self.examples for j, lp in enumerate(e.logprobs) if not math.isnan(lp)]
+        found = [
+            HardToken(e.index, e.n_prompt + j, e.pieces[e.n_prompt + j], lp, e.expected[j])
+            for e in self.examples
+            for j, lp in enumerate(e.logprobs)
+            if not math.isnan(lp)
+        ]
         found.sort(key=lambda t: (t.logprob, t.example, t.position))
-        return found[:self.top if k is None else k]
+        return found[: self.top if k is None else k]
 
     def hardest_examples(self, k: int | None = None) -> list[TokenExample]:
         """The ``k`` rows of lowest mean completion log-probability."""
         scored = [e for e in self.examples if not math.isnan(e.mean_logprob())]
-        return sorted(scored, key=lambda e: (e.mean_logprob(), e.index))[:self.top if k is None else k]
+        return sorted(scored, key=lambda e: (e.mean_logprob(), e.index))[: self.top if k is None else k]
 
     def frequent_hard(self, k: int | None = None) -> list[dict]:
         """Token strings most often below the threshold: count, occurrences, mean log-prob."""
@@ -164,26 +173,37 @@ class TokensResult(Result):
                 total[token] = total.get(token, 0.0) + lp
                 hard[token] += lp < math.log(self.threshold)
         ranked = sorted((t for t in hard if hard[t]), key=lambda t: (-hard[t], total[t] / seen[t], t))
-        return [{"token": t, "hard": hard[t], "occurrences": seen[t], "mean_logprob": total[t] / seen[t]}
-                for t in ranked[:self.top if k is None else k]]
+        return [
+            {"token": t, "hard": hard[t], "occurrences": seen[t], "mean_logprob": total[t] / seen[t]}
+            for t in ranked[: self.top if k is None else k]
+        ]
 
     def summary(self) -> str:
         return summary_text(self)
 
     def body(self) -> dict:
         def example_row(e: TokenExample) -> dict:
-            return {"index": e.index, "prompt": e.prompt, "answer": e.answer,
-                    "n_tokens": sum(not math.isnan(x) for x in e.logprobs),
-                    "n_below": int(e.hard(self.threshold).sum()), "mean_logprob": e.mean_logprob(),
-                    "min_logprob": min((x for x in e.logprobs if not math.isnan(x)), default=math.nan),
-                    "old_model_expects": e.expected_text}
+            return {
+                "index": e.index,
+                "prompt": e.prompt,
+                "answer": e.answer,
+                "n_tokens": sum(not math.isnan(x) for x in e.logprobs),
+                "n_below": int(e.hard(self.threshold).sum()),
+                "mean_logprob": e.mean_logprob(),
+                "min_logprob": min((x for x in e.logprobs if not math.isnan(x)), default=math.nan),
+                "old_model_expects": e.expected_text,
+            }
 
-        return {"checkpoint": self.checkpoint, "data": self.data,
-                "threshold": self.threshold, **self.stats(),
-                "hardest_tokens": [vars(t) for t in self.hardest_tokens()],
-                "hardest_examples": [example_row(e) for e in self.hardest_examples()],
-                "frequent_hard_tokens": self.frequent_hard(),
-                "examples": [example_row(e) for e in self.examples]}
+        return {
+            "checkpoint": self.checkpoint,
+            "data": self.data,
+            "threshold": self.threshold,
+            **self.stats(),
+            "hardest_tokens": [vars(t) for t in self.hardest_tokens()],
+            "hardest_examples": [example_row(e) for e in self.hardest_examples()],
+            "frequent_hard_tokens": self.frequent_hard(),
+            "examples": [example_row(e) for e in self.examples],
+        }
 
 
 def summary_text(result: TokensResult) -> str:
@@ -191,10 +211,12 @@ def summary_text(result: TokensResult) -> str:
     s = result.stats()
     if not s["n_tokens"]:
         return f"no completion token of {result.data} could be scored"
-    return (f"{100 * s['share_below']:.1f}% of the {s['n_tokens']} answer tokens (EOS included) of "
-            f"{result.data} have p < {result.threshold:g} under {result.checkpoint}; "
-            f"{s['examples_with_hard_token']} of {s['n_examples']} examples hold at least one; "
-            f"median p = {math.exp(s['median_logprob']):.3g}, mean log-prob {s['mean_logprob']:.2f}")
+    return (
+        f"{100 * s['share_below']:.1f}% of the {s['n_tokens']} answer tokens (EOS included) of "
+        f"{result.data} have p < {result.threshold:g} under {result.checkpoint}; "
+        f"{s['examples_with_hard_token']} of {s['n_examples']} examples hold at least one; "
+        f"median p = {math.exp(s['median_logprob']):.3g}, mean log-prob {s['mean_logprob']:.2f}"
+    )
 
 
 def mask_records(result: TokensResult) -> list[dict]:
@@ -211,19 +233,35 @@ def mask_records(result: TokensResult) -> list[dict]:
     for e in result.examples:
         hard = e.hard(result.threshold)  # (C,)
         keep = [True] * e.n_prompt + [not h for h in hard.tolist()]
-        labels = [IGNORE] * e.n_prompt + [i if k else IGNORE for i, k in
-                                          zip(e.input_ids[e.n_prompt:], keep[e.n_prompt:])]
+        labels = [IGNORE] * e.n_prompt + [
+            i if k else IGNORE for i, k in zip(e.input_ids[e.n_prompt :], keep[e.n_prompt :])
+        ]
         logprobs = [None] * e.n_prompt + [x if math.isfinite(x) else None for x in e.logprobs]
-        rows.append({"index": e.index, "prompt": e.prompt, "answer": e.answer,
-                     "n_prompt": e.n_prompt, "input_ids": list(e.input_ids),
-                     "tokens": list(e.tokens), "logprobs": logprobs, "keep": keep,
-                     "labels": labels})
+        rows.append(
+            {
+                "index": e.index,
+                "prompt": e.prompt,
+                "answer": e.answer,
+                "n_prompt": e.n_prompt,
+                "input_ids": list(e.input_ids),
+                "tokens": list(e.tokens),
+                "logprobs": logprobs,
+                "keep": keep,
+                "labels": labels,
+            }
+        )
     return rows
 
 
-def token_difficulty(old: str | Path | Checkpoint, data: Probe, *,
-                     settings: TokenSettings = TokenSettings(), runtime: Runtime = Runtime(),
-                     progress: ProgressFn | None = None, warn: Warn | None = None) -> TokensResult:
+def token_difficulty(
+    old: str | Path | Checkpoint,
+    data: Probe,
+    *,
+    settings: TokenSettings = TokenSettings(),
+    runtime: Runtime = Runtime(),
+    progress: ProgressFn | None = None,
+    warn: Warn | None = None,
+) -> TokensResult:
     """Per-token log-probabilities of the new task's answers under the old model.
 
     Args:
@@ -248,22 +286,33 @@ def token_difficulty(old: str | Path | Checkpoint, data: Probe, *,
     tokenizer = load_tokenizer(ckpt, runtime)
     if runtime.chat_template:
         data = with_chat_template(data, tokenizer)
-    encoded = encode(tokenizer, data, max_length=model_context(ckpt.config),
-                     truncate=runtime.truncate_prompts, warn=warn)
+    encoded = encode(
+        tokenizer, data, max_length=model_context(ckpt.config), truncate=runtime.truncate_prompts, warn=warn
+    )
     timings = Timings()
     with runtime.threads_for(ckpt.n_params), timings.phase("scoring"):
         model = load_model(ckpt, runtime)
-        logprobs, predicted = token_logprobs(model, encoded, pad_id=tokenizer.pad_token_id,
-                                             batch_size=runtime.batch_size, progress=progress)
+        logprobs, predicted = token_logprobs(
+            model, encoded, pad_id=tokenizer.pad_token_id, batch_size=runtime.batch_size, progress=progress
+        )
         del model
     piece = functools.lru_cache(maxsize=None)(lambda i: tokenizer.decode([i]))
     examples = []
     for k, (item, enc) in enumerate(zip(data.items, encoded)):
         ids = enc.prompt_ids + enc.completion_ids
         said = predicted[k].tolist()
-        examples.append(TokenExample(
-            k, item.prompt, item.answer, ids, tuple(tokenizer.convert_ids_to_tokens(list(ids))),
-            tuple(piece(i) for i in ids), len(enc.prompt_ids), tuple(logprobs[k].tolist()),
-            tuple(piece(i) for i in said), tokenizer.decode(said)))
-    return TokensResult(ckpt.label, data.name, settings.threshold, settings.top, tuple(examples),
-                        timings=dict(timings))
+        examples.append(
+            TokenExample(
+                k,
+                item.prompt,
+                item.answer,
+                ids,
+                tuple(tokenizer.convert_ids_to_tokens(list(ids))),
+                tuple(piece(i) for i in ids),
+                len(enc.prompt_ids),
+                tuple(logprobs[k].tolist()),
+                tuple(piece(i) for i in said),
+                tokenizer.decode(said),
+            )
+        )
+    return TokensResult(ckpt.label, data.name, settings.threshold, settings.top, tuple(examples), timings=dict(timings))

@@ -49,8 +49,10 @@ class Thresholds:
         check_number("confidence", self.confidence, low=0, high=1, low_open=True, high_open=True)
         check_number("--min-eval", self.min_eval, low=1, integer=True)
         if not self.real_max < self.spurious_min:
-            raise ForgetdiagError("thresholds need --real-max < --spurious-min, got "
-                                  f"real_max={self.real_max}, spurious_min={self.spurious_min}")
+            raise ForgetdiagError(
+                "thresholds need --real-max < --spurious-min, got "
+                f"real_max={self.real_max}, spurious_min={self.spurious_min}"
+            )
 
 
 def wilson_interval(accuracy: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -91,9 +93,16 @@ class Decision:
         return asdict(self)
 
 
-def decide(*, before: float, after: float, recovered: float, n_eval: int,
-           control: float | None = None, control_recovered: float | None = None,
-           thresholds: Thresholds = Thresholds()) -> Decision:
+def decide(
+    *,
+    before: float,
+    after: float,
+    recovered: float,
+    n_eval: int,
+    control: float | None = None,
+    control_recovered: float | None = None,
+    thresholds: Thresholds = Thresholds(),
+) -> Decision:
     """Classify forgetting from accuracies on one evaluation set of ``n_eval`` items.
 
     Example:
@@ -110,11 +119,26 @@ def decide(*, before: float, after: float, recovered: float, n_eval: int,
         gain = max(0.0, control_recovered - (control if control is not None else 0.0))
     floor = noise_floor(before, after, n_eval, thresholds.confidence)
     supported = n_eval >= thresholds.min_eval
-    reason = "" if supported else (f"only {n_eval} evaluation items (fewer than {thresholds.min_eval}): "
-                                   "too few to support a verdict; the numbers are shown for reference")
+    reason = (
+        ""
+        if supported
+        else (
+            f"only {n_eval} evaluation items (fewer than {thresholds.min_eval}): "
+            "too few to support a verdict; the numbers are shown for reference"
+        )
+    )
     if forgetting <= floor:
-        return Decision("none", forgetting, alignment, knowledge, gain, None, floor, supported,
-                        reason or f"forgetting {forgetting:+.3f} is within the noise floor {floor:.3f}")
+        return Decision(
+            "none",
+            forgetting,
+            alignment,
+            knowledge,
+            gain,
+            None,
+            floor,
+            supported,
+            reason or f"forgetting {forgetting:+.3f} is within the noise floor {floor:.3f}",
+        )
     fraction = min(1.0, max(0.0, (alignment - (gain or 0.0)) / forgetting))
     if fraction >= thresholds.spurious_min:
         verdict = "spurious"

@@ -31,14 +31,52 @@ DEFAULTS = AngleSettings()
 @command(app, "angles")
 @with_runtime("device", "threads", "allow_pickle", "base")
 def angles_cmd(
-    paths: Annotated[list[Path], typer.Argument(help="Checkpoints C0 C1 C2 ... in training order (model, adapter or Trainer run directories; a run expands to its checkpoints).", show_default=False)],
-    compare: Annotated[str | None, Opt("--compare", help="Updates to compare, A:B comma-separated; an update is i-j (C(j) - C(i)) or k (C(k+1) - C(k)). E.g. 0-1:1-2 or 0-1:1-3. Default: consecutive updates, 0:1,1:2,...", show_default=False)] = None,
-    rank: Annotated[int | None, Opt("--rank", help="Keep the top K directions of each update (randomized SVD). Default: 32 unless --energy.", show_default=False)] = None,
-    energy: Annotated[float | None, Opt("--energy", help="Instead keep the directions holding this share of ||dW||^2, e.g. 0.99 (the paper's rule; exact SVD, slower).", show_default=False)] = None,
-    rtol: Annotated[float, Opt("--rtol", help="Drop directions with singular value <= rtol x the largest.")] = DEFAULTS.rtol,
-    min_update: Annotated[float, Opt("--min-update", help="An update whose RMS entry is at most this is 'no update' (0: only unchanged weights).")] = DEFAULTS.min_update,
-    standardize: Annotated[bool, Opt("--standardize", help="Standardise each update by its scalar mean and std first, as the paper did.")] = DEFAULTS.standardize,
-    far: Annotated[float, Opt("--far", help="Mark mean angles further than this many degrees from their null baseline.")] = DEFAULTS.far_deg,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoints C0 C1 C2 ... in training order (model, adapter or Trainer run directories; a run expands to its checkpoints).",
+            show_default=False,
+        ),
+    ],
+    compare: Annotated[
+        str | None,
+        Opt(
+            "--compare",
+            help="Updates to compare, A:B comma-separated; an update is i-j (C(j) - C(i)) or k (C(k+1) - C(k)). E.g. 0-1:1-2 or 0-1:1-3. Default: consecutive updates, 0:1,1:2,...",
+            show_default=False,
+        ),
+    ] = None,
+    rank: Annotated[
+        int | None,
+        Opt(
+            "--rank",
+            help="Keep the top K directions of each update (randomized SVD). Default: 32 unless --energy.",
+            show_default=False,
+        ),
+    ] = None,
+    energy: Annotated[
+        float | None,
+        Opt(
+            "--energy",
+            help="Instead keep the directions holding this share of ||dW||^2, e.g. 0.99 (the paper's rule; exact SVD, slower).",
+            show_default=False,
+        ),
+    ] = None,
+    rtol: Annotated[
+        float, Opt("--rtol", help="Drop directions with singular value <= rtol x the largest.")
+    ] = DEFAULTS.rtol,
+    min_update: Annotated[
+        float,
+        Opt(
+            "--min-update", help="An update whose RMS entry is at most this is 'no update' (0: only unchanged weights)."
+        ),
+    ] = DEFAULTS.min_update,
+    standardize: Annotated[
+        bool, Opt("--standardize", help="Standardise each update by its scalar mean and std first, as the paper did.")
+    ] = DEFAULTS.standardize,
+    far: Annotated[
+        float, Opt("--far", help="Mark mean angles further than this many degrees from their null baseline.")
+    ] = DEFAULTS.far_deg,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
     seed: SeedOpt = DEFAULTS.seed,
@@ -53,8 +91,16 @@ def angles_cmd(
     the principal angles, each next to the angle unrelated subspaces already give. Near 90:
     the updates moved different directions; far below the baseline: they share directions.
     """
-    settings = AngleSettings(compare=compare, rank=rank, energy=energy, rtol=rtol, min_update=min_update,
-                             standardize=standardize, seed=seed, far_deg=far)
+    settings = AngleSettings(
+        compare=compare,
+        rank=rank,
+        energy=energy,
+        rtol=rtol,
+        min_update=min_update,
+        standardize=standardize,
+        seed=seed,
+        far_deg=far,
+    )
     guard_outputs({"--json": json_path, "--html": html_path}, [*paths, runtime.base])
     with progress_bar(quiet) as progress:
         result = compute_angles(paths, settings=settings, runtime=runtime, progress=progress, warn=warn)

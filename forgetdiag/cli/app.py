@@ -39,7 +39,7 @@ app = typer.Typer(
     cls=OneLineErrors,
     name="forgetdiag",
     help="Tell why a fine-tuned language model forgot: spurious forgetting (only the task "
-         "alignment was undone; a few examples bring it back) or real forgetting (the knowledge is gone).",
+    "alignment was undone; a few examples bring it back) or real forgetting (the knowledge is gone).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -57,7 +57,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Show the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
 ) -> None:
     """Tell why a fine-tuned language model forgot: spurious or real forgetting."""

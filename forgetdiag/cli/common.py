@@ -62,9 +62,11 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
                 if os.environ.get("FORGETDIAG_DEBUG") or type(exc).__module__.startswith(("typer", "click")):
                     raise  # usage errors: typer reports them itself (exit 2)
                 text = " ".join(str(exc).split())[:300]
-                raise fail(f"internal error: {type(exc).__name__}: {text} (a bug in forgetdiag; "
-                           "rerun with FORGETDIAG_DEBUG=1 for the traceback and report it)",
-                           EXIT_INTERNAL) from None
+                raise fail(
+                    f"internal error: {type(exc).__name__}: {text} (a bug in forgetdiag; "
+                    "rerun with FORGETDIAG_DEBUG=1 for the traceback and report it)",
+                    EXIT_INTERNAL,
+                ) from None
 
         if fn.__doc__ and "help" not in kwargs:  # one line per paragraph in --help
             paragraphs = fn.__doc__.strip().split("\n\n")
@@ -75,10 +77,17 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
 
 
 # Options shared by commands (Annotated aliases keep signatures short).
-JsonOpt = Annotated[Path | None, typer.Option("--json", help="Write results as JSON to this path ('-' for stdout).", show_default=False)]
-HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML page (plots work offline).", show_default=False)]
+JsonOpt = Annotated[
+    Path | None, typer.Option("--json", help="Write results as JSON to this path ('-' for stdout).", show_default=False)
+]
+HtmlOpt = Annotated[
+    Path | None,
+    typer.Option("--html", help="Write a self-contained HTML page (plots work offline).", show_default=False),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of every random choice (same seed, same numbers).")]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of every random choice (same seed, same numbers).")
+]
 
 
 def show_progress(quiet: bool) -> bool:
@@ -95,8 +104,12 @@ def progress_bar(quiet: bool) -> Iterator[ProgressFn | None]:
     if not show_progress(quiet):
         yield None
         return
-    columns = (TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}", style="bold", markup=False),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=stderr, transient=True) as bar:
         tasks: dict[str, int] = {}
 
@@ -113,9 +126,14 @@ def print_renderable(renderable, *, json_to_stdout: bool) -> None:
     (stderr if json_to_stdout else stdout).print(renderable)
 
 
-def emit(result, *, json: Path | None = None, html: Path | None = None,
-         table: Callable[[Any], Any] | None = None,
-         page: Callable[[Path, Any], Any] | None = None) -> None:
+def emit(
+    result,
+    *,
+    json: Path | None = None,
+    html: Path | None = None,
+    table: Callable[[Any], Any] | None = None,
+    page: Callable[[Path, Any], Any] | None = None,
+) -> None:
     """The tail of every command: the HTML page, the JSON, then the table (on stderr when the
     JSON goes to stdout)."""
     if html is not None:
@@ -148,6 +166,7 @@ def command_line(ctx: typer.Context) -> str:
 
 # --- options generated from the settings dataclasses -------------------------------------------
 
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -155,8 +174,7 @@ def _flag(name: str) -> str:
 def _option_parameter(name: str, hint: Any, default: Any, help: str, **extra) -> inspect.Parameter:
     """A keyword-only parameter that typer turns into the option ``--name``."""
     option = typer.Option(_flag(name), help=help, show_default=default is not None, **extra)
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[hint, option])
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hint, option])
 
 
 def _runtime_parameters(names: tuple[str, ...]) -> list[inspect.Parameter]:
@@ -172,8 +190,11 @@ def _runtime_parameters(names: tuple[str, ...]) -> list[inspect.Parameter]:
     return out
 
 
-_FIELD_HELP = {"prompt": "Probe field holding the prompt.", "answer": "Probe field holding the answer.",
-               "group": "Probe field naming the entity a row is about (rows of one group never straddle a split)."}
+_FIELD_HELP = {
+    "prompt": "Probe field holding the prompt.",
+    "answer": "Probe field holding the answer.",
+    "group": "Probe field naming the entity a row is about (rows of one group never straddle a split).",
+}
 
 
 def with_runtime(*names: str, probe_fields: bool = False) -> Callable:
@@ -185,18 +206,28 @@ def with_runtime(*names: str, probe_fields: bool = False) -> Callable:
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
         hints = typing.get_type_hints(fn, include_extras=True)  # resolve string annotations here
-        own = [p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY)
-               for p in signature.parameters.values() if p.name not in ("runtime", "fields")]
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in signature.parameters.values()
+            if p.name not in ("runtime", "fields")
+        ]
         runtime_params = _runtime_parameters(names)
-        field_params = [_option_parameter(f"{f.name}_field", str, f.default, _FIELD_HELP[f.name])
-                        for f in dataclasses.fields(ProbeFields)] if probe_fields else []
+        field_params = (
+            [
+                _option_parameter(f"{f.name}_field", str, f.default, _FIELD_HELP[f.name])
+                for f in dataclasses.fields(ProbeFields)
+            ]
+            if probe_fields
+            else []
+        )
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             kwargs["runtime"] = Runtime(**{p.name: kwargs.pop(p.name) for p in runtime_params})
             if probe_fields:
-                kwargs["fields"] = ProbeFields(**{p.name.removesuffix("_field"): kwargs.pop(p.name)
-                                                  for p in field_params})
+                kwargs["fields"] = ProbeFields(
+                    **{p.name.removesuffix("_field"): kwargs.pop(p.name) for p in field_params}
+                )
             return fn(*args, **kwargs)
 
         parameters = [*own, *runtime_params, *field_params]

@@ -32,13 +32,49 @@ DEFAULTS = FeatureSettings()
 @command(app, "features")
 @with_runtime(probe_fields=True)
 def features_cmd(
-    checkpoints: Annotated[list[Path], typer.Argument(help="BEFORE AFTER [MORE...]: checkpoints in training order (a Trainer run directory expands to its checkpoint-N).", show_default=False)],
-    probe: Annotated[Path, Opt("--probe", help="Prompts of the old task (JSONL, JSON or CSV with prompt, answer); answers are not used.", show_default=False)],
-    k: Annotated[int, Opt("--k", min=1, help="Top principal components compared per layer; the probe needs more than k prompts.")] = DEFAULTS.k,
-    pairs: Annotated[str | None, Opt("--pairs", help="Checkpoint pairs to compare as I:J indices into the expanded list, e.g. 0:1,0:3. Default: consecutive ones.", show_default=False)] = None,
-    pc_shift_min: Annotated[float, Opt("--pc-shift-min", help="A layer whose top-k PC subspace turns by at least this many degrees (mean principal angle) has shifted.")] = DEFAULTS.pc_shift_min,
-    cka_drop_min: Annotated[float, Opt("--cka-drop-min", help="A layer whose linear CKA drops by at least this much (1 - CKA) has shifted. The shift starts at the lowest layer clearing either threshold.")] = DEFAULTS.cka_drop_min,
-    max_points: Annotated[int, Opt("--max-points", min=0, help="Prompts per checkpoint in the HTML scatter (a seeded sample).")] = DEFAULTS.max_points,
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="BEFORE AFTER [MORE...]: checkpoints in training order (a Trainer run directory expands to its checkpoint-N).",
+            show_default=False,
+        ),
+    ],
+    probe: Annotated[
+        Path,
+        Opt(
+            "--probe",
+            help="Prompts of the old task (JSONL, JSON or CSV with prompt, answer); answers are not used.",
+            show_default=False,
+        ),
+    ],
+    k: Annotated[
+        int, Opt("--k", min=1, help="Top principal components compared per layer; the probe needs more than k prompts.")
+    ] = DEFAULTS.k,
+    pairs: Annotated[
+        str | None,
+        Opt(
+            "--pairs",
+            help="Checkpoint pairs to compare as I:J indices into the expanded list, e.g. 0:1,0:3. Default: consecutive ones.",
+            show_default=False,
+        ),
+    ] = None,
+    pc_shift_min: Annotated[
+        float,
+        Opt(
+            "--pc-shift-min",
+            help="A layer whose top-k PC subspace turns by at least this many degrees (mean principal angle) has shifted.",
+        ),
+    ] = DEFAULTS.pc_shift_min,
+    cka_drop_min: Annotated[
+        float,
+        Opt(
+            "--cka-drop-min",
+            help="A layer whose linear CKA drops by at least this much (1 - CKA) has shifted. The shift starts at the lowest layer clearing either threshold.",
+        ),
+    ] = DEFAULTS.cka_drop_min,
+    max_points: Annotated[
+        int, Opt("--max-points", min=0, help="Prompts per checkpoint in the HTML scatter (a seeded sample).")
+    ] = DEFAULTS.max_points,
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
@@ -54,12 +90,16 @@ def features_cmd(
     top-k PC subspaces, the mean shift and its angle to the old PC1, and linear CKA. Reports the
     lowest layer where the shift starts. Checkpoints on disk are never modified.
     """
-    settings = FeatureSettings(pairs=parse_pairs(pairs) if pairs else None, k=k, pc_shift_min=pc_shift_min,
-                               cka_drop_min=cka_drop_min, max_points=max_points, seed=seed)
-    guard_outputs({"--json": json_path, "--html": html_path},
-                  [*checkpoints, probe, runtime.base, runtime.tokenizer])
+    settings = FeatureSettings(
+        pairs=parse_pairs(pairs) if pairs else None,
+        k=k,
+        pc_shift_min=pc_shift_min,
+        cka_drop_min=cka_drop_min,
+        max_points=max_points,
+        seed=seed,
+    )
+    guard_outputs({"--json": json_path, "--html": html_path}, [*checkpoints, probe, runtime.base, runtime.tokenizer])
     prompts = load_probe(probe, fields=fields)
     with progress_bar(quiet) as progress:
-        result = feature_shifts(checkpoints, prompts, settings=settings, runtime=runtime,
-                                progress=progress, warn=warn)
+        result = feature_shifts(checkpoints, prompts, settings=settings, runtime=runtime, progress=progress, warn=warn)
     emit(result, json=json_path, html=html_path, table=features_table, page=write_features_html)

@@ -18,9 +18,16 @@ from forgetdiag.runtime import Runtime
 @command(app, "inspect")
 @with_runtime("allow_pickle", "base")
 def inspect_cmd(
-    paths: Annotated[list[Path], typer.Argument(help="Model, adapter or Trainer output directories (one sequence, in order).", show_default=False)],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Model, adapter or Trainer output directories (one sequence, in order).", show_default=False
+        ),
+    ],
     json_path: JsonOpt = None,
-    check_values: Annotated[bool, typer.Option("--check-values/--no-check-values", help="Read every tensor once and refuse NaN/Inf.")] = InspectSettings.check_values,
+    check_values: Annotated[
+        bool, typer.Option("--check-values/--no-check-values", help="Read every tensor once and refuse NaN/Inf.")
+    ] = InspectSettings.check_values,
     quiet: QuietOpt = False,
     runtime: Runtime = None,
 ) -> None:
@@ -31,6 +38,7 @@ def inspect_cmd(
     """
     guard_outputs({"--json": json_path}, [*paths, runtime.base])
     with progress_bar(quiet) as progress:
-        result = inspect_checkpoints(paths, settings=InspectSettings(check_values=check_values),
-                                     runtime=runtime, progress=progress, warn=warn)
+        result = inspect_checkpoints(
+            paths, settings=InspectSettings(check_values=check_values), runtime=runtime, progress=progress, warn=warn
+        )
     emit(result, json=json_path, table=inspect_table)

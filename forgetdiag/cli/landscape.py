@@ -42,7 +42,9 @@ def parse_grid(text: str) -> tuple[int, int]:
     try:
         nx, ny = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ForgetdiagError(f"--grid {text!r}: expected NxM, e.g. 21x21 (N points along alpha, M along beta)") from None
+        raise ForgetdiagError(
+            f"--grid {text!r}: expected NxM, e.g. 21x21 (N points along alpha, M along beta)"
+        ) from None
     if nx < 1 or ny < 1:
         raise ForgetdiagError(f"--grid {text!r}: expected at least one point per axis")
     return nx, ny
@@ -87,16 +89,66 @@ class PartialSaver:
 @command(app, "landscape")
 @with_runtime(probe_fields=True)
 def landscape_cmd(
-    origin: Annotated[Path, typer.Argument(metavar="ORIGIN", help="ORIGIN: the checkpoint at (0, 0), e.g. the last one of the old task.", show_default=False)],
-    x_end: Annotated[Path | None, typer.Argument(metavar="X_END", help="X_END: the checkpoint at (1, 0); d_x = X_END - ORIGIN (e.g. the first steps of the new task).", show_default=False)] = None,
-    y_end: Annotated[Path | None, typer.Argument(metavar="Y_END", help="Y_END: the checkpoint at (1, 1); d_y = Y_END - X_END (e.g. the rest of the new task).", show_default=False)] = None,
-    probe: Annotated[list[Path], Opt("--probe", metavar="FILE", help="A probe file (JSONL, JSON or CSV); one surface per probe. Repeat for several.", show_default=False)] = [],  # noqa: B006
-    trajectory: Annotated[list[Path], Opt("--trajectory", metavar="PATH", help="Checkpoints or Trainer run directories to place on the plane. Repeat for several.", show_default=False)] = [],  # noqa: B006
-    directions: Annotated[Directions, Opt("--directions", metavar="MODE", help="raw (d_x, d_y from the three checkpoints) or filter-normalized-random (Li et al. 2018; X_END, Y_END optional and then placed like the trajectory).")] = "raw",
+    origin: Annotated[
+        Path,
+        typer.Argument(
+            metavar="ORIGIN",
+            help="ORIGIN: the checkpoint at (0, 0), e.g. the last one of the old task.",
+            show_default=False,
+        ),
+    ],
+    x_end: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="X_END",
+            help="X_END: the checkpoint at (1, 0); d_x = X_END - ORIGIN (e.g. the first steps of the new task).",
+            show_default=False,
+        ),
+    ] = None,
+    y_end: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="Y_END",
+            help="Y_END: the checkpoint at (1, 1); d_y = Y_END - X_END (e.g. the rest of the new task).",
+            show_default=False,
+        ),
+    ] = None,
+    probe: Annotated[
+        list[Path],
+        Opt(
+            "--probe",
+            metavar="FILE",
+            help="A probe file (JSONL, JSON or CSV); one surface per probe. Repeat for several.",
+            show_default=False,
+        ),
+    ] = [],  # noqa: B006
+    trajectory: Annotated[
+        list[Path],
+        Opt(
+            "--trajectory",
+            metavar="PATH",
+            help="Checkpoints or Trainer run directories to place on the plane. Repeat for several.",
+            show_default=False,
+        ),
+    ] = [],  # noqa: B006
+    directions: Annotated[
+        Directions,
+        Opt(
+            "--directions",
+            metavar="MODE",
+            help="raw (d_x, d_y from the three checkpoints) or filter-normalized-random (Li et al. 2018; X_END, Y_END optional and then placed like the trajectory).",
+        ),
+    ] = "raw",
     grid: Annotated[str, Opt("--grid", metavar="NxM", help="Points along alpha x beta.")] = "21x21",
     x_range: Annotated[str, Opt("--x-range", metavar="LO,HI", help="Alpha range LO,HI (ends included).")] = "-0.5,1.5",
     y_range: Annotated[str, Opt("--y-range", metavar="LO,HI", help="Beta range LO,HI (ends included).")] = "-0.5,1.5",
-    resume: Annotated[bool, Opt("--resume", help="Continue the partial grid saved in --json PATH (points already there are not evaluated again).")] = False,
+    resume: Annotated[
+        bool,
+        Opt(
+            "--resume",
+            help="Continue the partial grid saved in --json PATH (points already there are not evaluated again).",
+        ),
+    ] = False,
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
@@ -112,17 +164,35 @@ def landscape_cmd(
     """
     if not probe:
         raise ForgetdiagError("no probe given; expected --probe FILE (one surface per probe)")
-    guard_outputs({"--json": json_path, "--html": html_path},
-                  [origin, x_end, y_end, *trajectory, *probe, runtime.base, runtime.tokenizer])
+    guard_outputs(
+        {"--json": json_path, "--html": html_path},
+        [origin, x_end, y_end, *trajectory, *probe, runtime.base, runtime.tokenizer],
+    )
     saved = saved_grid(json_path) if resume else None
-    settings = LandscapeSettings(directions=directions, seed=seed, grid=parse_grid(grid),
-                                 x_range=parse_range(x_range, "--x-range"), y_range=parse_range(y_range, "--y-range"))
+    settings = LandscapeSettings(
+        directions=directions,
+        seed=seed,
+        grid=parse_grid(grid),
+        x_range=parse_range(x_range, "--x-range"),
+        y_range=parse_range(y_range, "--y-range"),
+    )
     probes = [load_probe(p, fields=fields) for p in probe]
     saver = PartialSaver(json_path if json_path is not None and str(json_path) != STDOUT else None)
     with progress_bar(quiet) as progress:
         try:
-            result = landscape(origin, x_end, y_end, probes, trajectory=trajectory, settings=settings,
-                               runtime=runtime, resume=saved, on_partial=saver, progress=progress, warn=warn)
+            result = landscape(
+                origin,
+                x_end,
+                y_end,
+                probes,
+                trajectory=trajectory,
+                settings=settings,
+                runtime=runtime,
+                resume=saved,
+                on_partial=saver,
+                progress=progress,
+                warn=warn,
+            )
         except BaseException:
             saver.flush()  # interrupted mid-grid: keep what was computed for --resume
             raise

@@ -22,10 +22,36 @@ DEFAULTS = MagnitudeSettings()
 @command(app, "magnitudes")
 @with_runtime(probe_fields=True)
 def magnitudes_cmd(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoint(s) to measure; several, or a Trainer run directory (expands to its checkpoint-N), show how the overlap moves along the run.", show_default=False)],
-    probes: Annotated[list[Path], Opt("--probe", help="One probe file per task (JSONL, JSON or CSV with prompt, answer); repeat for every task, at least two. The task's name is the file's stem.", show_default=False)],
-    quantile: Annotated[float, Opt("--quantile", "-T", help="A task's top set: units whose summed |output| lies above this quantile of the layer's (0.7 keeps about the top 30%, as in MIGU).")] = DEFAULTS.quantile,
-    include_head: Annotated[bool, Opt("--include-head", help="Also measure the output head (lm_head), whose units are vocabulary entries; computes full logits.")] = False,
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint(s) to measure; several, or a Trainer run directory (expands to its checkpoint-N), show how the overlap moves along the run.",
+            show_default=False,
+        ),
+    ],
+    probes: Annotated[
+        list[Path],
+        Opt(
+            "--probe",
+            help="One probe file per task (JSONL, JSON or CSV with prompt, answer); repeat for every task, at least two. The task's name is the file's stem.",
+            show_default=False,
+        ),
+    ],
+    quantile: Annotated[
+        float,
+        Opt(
+            "--quantile",
+            "-T",
+            help="A task's top set: units whose summed |output| lies above this quantile of the layer's (0.7 keeps about the top 30%, as in MIGU).",
+        ),
+    ] = DEFAULTS.quantile,
+    include_head: Annotated[
+        bool,
+        Opt(
+            "--include-head",
+            help="Also measure the output head (lm_head), whose units are vocabulary entries; computes full logits.",
+        ),
+    ] = False,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
     quiet: QuietOpt = False,
@@ -40,10 +66,8 @@ def magnitudes_cmd(
     chance level; across checkpoints, how it moves. Checkpoints on disk are never modified.
     """
     settings = MagnitudeSettings(quantile=quantile, include_head=include_head)
-    guard_outputs({"--json": json_path, "--html": html_path},
-                  [*checkpoints, *probes, runtime.base, runtime.tokenizer])
+    guard_outputs({"--json": json_path, "--html": html_path}, [*checkpoints, *probes, runtime.base, runtime.tokenizer])
     tasks = [load_probe(p, fields=fields) for p in probes]
     with progress_bar(quiet) as progress:
-        result = magnitude_overlap(checkpoints, tasks, settings=settings, runtime=runtime,
-                                   progress=progress, warn=warn)
+        result = magnitude_overlap(checkpoints, tasks, settings=settings, runtime=runtime, progress=progress, warn=warn)
     emit(result, json=json_path, html=html_path, table=magnitudes_table, page=write_magnitudes_html)

@@ -29,25 +29,72 @@ from forgetdiag.runtime import Runtime
 Opt = typer.Option
 DEFAULTS, LIMITS = RecoverySettings(), Thresholds()
 # Options shared with `gate` and `report`, which run the same recovery probe.
-ControlOpt = Annotated[Path | None, Opt("--control", help="A checkpoint of the same kind that never held the old task's knowledge (e.g. trained the same way on other entities). It measures what the recovery budget teaches by itself.", show_default=False)]
-RecoveryProbeOpt = Annotated[Path | None, Opt("--recovery-probe", help="Recovery examples in their own file (then all of --probe is evaluated).", show_default=False)]
-ShotsOpt = Annotated[int | None, Opt("--shots", min=1, help="Recovery examples (whole groups). Default: half of the probe's groups.", show_default=False)]
-EvalOpt = Annotated[int | None, Opt("--eval", min=1, help="Cap on evaluation items. Default: all not used for recovery.", show_default=False)]
+ControlOpt = Annotated[
+    Path | None,
+    Opt(
+        "--control",
+        help="A checkpoint of the same kind that never held the old task's knowledge (e.g. trained the same way on other entities). It measures what the recovery budget teaches by itself.",
+        show_default=False,
+    ),
+]
+RecoveryProbeOpt = Annotated[
+    Path | None,
+    Opt(
+        "--recovery-probe",
+        help="Recovery examples in their own file (then all of --probe is evaluated).",
+        show_default=False,
+    ),
+]
+ShotsOpt = Annotated[
+    int | None,
+    Opt(
+        "--shots",
+        min=1,
+        help="Recovery examples (whole groups). Default: half of the probe's groups.",
+        show_default=False,
+    ),
+]
+EvalOpt = Annotated[
+    int | None,
+    Opt("--eval", min=1, help="Cap on evaluation items. Default: all not used for recovery.", show_default=False),
+]
 EpochsOpt = Annotated[int, Opt("--epochs", min=1, help="Passes over the recovery examples.")]
 MinStepsOpt = Annotated[int, Opt("--min-steps", min=1, help="At least this many recovery steps.")]
-LrOpt = Annotated[float | None, Opt("--lr", help="Recovery learning rate. Default by model size: 1e-4 under 20M parameters, 3e-5 under 300M, 1e-5 under 3B, else 5e-6 (LoRA: 2e-4, 1e-4 from 1B).", show_default=False)]
+LrOpt = Annotated[
+    float | None,
+    Opt(
+        "--lr",
+        help="Recovery learning rate. Default by model size: 1e-4 under 20M parameters, 3e-5 under 300M, 1e-5 under 3B, else 5e-6 (LoRA: 2e-4, 1e-4 from 1B).",
+        show_default=False,
+    ),
+]
 RecBatchOpt = Annotated[int, Opt("--recovery-batch", min=1, help="Recovery examples per step (AdamW).")]
 LoraOpt = Annotated[bool, Opt("--lora", help="Recover through a LoRA adapter (peft) so a 7B model fits one GPU.")]
 LoraRankOpt = Annotated[int, Opt("--lora-rank", min=1, help="Rank of the recovery adapter.")]
-MetricOpt = Annotated[Metric, Opt("--metric", help="What decides: exact_match (greedy answer then stop, as in the paper) or first_token.")]
+MetricOpt = Annotated[
+    Metric, Opt("--metric", help="What decides: exact_match (greedy answer then stop, as in the paper) or first_token.")
+]
 
 
 @command(app, "recover")
 @with_runtime(probe_fields=True)
 def recover_cmd(
     before: Annotated[Path, typer.Argument(help="Checkpoint that knew the old task.", show_default=False)],
-    after: Annotated[list[Path], typer.Argument(help="Checkpoint(s) trained on something else since; a Trainer run directory or several checkpoints give the curve along the run.", show_default=False)],
-    probe: Annotated[Path, Opt("--probe", help="The old task's probe (JSONL, JSON or CSV with prompt, answer[, group]).", show_default=False)],
+    after: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint(s) trained on something else since; a Trainer run directory or several checkpoints give the curve along the run.",
+            show_default=False,
+        ),
+    ],
+    probe: Annotated[
+        Path,
+        Opt(
+            "--probe",
+            help="The old task's probe (JSONL, JSON or CSV with prompt, answer[, group]).",
+            show_default=False,
+        ),
+    ],
     control: ControlOpt = None,
     recovery_probe: RecoveryProbeOpt = None,
     shots: ShotsOpt = None,
@@ -59,9 +106,15 @@ def recover_cmd(
     lora: LoraOpt = False,
     lora_rank: LoraRankOpt = DEFAULTS.lora_rank,
     metric: MetricOpt = DEFAULTS.metric,
-    spurious_min: Annotated[float, Opt("--spurious-min", help="Spurious fraction at or above which forgetting is spurious.")] = LIMITS.spurious_min,
-    real_max: Annotated[float, Opt("--real-max", help="Spurious fraction at or below which forgetting is real.")] = LIMITS.real_max,
-    min_eval: Annotated[int, Opt("--min-eval", help="Fewest evaluation items that can support a verdict.")] = LIMITS.min_eval,
+    spurious_min: Annotated[
+        float, Opt("--spurious-min", help="Spurious fraction at or above which forgetting is spurious.")
+    ] = LIMITS.spurious_min,
+    real_max: Annotated[
+        float, Opt("--real-max", help="Spurious fraction at or below which forgetting is real.")
+    ] = LIMITS.real_max,
+    min_eval: Annotated[
+        int, Opt("--min-eval", help="Fewest evaluation items that can support a verdict.")
+    ] = LIMITS.min_eval,
     seed: SeedOpt = DEFAULTS.seed,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
@@ -76,16 +129,36 @@ def recover_cmd(
     real or mixed. Checkpoints on disk are never modified.
     """
     settings = RecoverySettings(
-        shots=shots, n_eval=n_eval, epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch,
-        lora=lora, lora_rank=lora_rank, seed=seed, metric=metric,
-        thresholds=Thresholds(spurious_min=spurious_min, real_max=real_max, min_eval=min_eval))
-    guard_outputs({"--json": json_path, "--html": html_path},
-                  [before, *after, control, probe, recovery_probe, runtime.base, runtime.tokenizer])
+        shots=shots,
+        n_eval=n_eval,
+        epochs=epochs,
+        min_steps=min_steps,
+        lr=lr,
+        batch_size=batch,
+        lora=lora,
+        lora_rank=lora_rank,
+        seed=seed,
+        metric=metric,
+        thresholds=Thresholds(spurious_min=spurious_min, real_max=real_max, min_eval=min_eval),
+    )
+    guard_outputs(
+        {"--json": json_path, "--html": html_path},
+        [before, *after, control, probe, recovery_probe, runtime.base, runtime.tokenizer],
+    )
     old = load_probe(probe, fields=fields)
     rec = load_probe(recovery_probe, fields=fields) if recovery_probe else None
     with progress_bar(quiet) as progress:
-        result = recover(before, after, old, control=control, recovery_probe=rec, settings=settings,
-                         runtime=runtime, progress=progress, warn=warn)
+        result = recover(
+            before,
+            after,
+            old,
+            control=control,
+            recovery_probe=rec,
+            settings=settings,
+            runtime=runtime,
+            progress=progress,
+            warn=warn,
+        )
     if not result.decision.supported:
         warn(result.decision.reason)
     emit(result, json=json_path, html=html_path, table=recover_table, page=write_recover_html)

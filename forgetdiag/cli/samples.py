@@ -16,16 +16,27 @@ from forgetdiag.cli.common import QuietOpt, SeedOpt, command, progress_bar, stdo
 from forgetdiag.samples.build import SampleConfig, build_samples
 from forgetdiag.samples.measure import Truth
 
-samples_app = typer.Typer(name="samples", no_args_is_help=True,
-                          help="The sample checkpoints: runs whose forgetting is known.")
+samples_app = typer.Typer(
+    name="samples", no_args_is_help=True, help="The sample checkpoints: runs whose forgetting is known."
+)
 app.add_typer(samples_app, name="samples")
 
 
 @command(samples_app, "build")
 def build_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Directory to create (must not exist, or be empty).", show_default=False)],
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory to create (must not exist, or be empty).", show_default=False)
+    ],
     seed: SeedOpt = 0,
-    freeze: Annotated[int | None, typer.Option("--freeze", min=0, help="Train task 1 with the input embedding and the bottom N layers frozen (the remedy forgetdiag advise suggests).", show_default=False)] = None,
+    freeze: Annotated[
+        int | None,
+        typer.Option(
+            "--freeze",
+            min=0,
+            help="Train task 1 with the input embedding and the bottom N layers frozen (the remedy forgetdiag advise suggests).",
+            show_default=False,
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Rebuild every sample from seeds on the CPU: pretrain a tiny Llama on synthetic
@@ -46,14 +57,19 @@ def build_cmd(
 def truths_table(truths: Sequence[Truth]) -> Table:
     """One row per checkpoint: old-task accuracy, recovered accuracy, new-task accuracy
     (first-token accuracy too in measurements.json)."""
-    table = Table(title="Old task (held-out people of group A), greedy exact match",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    for header in ("run", "checkpoint", "accuracy", "answer\nloss",
-                   "recovered", "verdict", "new\ntask"):
-        table.add_column(header, justify="left" if header in ("run", "checkpoint") else "right",
-                         no_wrap=True)
+    table = Table(
+        title="Old task (held-out people of group A), greedy exact match", box=box.SIMPLE_HEAD, pad_edge=False
+    )
+    for header in ("run", "checkpoint", "accuracy", "answer\nloss", "recovered", "verdict", "new\ntask"):
+        table.add_column(header, justify="left" if header in ("run", "checkpoint") else "right", no_wrap=True)
     for t in truths:
-        table.add_row(t.run, "-" if t.step is None else f"checkpoint-{t.step}", f"{t.accuracy:.3f}",
-                      f"{t.answer_loss:.3f}", f"{t.recovered:.3f}",
-                      t.verdict or "-", "-" if t.new_task is None else f"{t.new_task:.3f}")
+        table.add_row(
+            t.run,
+            "-" if t.step is None else f"checkpoint-{t.step}",
+            f"{t.accuracy:.3f}",
+            f"{t.answer_loss:.3f}",
+            f"{t.recovered:.3f}",
+            t.verdict or "-",
+            "-" if t.new_task is None else f"{t.new_task:.3f}",
+        )
     return table

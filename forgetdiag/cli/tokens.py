@@ -22,11 +22,31 @@ DEFAULTS = TokenSettings()
 @command(app, "tokens")
 @with_runtime(probe_fields=True)
 def tokens_cmd(
-    old: Annotated[Path, typer.Argument(help="The model before fine-tuning on the new data (one checkpoint).", show_default=False)],
-    data: Annotated[Path, Opt("--data", help="The new task's rows (JSONL, JSON or CSV with prompt, answer); the answers' tokens are scored.", show_default=False)],
-    threshold: Annotated[float, Opt("--threshold", "-p", help="A token is hard when the old model gives it a probability below this.")] = DEFAULTS.threshold,
-    top: Annotated[int, Opt("--top", "-k", min=1, help="Hardest tokens, examples and token strings listed.")] = DEFAULTS.top,
-    mask_path: Annotated[Path | None, Opt("--write-mask", help="Write a JSONL with, per row, input_ids, tokens, log-probs, keep flags and ready labels (hard tokens dropped, -100).", show_default=False)] = None,
+    old: Annotated[
+        Path, typer.Argument(help="The model before fine-tuning on the new data (one checkpoint).", show_default=False)
+    ],
+    data: Annotated[
+        Path,
+        Opt(
+            "--data",
+            help="The new task's rows (JSONL, JSON or CSV with prompt, answer); the answers' tokens are scored.",
+            show_default=False,
+        ),
+    ],
+    threshold: Annotated[
+        float, Opt("--threshold", "-p", help="A token is hard when the old model gives it a probability below this.")
+    ] = DEFAULTS.threshold,
+    top: Annotated[
+        int, Opt("--top", "-k", min=1, help="Hardest tokens, examples and token strings listed.")
+    ] = DEFAULTS.top,
+    mask_path: Annotated[
+        Path | None,
+        Opt(
+            "--write-mask",
+            help="Write a JSONL with, per row, input_ids, tokens, log-probs, keep flags and ready labels (hard tokens dropped, -100).",
+            show_default=False,
+        ),
+    ] = None,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
     quiet: QuietOpt = False,
@@ -41,8 +61,10 @@ def tokens_cmd(
     keep/drop mask for training that skips the hardest tokens. Checkpoints are never modified.
     """
     settings = TokenSettings(threshold=threshold, top=top)
-    guard_outputs({"--json": json_path, "--html": html_path, "--write-mask": mask_path},
-                  [old, data, runtime.base, runtime.tokenizer])
+    guard_outputs(
+        {"--json": json_path, "--html": html_path, "--write-mask": mask_path},
+        [old, data, runtime.base, runtime.tokenizer],
+    )
     rows = load_probe(data, fields=fields)
     with progress_bar(quiet) as progress:
         result = token_difficulty(old, rows, settings=settings, runtime=runtime, progress=progress, warn=warn)

@@ -13,10 +13,20 @@ from rich.text import Text
 from forgetdiag.analyses.advise import EMBEDDING, Advice
 from forgetdiag.render import html
 
-COLUMNS = ["depth", "reverted up to it: old-task acc.", "share of loss restored",
-           "early/late angle ÷ chance", "feature PC shift (°)", "CKA", "freeze"]
-CODE_TITLES = {"torch": "PyTorch (any training loop)", "trainer": "Hugging Face Trainer",
-               "peft": "PEFT LoRA (leave the bottom layers out)"}
+COLUMNS = [
+    "depth",
+    "reverted up to it: old-task acc.",
+    "share of loss restored",
+    "early/late angle ÷ chance",
+    "feature PC shift (°)",
+    "CKA",
+    "freeze",
+]
+CODE_TITLES = {
+    "torch": "PyTorch (any training loop)",
+    "trainer": "Hugging Face Trainer",
+    "peft": "PEFT LoRA (leave the bottom layers out)",
+}
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -25,10 +35,18 @@ def _f(value: float | None, fmt: str) -> str:
 
 def evidence_rows(advice: Advice) -> list[list[str]]:
     """One row per depth: the revert test, the angle departure, the feature shift."""
-    return [["input embedding" if e.layer == EMBEDDING else f"layer {e.layer}",
-             _f(e.reverted_accuracy, ".1%"), _f(e.restored, ".0%"), _f(e.departure, ".2f"),
-             _f(e.pc_shift_deg, ".1f"), _f(e.cka, ".2f"), "yes" if e.frozen else ""]
-            for e in advice.evidence]
+    return [
+        [
+            "input embedding" if e.layer == EMBEDDING else f"layer {e.layer}",
+            _f(e.reverted_accuracy, ".1%"),
+            _f(e.restored, ".0%"),
+            _f(e.departure, ".2f"),
+            _f(e.pc_shift_deg, ".1f"),
+            _f(e.cka, ".2f"),
+            "yes" if e.frozen else "",
+        ]
+        for e in advice.evidence
+    ]
 
 
 def headline(advice: Advice) -> str:
@@ -39,23 +57,33 @@ def frozen_line(advice: Advice) -> str:
     if not advice.advised:
         return ""
     share = advice.frozen_params / advice.total_params if advice.total_params else 0.0
-    return (f"{len(advice.frozen_names)} tensors, {advice.frozen_params:,} parameters "
-            f"({share:.1%} of the model) stay frozen.")
+    return (
+        f"{len(advice.frozen_names)} tensors, {advice.frozen_params:,} parameters "
+        f"({share:.1%} of the model) stay frozen."
+    )
 
 
-FOOTNOTE = ("Revert test: the after checkpoint with the input embedding and every layer up to the "
-            "row's put back to the before weights, scored on the old task (greedy exact match). "
-            "Freezing is the remedy for spurious forgetting (check with forgetdiag recover); "
-            "knowledge that is really overwritten needs replay.")
+FOOTNOTE = (
+    "Revert test: the after checkpoint with the input embedding and every layer up to the "
+    "row's put back to the before weights, scored on the old task (greedy exact match). "
+    "Freezing is the remedy for spurious forgetting (check with forgetdiag recover); "
+    "knowledge that is really overwritten needs replay."
+)
 
 
 def advice_renderable(advice: Advice) -> Group:
     """The advice in words, the per-depth evidence table and the code to paste."""
     style = "bold green" if advice.advised else "bold yellow"
-    table = Table(box=box.SIMPLE_HEAD, title=(f"Evidence: {advice.before} -> {advice.after} on "
-                                              f"{advice.probe} ({advice.n_eval} items; old-task "
-                                              f"accuracy {advice.accuracy_before:.1%} -> "
-                                              f"{advice.accuracy_after:.1%})"), title_justify="left")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=(
+            f"Evidence: {advice.before} -> {advice.after} on "
+            f"{advice.probe} ({advice.n_eval} items; old-task "
+            f"accuracy {advice.accuracy_before:.1%} -> "
+            f"{advice.accuracy_after:.1%})"
+        ),
+        title_justify="left",
+    )
     for k, column in enumerate(COLUMNS):
         table.add_column(column, justify="left" if k == 0 else "right")
     for row in evidence_rows(advice):
@@ -75,14 +103,25 @@ def _restore_figure(advice: Advice):
 
     rows = [e for e in advice.evidence if e.restored is not None]
     labels = ["embedding" if e.layer == EMBEDDING else f"+ layer {e.layer}" for e in rows]
-    fig = go.Figure(go.Bar(x=labels, y=[100 * e.restored for e in rows],
-                           marker_color=["#2f8f5b" if e.frozen else "#8aa4c8" for e in rows],
-                           hovertemplate="%{x}: %{y:.1f}% of the loss restored<extra></extra>"))
-    fig.add_hline(y=100 * advice.settings.restore_min, line={"dash": "dash", "color": "#d64545"},
-                  annotation_text=f"advice threshold {advice.settings.restore_min:.0%}")
-    fig.update_layout(title="Share of the old task's lost accuracy restored by reverting the bottom",
-                      xaxis_title="reverted to the before weights (cumulative)",
-                      yaxis_title="% of the loss restored", template="plotly_white")
+    fig = go.Figure(
+        go.Bar(
+            x=labels,
+            y=[100 * e.restored for e in rows],
+            marker_color=["#2f8f5b" if e.frozen else "#8aa4c8" for e in rows],
+            hovertemplate="%{x}: %{y:.1f}% of the loss restored<extra></extra>",
+        )
+    )
+    fig.add_hline(
+        y=100 * advice.settings.restore_min,
+        line={"dash": "dash", "color": "#d64545"},
+        annotation_text=f"advice threshold {advice.settings.restore_min:.0%}",
+    )
+    fig.update_layout(
+        title="Share of the old task's lost accuracy restored by reverting the bottom",
+        xaxis_title="reverted to the before weights (cumulative)",
+        yaxis_title="% of the loss restored",
+        template="plotly_white",
+    )
     return fig
 
 
@@ -92,14 +131,29 @@ def write_advice_html(path: str | Path, advice: Advice) -> Path:
     main = html.Section("Advice", [html.banner(headline(advice), kind)])
     if advice.advised:
         main.parts.append(html.paragraph(frozen_line(advice)))
-    evidence = html.Section("Evidence per depth", [
-        html.figure(_restore_figure(advice), height=380),
-        html.table(COLUMNS, evidence_rows(advice)), html.paragraph(FOOTNOTE, cls="note"),
-        *[html.paragraph(n, cls="note") for n in advice.warnings]])
+    evidence = html.Section(
+        "Evidence per depth",
+        [
+            html.figure(_restore_figure(advice), height=380),
+            html.table(COLUMNS, evidence_rows(advice)),
+            html.paragraph(FOOTNOTE, cls="note"),
+            *[html.paragraph(n, cls="note") for n in advice.warnings],
+        ],
+    )
     sections = [main, evidence]
     if advice.advised:
-        sections.append(html.Section("Code", [part for key, title in CODE_TITLES.items()
-                                              for part in (html.paragraph(title), html.code(advice.code[key]))]))
-    subtitle = (f"{advice.before} -> {advice.after}, probe {advice.probe}: old-task accuracy "
-                f"{advice.accuracy_before:.1%} -> {advice.accuracy_after:.1%}")
+        sections.append(
+            html.Section(
+                "Code",
+                [
+                    part
+                    for key, title in CODE_TITLES.items()
+                    for part in (html.paragraph(title), html.code(advice.code[key]))
+                ],
+            )
+        )
+    subtitle = (
+        f"{advice.before} -> {advice.after}, probe {advice.probe}: old-task accuracy "
+        f"{advice.accuracy_before:.1%} -> {advice.accuracy_after:.1%}"
+    )
     return html.write_page(path, "forgetdiag advise", sections, subtitle=subtitle)

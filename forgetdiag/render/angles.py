@@ -38,9 +38,12 @@ def cell_text(record: AngleRecord | None, far_deg: float, *, shown_baseline: flo
     if not record.ok:
         return Text(_NO_UPDATE[record.status], style="dim")
     mark = marker(record, far_deg)
-    own = (shown_baseline is None or abs(record.baseline_deg - shown_baseline) > 0.05)
-    return Text.assemble(f"{record.angle_deg:.1f}", (f" ({record.baseline_deg:.1f})" if own else "", "dim"),
-                         (mark, "bold cyan" if mark == BELOW else "bold magenta"))
+    own = shown_baseline is None or abs(record.baseline_deg - shown_baseline) > 0.05
+    return Text.assemble(
+        f"{record.angle_deg:.1f}",
+        (f" ({record.baseline_deg:.1f})" if own else "", "dim"),
+        (mark, "bold cyan" if mark == BELOW else "bold magenta"),
+    )
 
 
 def column_baseline(records: list[AngleRecord | None]) -> float | None:
@@ -64,8 +67,10 @@ def global_records(records: list[AngleRecord]) -> list[AngleRecord]:
 
 def pair_title(result: AnglesResult, pair: PairSpec) -> str:
     names = result.checkpoints
-    return (f"Pair {pair.label}: update {pair.a.label} ({names[pair.a.i]} → {names[pair.a.j]}) "
-            f"vs update {pair.b.label} ({names[pair.b.i]} → {names[pair.b.j]})")
+    return (
+        f"Pair {pair.label}: update {pair.a.label} ({names[pair.a.i]} → {names[pair.a.j]}) "
+        f"vs update {pair.b.label} ({names[pair.b.i]} → {names[pair.b.j]})"
+    )
 
 
 def pair_table(result: AnglesResult, pair: PairSpec) -> Table:
@@ -73,17 +78,20 @@ def pair_table(result: AnglesResult, pair: PairSpec) -> Table:
     records = result.for_pair(pair)
     layers, components, grid = layer_grid(records)
     far = result.settings.far_deg
-    table = Table(box=box.SIMPLE_HEAD, title=Text(pair_title(result, pair)), title_justify="left",
-                  pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, title=Text(pair_title(result, pair)), title_justify="left", pad_edge=False)
     table.add_column("layer", justify="right", no_wrap=True, min_width=5)
     for component in components:
         table.add_column(component, justify="right", no_wrap=True)
     shown = [column_baseline([grid.get((layer, c)) for layer in layers]) for c in components]
-    table.add_row(Text("null", style="dim"), *(Text("" if b is None else f"({b:.1f})", style="dim")
-                                               for b in shown), end_section=True)
+    table.add_row(
+        Text("null", style="dim"),
+        *(Text("" if b is None else f"({b:.1f})", style="dim") for b in shown),
+        end_section=True,
+    )
     for layer in layers:
-        table.add_row(str(layer), *(cell_text(grid.get((layer, c)), far, shown_baseline=b)
-                                    for c, b in zip(components, shown)))
+        table.add_row(
+            str(layer), *(cell_text(grid.get((layer, c)), far, shown_baseline=b) for c, b in zip(components, shown))
+        )
     return table
 
 
@@ -108,8 +116,10 @@ def rank_summary(records: list[AngleRecord]) -> str:
         if not ranks:
             parts.append(f"update {side.upper()}: no update anywhere")
             continue
-        parts.append(f"update {side.upper()}: rank {_spread(ranks, '.0f')}, energy held "
-                     f"{_spread([100 * e for e in energy], '.0f')}%")
+        parts.append(
+            f"update {side.upper()}: rank {_spread(ranks, '.0f')}, energy held "
+            f"{_spread([100 * e for e in energy], '.0f')}%"
+        )
     missing = sum(not r.ok for r in records)
     return "; ".join(parts) + (f"; {missing} matrices without an update in A or B" if missing else "")
 
@@ -123,14 +133,19 @@ def legend(result: AnglesResult) -> str:
     s = result.settings
     methods = {m for r in result.records for m in (r.method_a, r.method_b) if m is not None}
     how = " and ".join(sorted(methods)) + " SVD" if methods else "SVD"
-    basis = (f"top {s.top_k} directions per update ({how})" if s.mode == "rank"
-             else f"directions holding {100 * s.energy:g}% of ||dW||² ({how})")
-    return (f"Cells: mean angle (deg) of each kept direction of the later update to the earlier "
-            f"update's subspace. Row 'null' and (brackets): the mean angle unrelated subspaces of "
-            f"those dimensions give, its null baseline. "
-            f"{BELOW} more aligned than chance by > {s.far_deg:g}°, {ABOVE} more orthogonal by "
-            f"> {s.far_deg:g}°. Bases: {basis}, directions below {s.rtol:g} x the largest "
-            f"singular value dropped{'; updates standardised' if s.standardize else ''}.")
+    basis = (
+        f"top {s.top_k} directions per update ({how})"
+        if s.mode == "rank"
+        else f"directions holding {100 * s.energy:g}% of ||dW||² ({how})"
+    )
+    return (
+        f"Cells: mean angle (deg) of each kept direction of the later update to the earlier "
+        f"update's subspace. Row 'null' and (brackets): the mean angle unrelated subspaces of "
+        f"those dimensions give, its null baseline. "
+        f"{BELOW} more aligned than chance by > {s.far_deg:g}°, {ABOVE} more orthogonal by "
+        f"> {s.far_deg:g}°. Bases: {basis}, directions below {s.rtol:g} x the largest "
+        f"singular value dropped{'; updates standardised' if s.standardize else ''}."
+    )
 
 
 def angles_table(result: AnglesResult) -> Group:
@@ -143,24 +158,32 @@ def angles_table(result: AnglesResult) -> Group:
             parts.append(line)
         parts.append(Text(rank_summary(result.for_pair(pair)), style="dim"))
     parts.append(Text(legend(result), style="dim"))
-    parts.append(Text(f"{result.architecture} ({result.family} family), {len(result.checkpoints)} "
-                      f"checkpoints, {sum(result.timings.values()):.1f} s on {result.device} with "
-                      f"{result.workers} thread{'s' if result.workers != 1 else ''}.", style="dim"))
+    parts.append(
+        Text(
+            f"{result.architecture} ({result.family} family), {len(result.checkpoints)} "
+            f"checkpoints, {sum(result.timings.values()):.1f} s on {result.device} with "
+            f"{result.workers} thread{'s' if result.workers != 1 else ''}.",
+            style="dim",
+        )
+    )
     parts.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
     return Group(*parts)
 
 
 # --- HTML ------------------------------------------------------------------------------------
 
+
 def _hover(r: AngleRecord | None) -> str:
     if r is None:
         return ""
     if not r.ok:
         return f"{r.param}{'[' + r.part + ']' if r.part else ''}: {_NO_UPDATE[r.status]}"
-    return (f"{r.param}{'[' + r.part + ']' if r.part else ''}<br>mean angle {r.angle_deg:.1f}° "
-            f"(baseline {r.baseline_deg:.1f}°)<br>principal mean {r.principal_mean_deg:.1f}° "
-            f"(baseline {r.principal_baseline_mean_deg:.1f}°)<br>ranks {r.rank_a} / {r.rank_b}, "
-            f"energy {100 * r.energy_a:.0f}% / {100 * r.energy_b:.0f}%")
+    return (
+        f"{r.param}{'[' + r.part + ']' if r.part else ''}<br>mean angle {r.angle_deg:.1f}° "
+        f"(baseline {r.baseline_deg:.1f}°)<br>principal mean {r.principal_mean_deg:.1f}° "
+        f"(baseline {r.principal_baseline_mean_deg:.1f}°)<br>ranks {r.rank_a} / {r.rank_b}, "
+        f"energy {100 * r.energy_a:.0f}% / {100 * r.energy_b:.0f}%"
+    )
 
 
 def heatmaps(result: AnglesResult, pair: PairSpec):
@@ -174,13 +197,34 @@ def heatmaps(result: AnglesResult, pair: PairSpec):
     gap = [[-r.gap_deg if r is not None and r.ok else None for r in row] for row in cells]
     text = [[_hover(r) for r in row] for row in cells]
     y = [str(layer) for layer in layers]
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
-        "mean angle (deg)", "mean angle minus null baseline (deg; < 0: shared directions)"))
-    fig.add_trace(go.Heatmap(z=angle, x=components, y=y, zmin=0, zmax=90, colorscale="Viridis",
-                             text=text, hovertemplate="%{text}<extra></extra>",
-                             colorbar={"x": 0.44, "len": 0.9}), row=1, col=1)
-    fig.add_trace(go.Heatmap(z=gap, x=components, y=y, zmid=0, colorscale="RdBu", text=text,
-                             hovertemplate="%{text}<extra></extra>"), row=1, col=2)
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        horizontal_spacing=0.12,
+        subplot_titles=("mean angle (deg)", "mean angle minus null baseline (deg; < 0: shared directions)"),
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=angle,
+            x=components,
+            y=y,
+            zmin=0,
+            zmax=90,
+            colorscale="Viridis",
+            text=text,
+            hovertemplate="%{text}<extra></extra>",
+            colorbar={"x": 0.44, "len": 0.9},
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=gap, x=components, y=y, zmid=0, colorscale="RdBu", text=text, hovertemplate="%{text}<extra></extra>"
+        ),
+        row=1,
+        col=2,
+    )
     fig.update_yaxes(title_text="layer", autorange=True, type="category")
     fig.update_layout(template="plotly_white", title=pair_title(result, pair))
     return fig
@@ -199,15 +243,23 @@ def distributions(result: AnglesResult, pair: PairSpec):
             baselines.append(r.baseline_deg)
     fig = go.Figure()
     for row, (angles, _) in by_row.items():
-        fig.add_trace(go.Box(y=angles, name=row, boxpoints=False, marker_color="#3e4c59",
-                             showlegend=False))
-    fig.add_trace(go.Scatter(x=list(by_row), y=[sum(b) / len(b) for _, b in by_row.values()],
-                             mode="markers", name="null baseline",
-                             marker={"symbol": "line-ew-open", "size": 18, "color": "#d64545"}))
-    fig.update_layout(template="plotly_white", yaxis={"range": [0, 90], "title": "angle (deg)"},
-                      xaxis={"title": "layer", "type": "category"},
-                      title="Angle of each kept direction of the later update to the earlier "
-                            "update's subspace, per layer (all components)")
+        fig.add_trace(go.Box(y=angles, name=row, boxpoints=False, marker_color="#3e4c59", showlegend=False))
+    fig.add_trace(
+        go.Scatter(
+            x=list(by_row),
+            y=[sum(b) / len(b) for _, b in by_row.values()],
+            mode="markers",
+            name="null baseline",
+            marker={"symbol": "line-ew-open", "size": 18, "color": "#d64545"},
+        )
+    )
+    fig.update_layout(
+        template="plotly_white",
+        yaxis={"range": [0, 90], "title": "angle (deg)"},
+        xaxis={"title": "layer", "type": "category"},
+        title="Angle of each kept direction of the later update to the earlier "
+        "update's subspace, per layer (all components)",
+    )
     return fig
 
 
@@ -224,8 +276,12 @@ def principal_curve(result: AnglesResult, pair: PairSpec):
     fig = go.Figure()
     fig.add_scatter(x=layers, y=means, mode="lines+markers", name="mean principal angle")
     fig.add_scatter(x=layers, y=nulls, mode="lines", name="null baseline", line={"dash": "dot"})
-    fig.update_layout(template="plotly_white", yaxis={"range": [0, 90], "title": "angle (deg)"},
-                      xaxis_title="layer", title="Principal angles per layer (mean over components)")
+    fig.update_layout(
+        template="plotly_white",
+        yaxis={"range": [0, 90], "title": "angle (deg)"},
+        xaxis_title="layer",
+        title="Principal angles per layer (mean over components)",
+    )
     return fig
 
 
@@ -233,32 +289,66 @@ def _rows(records: list[AngleRecord]) -> list[list]:
     def f(x):
         return None if x is None else round(x, 2)
 
-    return [[r.layer if r.layer is not None else "–", r.component, r.param, _NO_UPDATE.get(r.status, "ok"),
-             r.rank_a, r.rank_b, None if r.energy_a is None else f"{100 * r.energy_a:.1f}%",
-             None if r.energy_b is None else f"{100 * r.energy_b:.1f}%", f(r.angle_deg),
-             f(r.baseline_deg), f(r.principal_mean_deg), f(r.principal_baseline_mean_deg)]
-            for r in records]
+    return [
+        [
+            r.layer if r.layer is not None else "–",
+            r.component,
+            r.param,
+            _NO_UPDATE.get(r.status, "ok"),
+            r.rank_a,
+            r.rank_b,
+            None if r.energy_a is None else f"{100 * r.energy_a:.1f}%",
+            None if r.energy_b is None else f"{100 * r.energy_b:.1f}%",
+            f(r.angle_deg),
+            f(r.baseline_deg),
+            f(r.principal_mean_deg),
+            f(r.principal_baseline_mean_deg),
+        ]
+        for r in records
+    ]
 
 
 def angles_sections(result: AnglesResult) -> list[html.Section]:
     """HTML sections, one per pair plus settings (also used by ``forgetdiag report``)."""
     sections = []
-    columns = ["layer", "component", "tensor", "status", "rank A", "rank B", "energy A", "energy B",
-               "mean angle", "baseline", "principal mean", "principal baseline"]
+    columns = [
+        "layer",
+        "component",
+        "tensor",
+        "status",
+        "rank A",
+        "rank B",
+        "energy A",
+        "energy B",
+        "mean angle",
+        "baseline",
+        "principal mean",
+        "principal baseline",
+    ]
     for pair in result.pairs:
         records = result.for_pair(pair)
-        sections.append(html.Section(f"Weight-update angles, pair {pair.label}", [
-            html.paragraph(pair_title(result, pair)),
-            html.paragraph(rank_summary(records), cls="note"),
-            html.figure(heatmaps(result, pair), height=max(360, 24 * (len(layer_grid(records)[0]) + 6))),
-            html.figure(distributions(result, pair), height=420),
-            html.figure(principal_curve(result, pair), height=360),
-            html.table(columns, _rows(records), left=4),
-        ]))
-    notes = [html.paragraph(legend(result), cls="note"),
-             html.paragraph(f"{result.architecture} ({result.family} family); checkpoints: "
-                            + ", ".join(f"C{k} = {c}" for k, c in enumerate(result.checkpoints))
-                            + f". {sum(result.timings.values()):.1f} s on {result.device}.", cls="note")]
+        sections.append(
+            html.Section(
+                f"Weight-update angles, pair {pair.label}",
+                [
+                    html.paragraph(pair_title(result, pair)),
+                    html.paragraph(rank_summary(records), cls="note"),
+                    html.figure(heatmaps(result, pair), height=max(360, 24 * (len(layer_grid(records)[0]) + 6))),
+                    html.figure(distributions(result, pair), height=420),
+                    html.figure(principal_curve(result, pair), height=360),
+                    html.table(columns, _rows(records), left=4),
+                ],
+            )
+        )
+    notes = [
+        html.paragraph(legend(result), cls="note"),
+        html.paragraph(
+            f"{result.architecture} ({result.family} family); checkpoints: "
+            + ", ".join(f"C{k} = {c}" for k, c in enumerate(result.checkpoints))
+            + f". {sum(result.timings.values()):.1f} s on {result.device}.",
+            cls="note",
+        ),
+    ]
     notes.extend(html.paragraph(f"Note: {n}", cls="note") for n in result.warnings)
     sections.append(html.Section("Angle settings", notes))
     return sections
@@ -266,6 +356,9 @@ def angles_sections(result: AnglesResult) -> list[html.Section]:
 
 def write_angles_html(path: str | Path, result: AnglesResult) -> Path:
     """A self-contained page with every pair's heatmaps, distributions and table."""
-    return html.write_page(path, "forgetdiag angles: weight-update subspaces", angles_sections(result),
-                           subtitle=f"{len(result.pairs)} pair(s) of updates over "
-                                    f"{len(result.checkpoints)} checkpoints")
+    return html.write_page(
+        path,
+        "forgetdiag angles: weight-update subspaces",
+        angles_sections(result),
+        subtitle=f"{len(result.pairs)} pair(s) of updates over {len(result.checkpoints)} checkpoints",
+    )

@@ -10,15 +10,18 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from forgetdiag.analyses.features import FeaturesResult, LayerShift, PairShift, summary_text
+from forgetdiag.analyses.feature_stats import LayerShift
+from forgetdiag.analyses.features import FeaturesResult, PairShift, summary_text
 from forgetdiag.render import html
 
 _COLORS = ("#2f6fb0", "#d64545", "#57ae5b", "#e6a700", "#7b5ea7", "#3e4c59", "#c2577a")
 COLUMNS = ("layer", "PC1", "PCk avg", "PCk max", "shift", "s∠PC1", "s∠PCk", "CKA", "k")
-LEGEND = ("Angles in degrees. PC1: before vs after PC1 (|cos|, 0-90). PCk avg/max: principal angles "
-          "between the before and after top-k PC subspaces. shift: ||mean after - mean before|| "
-          "over the mean feature norm; s∠PC1, s∠PCk: its angle to the before PC1 and top-k "
-          "subspace; s∠prev: to the previous pair's shift (~180: it undoes it). k: PCs compared.")
+LEGEND = (
+    "Angles in degrees. PC1: before vs after PC1 (|cos|, 0-90). PCk avg/max: principal angles "
+    "between the before and after top-k PC subspaces. shift: ||mean after - mean before|| "
+    "over the mean feature norm; s∠PC1, s∠PCk: its angle to the before PC1 and top-k "
+    "subspace; s∠prev: to the previous pair's shift (~180: it undoes it). k: PCs compared."
+)
 
 
 def layer_name(layer: int, n_layers: int) -> str:
@@ -38,17 +41,24 @@ def layer_row(s: LayerShift, n_layers: int) -> list[str]:
     """The cells of one layer, as text (shared by the rich and HTML tables)."""
     sub = s.subspace_angles_deg
     mean, top = (_deg(sum(sub) / len(sub)), _deg(max(sub))) if sub else ("–", "–")
-    return [layer_name(s.layer, n_layers), _deg(s.pc1_angle_deg), mean, top, _num(s.mean_shift_rel),
-            _deg(s.mean_shift_pc1_angle_deg), _deg(s.mean_shift_subspace_angle_deg),
-            _num(s.cka, ".3f"), str(s.k)]
+    return [
+        layer_name(s.layer, n_layers),
+        _deg(s.pc1_angle_deg),
+        mean,
+        top,
+        _num(s.mean_shift_rel),
+        _deg(s.mean_shift_pc1_angle_deg),
+        _deg(s.mean_shift_subspace_angle_deg),
+        _num(s.cka, ".3f"),
+        str(s.k),
+    ]
 
 
 def pair_rows(result: FeaturesResult, pair: PairShift) -> tuple[list[str], list[list[str]]]:
     """Columns and rows of one pair (s∠prev only for a pair chained to the previous one)."""
     chained = any(not math.isnan(s.shift_vs_previous_deg) for s in pair.layers)
     columns = list(COLUMNS) + (["s∠prev"] if chained else [])
-    rows = [layer_row(s, result.n_layers) + ([_deg(s.shift_vs_previous_deg)] if chained else [])
-            for s in pair.layers]
+    rows = [layer_row(s, result.n_layers) + ([_deg(s.shift_vs_previous_deg)] if chained else []) for s in pair.layers]
     for s, row in zip(pair.layers, rows):
         row[0] = f"{'▶' if s.layer == pair.shift_start else ' '} {row[0]}"
     return columns, rows
@@ -56,12 +66,22 @@ def pair_rows(result: FeaturesResult, pair: PairShift) -> tuple[list[str], list[
 
 def pair_table(result: FeaturesResult, pair: PairShift) -> Table:
     """One row per hidden-state index; the row where the shift starts is marked."""
-    table = Table(box=box.SIMPLE_HEAD, title=f"{pair.before} -> {pair.after}", collapse_padding=True,
-                  title_justify="left", caption="▶ where the shift starts", caption_justify="left")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=f"{pair.before} -> {pair.after}",
+        collapse_padding=True,
+        title_justify="left",
+        caption="▶ where the shift starts",
+        caption_justify="left",
+    )
     columns, rows = pair_rows(result, pair)
     for column in columns:
-        table.add_column(column, justify="left" if column == "layer" else "right", no_wrap=True,
-                         min_width={"layer": 8, "k": 2}.get(column, max(len(column), 5)))
+        table.add_column(
+            column,
+            justify="left" if column == "layer" else "right",
+            no_wrap=True,
+            min_width={"layer": 8, "k": 2}.get(column, max(len(column), 5)),
+        )
     for s, row in zip(pair.layers, rows):
         table.add_row(*row, style="bold" if s.layer == pair.shift_start else None)
     return table
@@ -73,9 +93,14 @@ def features_table(result: FeaturesResult) -> Group:
     for pair in result.pairs:
         parts.append(pair_table(result, pair))
         parts.append(Text(summary_text(result, pair), style="bold"))
-    parts.append(Text(f"{result.n_prompts} prompts of {result.probe}, hidden state at the last "
-                      f"prompt token; layer 0 = embedding output, {result.n_layers} norm = after "
-                      f"the final norm. {LEGEND}", style="dim"))
+    parts.append(
+        Text(
+            f"{result.n_prompts} prompts of {result.probe}, hidden state at the last "
+            f"prompt token; layer 0 = embedding output, {result.n_layers} norm = after "
+            f"the final norm. {LEGEND}",
+            style="dim",
+        )
+    )
     parts.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
     return Group(*parts)
 
@@ -83,28 +108,41 @@ def features_table(result: FeaturesResult) -> Group:
 def _curves(result: FeaturesResult):
     from plotly.subplots import make_subplots
 
-    panels = (("PC1 angle (deg)", lambda s: s.pc1_angle_deg),
-              ("PC shift: mean principal angle of the top-k PCs (deg)", lambda s: s.pc_shift_deg),
-              ("linear CKA", lambda s: s.cka),
-              ("mean shift / feature norm", lambda s: s.mean_shift_rel))
-    fig = make_subplots(rows=2, cols=2, subplot_titles=[p[0] for p in panels],
-                        horizontal_spacing=0.09, vertical_spacing=0.14)
+    panels = (
+        ("PC1 angle (deg)", lambda s: s.pc1_angle_deg),
+        ("PC shift: mean principal angle of the top-k PCs (deg)", lambda s: s.pc_shift_deg),
+        ("linear CKA", lambda s: s.cka),
+        ("mean shift / feature norm", lambda s: s.mean_shift_rel),
+    )
+    fig = make_subplots(
+        rows=2, cols=2, subplot_titles=[p[0] for p in panels], horizontal_spacing=0.09, vertical_spacing=0.14
+    )
     for k, pair in enumerate(result.pairs):
         color = _COLORS[k % len(_COLORS)]
         x = [s.layer for s in pair.layers]
         for n, (_, value) in enumerate(panels):
             y = [_none(value(s)) for s in pair.layers]
-            fig.add_scatter(x=x, y=y, mode="lines+markers", name=f"{pair.before} -> {pair.after}",
-                            legendgroup=str(k), showlegend=n == 0, line={"color": color},
-                            row=n // 2 + 1, col=n % 2 + 1)
+            fig.add_scatter(
+                x=x,
+                y=y,
+                mode="lines+markers",
+                name=f"{pair.before} -> {pair.after}",
+                legendgroup=str(k),
+                showlegend=n == 0,
+                line={"color": color},
+                row=n // 2 + 1,
+                col=n % 2 + 1,
+            )
         if pair.shift_start is not None:
             for n in range(4):
-                fig.add_vline(x=pair.shift_start, line={"dash": "dot", "color": color},
-                              row=n // 2 + 1, col=n % 2 + 1)
+                fig.add_vline(x=pair.shift_start, line={"dash": "dot", "color": color}, row=n // 2 + 1, col=n % 2 + 1)
     fig.update_xaxes(dtick=1 if result.n_layers <= 24 else None)
     fig.update_xaxes(title_text="layer (0 = embedding output)", row=2)
-    fig.update_layout(title="Per-layer shifts (dotted: where the shift starts)",
-                      template="plotly_white", legend={"orientation": "h", "y": -0.15})
+    fig.update_layout(
+        title="Per-layer shifts (dotted: where the shift starts)",
+        template="plotly_white",
+        legend={"orientation": "h", "y": -0.15},
+    )
     return fig
 
 
@@ -122,20 +160,35 @@ def _scatter(result: FeaturesResult, pair: PairShift):
     default = layers.index(shown) if shown in layers else len(layers) - 1
     for n, p in enumerate(pair.projections):  # SVG traces: a report of many pairs would run out of WebGL contexts
         for label, points, color in (("before", p.before, "#2f6fb0"), ("after", p.after, "#d64545")):
-            fig.add_scatter(x=points[:, 0], y=points[:, 1], mode="markers", name=label,
-                              marker={"size": 5, "opacity": 0.6, "color": color},
-                              visible=n == default, showlegend=True)
+            fig.add_scatter(
+                x=points[:, 0],
+                y=points[:, 1],
+                mode="markers",
+                name=label,
+                marker={"size": 5, "opacity": 0.6, "color": color},
+                visible=n == default,
+                showlegend=True,
+            )
     buttons = []
     for n, p in enumerate(pair.projections):
         visible = [m == n for m in range(len(pair.projections)) for _ in range(2)]
-        buttons.append({"label": f"layer {layer_name(p.layer, result.n_layers)}", "method": "update",
-                        "args": [{"visible": visible}, {"yaxis.title.text": _y_title(p.y_axis)}]})
+        buttons.append(
+            {
+                "label": f"layer {layer_name(p.layer, result.n_layers)}",
+                "method": "update",
+                "args": [{"visible": visible}, {"yaxis.title.text": _y_title(p.y_axis)}],
+            }
+        )
     y_axis = pair.projections[default].y_axis if pair.projections else "mean shift"
     fig.update_layout(
         title=f"{pair.before} -> {pair.after}: prompts at the last token, centred on the before mean",
-        xaxis_title="before PC1", yaxis_title=_y_title(y_axis), template="plotly_white",
-        updatemenus=[{"buttons": buttons, "active": default, "x": 1.0, "xanchor": "right",
-                      "y": 1.12, "yanchor": "top"}])
+        xaxis_title="before PC1",
+        yaxis_title=_y_title(y_axis),
+        template="plotly_white",
+        updatemenus=[
+            {"buttons": buttons, "active": default, "x": 1.0, "xanchor": "right", "y": 1.12, "yanchor": "top"}
+        ],
+    )
     return fig
 
 
@@ -147,13 +200,17 @@ def features_sections(result: FeaturesResult) -> list[html.Section]:
     """HTML sections (also used by ``forgetdiag report``)."""
     parts = [html.banner(summary_text(result, pair), "info") for pair in result.pairs]
     parts.append(html.figure(_curves(result), height=640))
-    parts.append(html.paragraph(
-        f"{result.n_prompts} prompts of {result.probe}, hidden state at the last prompt token; "
-        f"layer 0 = embedding output, layer {result.n_layers} = after the final norm; k = "
-        f"{result.settings.k}. ▶ marks where the shift starts: the lowest layer whose top-k PC "
-        f"subspace turns by >= {result.settings.pc_shift_min:g} deg (PCk avg) or whose linear "
-        f"CKA drops by >= "
-        f"{result.settings.cka_drop_min:g}. {LEGEND}", cls="note"))
+    parts.append(
+        html.paragraph(
+            f"{result.n_prompts} prompts of {result.probe}, hidden state at the last prompt token; "
+            f"layer 0 = embedding output, layer {result.n_layers} = after the final norm; k = "
+            f"{result.settings.k}. ▶ marks where the shift starts: the lowest layer whose top-k PC "
+            f"subspace turns by >= {result.settings.pc_shift_min:g} deg (PCk avg) or whose linear "
+            f"CKA drops by >= "
+            f"{result.settings.cka_drop_min:g}. {LEGEND}",
+            cls="note",
+        )
+    )
     parts.extend(html.paragraph(f"Note: {n}", cls="note") for n in result.warnings)
     sections = [html.Section("Feature shifts", parts)]
     for pair in result.pairs:
@@ -166,5 +223,4 @@ def features_sections(result: FeaturesResult) -> list[html.Section]:
 
 def write_features_html(path: str | Path, result: FeaturesResult) -> Path:
     title = "forgetdiag features"
-    return html.write_page(path, title, features_sections(result),
-                    subtitle=" -> ".join(result.checkpoints))
+    return html.write_page(path, title, features_sections(result), subtitle=" -> ".join(result.checkpoints))

@@ -49,8 +49,7 @@ def figure(fig, *, height: int | None = None) -> str:
     """A plotly figure as an HTML fragment (plotly.js is embedded once by :func:`page`)."""
     if height is not None:
         fig.update_layout(height=height)
-    div = fig.to_html(full_html=False, include_plotlyjs=False,
-                      config={"responsive": True, "displaylogo": False})
+    div = fig.to_html(full_html=False, include_plotlyjs=False, config={"responsive": True, "displaylogo": False})
     return f'<div class="plot">{div}</div>'
 
 
@@ -58,8 +57,9 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, left: int = 
     """An HTML table; the first ``left`` columns are left-aligned. Every cell is escaped."""
     cls = lambda k: ' class="l"' if k < left else ""
     head = "".join(f"<th{cls(k)}>{esc(c)}</th>" for k, c in enumerate(columns))
-    body = "".join("<tr>" + "".join(f"<td{cls(k)}>{esc(_fmt(v))}</td>" for k, v in enumerate(r))
-                   + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td{cls(k)}>{esc(_fmt(v))}</td>" for k, v in enumerate(r)) + "</tr>" for r in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -72,7 +72,7 @@ def _fmt(value: Any) -> str:
 
 
 def paragraph(text: str, *, cls: str | None = None) -> str:
-    return f'<p{f" class={esc(cls)!r}" if cls else ""}>{esc(text)}</p>'
+    return f"<p{f' class={esc(cls)!r}' if cls else ''}>{esc(text)}</p>"
 
 
 def banner(text: str, kind: str) -> str:
@@ -95,17 +95,18 @@ class Section:
         return f'<section id="{esc(slug)}"><h2>{esc(self.title)}</h2>{"".join(self.parts)}</section>'
 
 
-def page(title: str, sections: Sequence[Section], *, subtitle: str | None = None,
-         header: Sequence[str] = ()) -> str:
+def page(title: str, sections: Sequence[Section], *, subtitle: str | None = None, header: Sequence[str] = ()) -> str:
     """A complete, offline HTML document."""
     sub = f'<p class="sub">{esc(subtitle)}</p>' if subtitle else ""
     body = "".join(s.render() for s in sections)
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{_STYLE}</style>"
-            f'<script type="text/javascript">{_plotly_js()}</script></head>'
-            f"<body><main><h1>{esc(title)}</h1>{sub}{''.join(header)}{body}"
-            f"<footer>forgetdiag {esc(__version__)}</footer></main></body></html>")
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{_STYLE}</style>"
+        f'<script type="text/javascript">{_plotly_js()}</script></head>'
+        f"<body><main><h1>{esc(title)}</h1>{sub}{''.join(header)}{body}"
+        f"<footer>forgetdiag {esc(__version__)}</footer></main></body></html>"
+    )
 
 
 def write_page(path: str | Path, title: str, sections: Sequence[Section], **kwargs) -> Path:

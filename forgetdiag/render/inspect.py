@@ -16,20 +16,34 @@ _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 def inspect_table(result: InspectResult) -> Group:
     """The architecture (one per sequence), then one row per checkpoint in sequence order."""
     first = result.checkpoints[0]
-    head = Text.assemble((first.architecture, "bold"), f" ({first.family} family): ",
-                         f"{first.n_layers} layers, hidden {first.hidden_size}, "
-                         f"{human_count(first.n_params)} parameters"
-                         + (", tied embeddings" if first.tied_embeddings else ""))
+    head = Text.assemble(
+        (first.architecture, "bold"),
+        f" ({first.family} family): ",
+        f"{first.n_layers} layers, hidden {first.hidden_size}, "
+        f"{human_count(first.n_params)} parameters" + (", tied embeddings" if first.tied_embeddings else ""),
+    )
     table = Table(box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for column, justify in (("#", "right"), ("checkpoint", "left"), ("step", "right"),
-                            ("format", "left"), ("dtype", "left"), ("size", "right"),
-                            ("tokenizer", "left")):
+    for column, justify in (
+        ("#", "right"),
+        ("checkpoint", "left"),
+        ("step", "right"),
+        ("format", "left"),
+        ("dtype", "left"),
+        ("size", "right"),
+        ("tokenizer", "left"),
+    ):
         table.add_column(column, justify=justify, no_wrap=column != "checkpoint")
     for k, c in enumerate(result.checkpoints):
         fmt = c.format if c.lora is None else f"lora r={c.lora['rank']}"
-        table.add_row(str(k), c.label, "" if c.step is None else str(c.step), fmt,
-                      ",".join(_SHORT.get(d, d) for d in c.dtypes), human_bytes(c.size_bytes),
-                      "yes" if c.tokenizer else "no")
+        table.add_row(
+            str(k),
+            c.label,
+            "" if c.step is None else str(c.step),
+            fmt,
+            ",".join(_SHORT.get(d, d) for d in c.dtypes),
+            human_bytes(c.size_bytes),
+            "yes" if c.tokenizer else "no",
+        )
     lines = [head, table]
     for c in {c.components: c for c in result.checkpoints}.values():
         text = f"Weight matrices understood: {' '.join(c.components) or 'none'}"
@@ -38,13 +52,19 @@ def inspect_table(result: InspectResult) -> Group:
         lines.append(Text(text))
     for c in result.checkpoints:
         if c.lora is not None:
-            lines.append(Text(f"{c.label}: LoRA r={c.lora['rank']} alpha={c.lora['alpha']} on "
-                              f"{c.lora['targets']} weights over {c.lora['base']}"))
+            lines.append(
+                Text(
+                    f"{c.label}: LoRA r={c.lora['rank']} alpha={c.lora['alpha']} on "
+                    f"{c.lora['targets']} weights over {c.lora['base']}"
+                )
+            )
     if len(result.checkpoints) > 1:
-        lines.append(Text(f"Compatible: one architecture, {result.shared_tensors} shared tensors.",
-                          style="green"))
+        lines.append(Text(f"Compatible: one architecture, {result.shared_tensors} shared tensors.", style="green"))
     checked = all(c.values_checked for c in result.checkpoints)
-    lines.append(Text("All weights finite (every tensor read once)." if checked
-                      else "Weight values not read (--no-check-values)."))
+    lines.append(
+        Text(
+            "All weights finite (every tensor read once)." if checked else "Weight values not read (--no-check-values)."
+        )
+    )
     lines.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
     return Group(*lines)

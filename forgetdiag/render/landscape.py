@@ -31,12 +31,13 @@ def describe_plane(result: LandscapeResult) -> str:
     if p.mode == RAW:
         dirs = f"d_x = X_END - ORIGIN (|d_x| = {p.norm_x:.4g}), d_y = Y_END - X_END (|d_y| = {p.norm_y:.4g})"
     else:
-        dirs = (f"filter-normalized random directions, seed {p.seed} (|d_x| = {p.norm_x:.4g}, "
-                f"|d_y| = {p.norm_y:.4g})")
-    return (f"{dirs}, {p.angle_deg:.1f} degrees apart, over {p.n_params:,} parameters "
-            f"(|theta_0| = {p.origin_norm:.4g}); grid {len(result.alphas)} x {len(result.betas)} over "
-            f"alpha {result.alphas[0]:g}..{result.alphas[-1]:g}, beta {result.betas[0]:g}..{result.betas[-1]:g}; "
-            f"{result.dtype} on {result.device}")
+        dirs = f"filter-normalized random directions, seed {p.seed} (|d_x| = {p.norm_x:.4g}, |d_y| = {p.norm_y:.4g})"
+    return (
+        f"{dirs}, {p.angle_deg:.1f} degrees apart, over {p.n_params:,} parameters "
+        f"(|theta_0| = {p.origin_norm:.4g}); grid {len(result.alphas)} x {len(result.betas)} over "
+        f"alpha {result.alphas[0]:g}..{result.alphas[-1]:g}, beta {result.betas[0]:g}..{result.betas[-1]:g}; "
+        f"{result.dtype} on {result.device}"
+    )
 
 
 def _lowest(result: LandscapeResult, name: str) -> str:
@@ -51,21 +52,22 @@ def landscape_table(result: LandscapeResult) -> Group:
     """Anchor losses per probe, the lowest grid point, and the trajectory's coordinates."""
     names = [p.name for p in result.probes]
     lines: list = [Text(describe_plane(result))]
-    anchors = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="Loss at the anchor points",
-                    title_justify="left")
+    anchors = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="Loss at the anchor points", title_justify="left")
     for column in ("point", "checkpoint", "alpha", "beta", *names):
         left = column in ("point", "checkpoint")
         anchors.add_column(column, justify="left" if left else "right", no_wrap=left)
     for a in result.anchors:
-        anchors.add_row(a.point, a.checkpoint, f"{a.alpha:g}", f"{a.beta:g}",
-                        *(_loss(a.losses.get(n)) for n in names))
+        anchors.add_row(a.point, a.checkpoint, f"{a.alpha:g}", f"{a.beta:g}", *(_loss(a.losses.get(n)) for n in names))
     lines.append(anchors)
     lines.append(Text("Lowest grid point: " + "; ".join(f"{n} {_lowest(result, n)}" for n in names)))
     if result.trajectory:
         lines.append(trajectory_table(result))
     done, total = int(result.computed.sum()), result.computed.size
-    status = (f"{total} grid points, {result.evaluated} evaluated now" if result.complete
-              else f"grid incomplete: {done} of {total} points (rerun with --resume to finish)")
+    status = (
+        f"{total} grid points, {result.evaluated} evaluated now"
+        if result.complete
+        else f"grid incomplete: {done} of {total} points (rerun with --resume to finish)"
+    )
     lines.append(Text(f"{status}; {sum(result.timings.values()):.1f} s.", style=None if result.complete else "yellow"))
     lines.extend(Text(f"Warning: {w}", style="yellow") for w in result.warnings)
     lines.extend(Text(f"Note: {n}", style="dim") for n in result.warnings)
@@ -79,17 +81,26 @@ def _coord(value: float) -> str:
 
 def trajectory_table(result: LandscapeResult) -> Table:
     """Each trajectory checkpoint's coordinates and off-plane residual."""
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left",
-                  title="Trajectory on the plane (least squares over all parameters)",
-                  caption="distance = |theta - theta_0|; residual = distance from the plane; "
-                          "relative = residual / distance", caption_justify="left")
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        title_justify="left",
+        title="Trajectory on the plane (least squares over all parameters)",
+        caption="distance = |theta - theta_0|; residual = distance from the plane; relative = residual / distance",
+        caption_justify="left",
+    )
     for column in ("checkpoint", "step", "alpha", "beta", "distance", "residual", "relative"):
-        table.add_column(column, justify="left" if column == "checkpoint" else "right",
-                         no_wrap=column == "checkpoint")
+        table.add_column(column, justify="left" if column == "checkpoint" else "right", no_wrap=column == "checkpoint")
     for t in result.trajectory:
-        table.add_row(t.checkpoint, "" if t.step is None else str(t.step), _coord(t.alpha),
-                      _coord(t.beta), f"{t.distance:.4g}", f"{t.residual:.4g}",
-                      f"{t.relative_residual:.3f}")
+        table.add_row(
+            t.checkpoint,
+            "" if t.step is None else str(t.step),
+            _coord(t.alpha),
+            _coord(t.beta),
+            f"{t.distance:.4g}",
+            f"{t.residual:.4g}",
+            f"{t.relative_residual:.3f}",
+        )
     return table
 
 
@@ -97,7 +108,7 @@ def _ticks(lo: float, hi: float) -> list[float]:
     """Loss values 1, 2, 5 x 10^k between ``lo`` and ``hi`` (colour-bar ticks of a log scale)."""
     out = []
     for k in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
-        out += [m * 10.0 ** k for m in (1, 2, 5) if lo <= m * 10.0 ** k <= hi]
+        out += [m * 10.0**k for m in (1, 2, 5) if lo <= m * 10.0**k <= hi]
     return out or [lo, hi]
 
 
@@ -122,14 +133,27 @@ def contour_figure(result: LandscapeResult, surface: np.ndarray, title: str):
         ticks = _ticks(float(finite.min()), float(finite.max()))
         colorbar.update(tickvals=[math.log10(t) for t in ticks], ticktext=[f"{t:g}" for t in ticks])
     text = [[f"loss {_loss(v)}" for v in row] for row in surface]
-    fig = go.Figure(go.Contour(
-        x=list(result.alphas), y=list(result.betas), z=np.where(np.isfinite(z), z, None).tolist(),
-        text=text, colorscale="Viridis", ncontours=24, colorbar=colorbar, connectgaps=False,
-        hovertemplate="alpha %{x:.3g}, beta %{y:.3g}<br>%{text}<extra></extra>"))
+    fig = go.Figure(
+        go.Contour(
+            x=list(result.alphas),
+            y=list(result.betas),
+            z=np.where(np.isfinite(z), z, None).tolist(),
+            text=text,
+            colorscale="Viridis",
+            ncontours=24,
+            colorbar=colorbar,
+            connectgaps=False,
+            hovertemplate="alpha %{x:.3g}, beta %{y:.3g}<br>%{text}<extra></extra>",
+        )
+    )
     _trajectory_traces(fig, result)
     _distance_axes(fig, result)
-    fig.update_layout(title={"text": title}, height=560, margin={"l": 70, "r": 150, "t": 90, "b": 60},
-                      legend={"orientation": "h", "y": -0.15})
+    fig.update_layout(
+        title={"text": title},
+        height=560,
+        margin={"l": 70, "r": 150, "t": 90, "b": 60},
+        legend={"orientation": "h", "y": -0.15},
+    )
     return fig
 
 
@@ -138,19 +162,35 @@ def _trajectory_traces(fig, result: LandscapeResult) -> None:
 
     if result.trajectory:
         t = result.trajectory
-        fig.add_trace(go.Scatter(
-            x=[p.alpha for p in t], y=[p.beta for p in t], mode="lines+markers", name="trajectory",
-            line={"color": "white", "width": 2}, marker={"size": 7, "color": "white",
-                                                          "line": {"color": "black", "width": 1}},
-            text=[f"{p.checkpoint}<br>residual {p.residual:.3g} ({p.relative_residual:.1%} of "
-                  f"|theta - theta_0|)" for p in t],
-            hovertemplate="%{text}<br>alpha %{x:.3f}, beta %{y:.3f}<extra></extra>"))
+        fig.add_trace(
+            go.Scatter(
+                x=[p.alpha for p in t],
+                y=[p.beta for p in t],
+                mode="lines+markers",
+                name="trajectory",
+                line={"color": "white", "width": 2},
+                marker={"size": 7, "color": "white", "line": {"color": "black", "width": 1}},
+                text=[
+                    f"{p.checkpoint}<br>residual {p.residual:.3g} ({p.relative_residual:.1%} of |theta - theta_0|)"
+                    for p in t
+                ],
+                hovertemplate="%{text}<br>alpha %{x:.3f}, beta %{y:.3f}<extra></extra>",
+            )
+        )
     a = result.anchors
-    fig.add_trace(go.Scatter(
-        x=[p.alpha for p in a], y=[p.beta for p in a], mode="markers+text", name="anchors",
-        text=[p.point for p in a], textposition="top center", textfont={"color": "white"},
-        marker={"symbol": "star", "size": 14, "color": "#ffb000", "line": {"color": "black", "width": 1}},
-        hovertemplate="%{text}<extra></extra>"))
+    fig.add_trace(
+        go.Scatter(
+            x=[p.alpha for p in a],
+            y=[p.beta for p in a],
+            mode="markers+text",
+            name="anchors",
+            text=[p.point for p in a],
+            textposition="top center",
+            textfont={"color": "white"},
+            marker={"symbol": "star", "size": 14, "color": "#ffb000", "line": {"color": "black", "width": 1}},
+            hovertemplate="%{text}<extra></extra>",
+        )
+    )
 
 
 def _distance_axes(fig, result: LandscapeResult) -> None:
@@ -160,32 +200,63 @@ def _distance_axes(fig, result: LandscapeResult) -> None:
     a0, a1, b0, b1 = result.alphas[0], result.alphas[-1], result.betas[0], result.betas[-1]
     nx, ny = result.plane.norm_x, result.plane.norm_y
     # an invisible trace makes plotly draw the overlaying axes
-    fig.add_trace(go.Scatter(x=[a0 * nx, a1 * nx], y=[b0 * ny, b1 * ny], xaxis="x2", yaxis="y2",
-                             mode="markers", marker={"opacity": 0}, hoverinfo="skip", showlegend=False))
+    fig.add_trace(
+        go.Scatter(
+            x=[a0 * nx, a1 * nx],
+            y=[b0 * ny, b1 * ny],
+            xaxis="x2",
+            yaxis="y2",
+            mode="markers",
+            marker={"opacity": 0},
+            hoverinfo="skip",
+            showlegend=False,
+        )
+    )
     fig.update_layout(
         xaxis={"title": {"text": "alpha (units of d_x)"}, "range": [a0, a1]},
         yaxis={"title": {"text": "beta (units of d_y)"}, "range": [b0, b1]},
-        xaxis2={"title": {"text": f"distance along d_x (|d_x| = {nx:.3g})"}, "overlaying": "x",
-                "side": "top", "range": [a0 * nx, a1 * nx], "showgrid": False,
-                "tickvals": _nice(a0 * nx, a1 * nx)},
-        yaxis2={"title": {"text": f"distance along d_y (|d_y| = {ny:.3g})"}, "overlaying": "y",
-                "side": "right", "range": [b0 * ny, b1 * ny], "showgrid": False,
-                "tickvals": _nice(b0 * ny, b1 * ny)})
+        xaxis2={
+            "title": {"text": f"distance along d_x (|d_x| = {nx:.3g})"},
+            "overlaying": "x",
+            "side": "top",
+            "range": [a0 * nx, a1 * nx],
+            "showgrid": False,
+            "tickvals": _nice(a0 * nx, a1 * nx),
+        },
+        yaxis2={
+            "title": {"text": f"distance along d_y (|d_y| = {ny:.3g})"},
+            "overlaying": "y",
+            "side": "right",
+            "range": [b0 * ny, b1 * ny],
+            "showgrid": False,
+            "tickvals": _nice(b0 * ny, b1 * ny),
+        },
+    )
 
 
 def _tables(result: LandscapeResult) -> list[str]:
     names = [p.name for p in result.probes]
-    anchor_rows = [(a.point, a.checkpoint, f"{a.alpha:g}", f"{a.beta:g}", *(a.losses.get(n) for n in names))
-                   for a in result.anchors]
-    parts = [html.table(("point", "checkpoint", "alpha", "beta", *(f"loss: {n}" for n in names)),
-                        anchor_rows, left=2)]
+    anchor_rows = [
+        (a.point, a.checkpoint, f"{a.alpha:g}", f"{a.beta:g}", *(a.losses.get(n) for n in names))
+        for a in result.anchors
+    ]
+    parts = [html.table(("point", "checkpoint", "alpha", "beta", *(f"loss: {n}" for n in names)), anchor_rows, left=2)]
     if result.trajectory:
-        parts.append(html.paragraph("Trajectory: every checkpoint placed by least squares over all "
-                                    "parameters; the residual is its distance from the plane."))
-        parts.append(html.table(("checkpoint", "step", "alpha", "beta", "|theta - theta_0|", "residual",
-                                 "relative residual"),
-                                [(t.checkpoint, t.step, _coord(t.alpha), _coord(t.beta), t.distance,
-                                  t.residual, t.relative_residual) for t in result.trajectory]))
+        parts.append(
+            html.paragraph(
+                "Trajectory: every checkpoint placed by least squares over all "
+                "parameters; the residual is its distance from the plane."
+            )
+        )
+        parts.append(
+            html.table(
+                ("checkpoint", "step", "alpha", "beta", "|theta - theta_0|", "residual", "relative residual"),
+                [
+                    (t.checkpoint, t.step, _coord(t.alpha), _coord(t.beta), t.distance, t.residual, t.relative_residual)
+                    for t in result.trajectory
+                ],
+            )
+        )
     return parts
 
 
@@ -193,14 +264,19 @@ def landscape_page_sections(result: LandscapeResult) -> list[html.Section]:
     """The page's sections: the plane and its tables, then one contour per probe and the mean."""
     plane = html.Section("Plane", [html.paragraph(describe_plane(result)), *_tables(result)])
     if result.plane.line_angle_deg < 60:
-        plane.parts.append(html.paragraph(
-            f"d_x and d_y are {result.plane.angle_deg:.1f} degrees apart, but the plots draw them "
-            "at right angles: distances are exact along each axis only.", cls="note"))
+        plane.parts.append(
+            html.paragraph(
+                f"d_x and d_y are {result.plane.angle_deg:.1f} degrees apart, but the plots draw them "
+                "at right angles: distances are exact along each axis only.",
+                cls="note",
+            )
+        )
     plane.parts += [html.paragraph(f"Warning: {w}", cls="note") for w in result.warnings]
     plane.parts += [html.paragraph(f"Note: {n}", cls="note") for n in result.warnings]
     if not result.complete:
-        plane.parts.append(html.banner(f"Grid incomplete: {int(result.computed.sum())} of "
-                                       f"{result.computed.size} points.", "mixed"))
+        plane.parts.append(
+            html.banner(f"Grid incomplete: {int(result.computed.sum())} of {result.computed.size} points.", "mixed")
+        )
     surfaces: Sequence[tuple[str, np.ndarray]] = [(p.name, result.surfaces[p.name]) for p in result.probes]
     if len(result.probes) > 1:
         surfaces = [*surfaces, ("mean of the probes", result.mean_surface())]
@@ -214,5 +290,6 @@ def landscape_page_sections(result: LandscapeResult) -> list[html.Section]:
 def write_landscape_html(path: str | Path, result: LandscapeResult) -> Path:
     """Write the self-contained (offline) HTML page of a landscape."""
     names = ", ".join(a.checkpoint for a in result.anchors)
-    return html.write_page(path, "forgetdiag landscape", landscape_page_sections(result),
-                           subtitle=f"Loss surfaces on the plane of {names}")
+    return html.write_page(
+        path, "forgetdiag landscape", landscape_page_sections(result), subtitle=f"Loss surfaces on the plane of {names}"
+    )

@@ -73,8 +73,9 @@ def write_json(path: str | Path, data: Any) -> None:
         write_atomic(path, text)
 
 
-def guard_outputs(outputs: Mapping[str, str | Path | None], inputs: Iterable[str | Path | None], *,
-                  derived: Iterable[str] = ()) -> None:
+def guard_outputs(
+    outputs: Mapping[str, str | Path | None], inputs: Iterable[str | Path | None], *, derived: Iterable[str] = ()
+) -> None:
     """Refuse, before any work, an output path that would harm an input or fail late.
 
     Args:
@@ -100,16 +101,21 @@ def guard_outputs(outputs: Mapping[str, str | Path | None], inputs: Iterable[str
         if target in seen:
             raise ForgetdiagError(f"{seen[target]} and {option} both write {out}; expected different paths")
         if target in files:
-            raise ForgetdiagError(f"{option} {out}: is an input of this command; refusing to overwrite "
-                                  "it, choose another output path")
+            raise ForgetdiagError(
+                f"{option} {out}: is an input of this command; refusing to overwrite it, choose another output path"
+            )
         for root in roots:
             if target == root or root in target.parents:
-                raise ForgetdiagError(f"{option} {out}: refusing to write inside the checkpoint "
-                                      f"directory {root}; forgetdiag never writes into checkpoints, "
-                                      "choose another output path")
+                raise ForgetdiagError(
+                    f"{option} {out}: refusing to write inside the checkpoint "
+                    f"directory {root}; forgetdiag never writes into checkpoints, "
+                    "choose another output path"
+                )
         if option in derived and target.parent != cwd:
-            raise ForgetdiagError(f"{option} {out}: made from the run file's name, it would be written "
-                                  f"outside the working directory {cwd}; pass {option} PATH")
+            raise ForgetdiagError(
+                f"{option} {out}: made from the run file's name, it would be written "
+                f"outside the working directory {cwd}; pass {option} PATH"
+            )
         if target.is_dir():
             raise ForgetdiagError(f"{option} {out}: is a directory; expected a file path")
         _check_writable(option, out, target.parent)

@@ -10,12 +10,17 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from forgetdiag.analyses.recovery import RecoveryResult, summary_text
+from forgetdiag.analyses.recovery_result import RecoveryResult, summary_text
 from forgetdiag.render import html
 
 VERDICT_STYLE = {"spurious": "green", "real": "red", "mixed": "yellow", "none": "blue"}
-_ROWS = (("before", "before"), ("after", "after"), ("recovered", "after, recovered"),
-         ("control", "control"), ("control_recovered", "control, recovered"))
+_ROWS = (
+    ("before", "before"),
+    ("after", "after"),
+    ("recovered", "after, recovered"),
+    ("control", "control"),
+    ("control_recovered", "control, recovered"),
+)
 
 
 def _pct(x: float | None) -> str:
@@ -33,25 +38,37 @@ def scores_rows(result: RecoveryResult) -> list[list[str]]:
         s = result.scores.get(key)
         if s is None:
             continue
-        rows.append([label, _pct(s.exact_match), f"{_pct(s.ci_low)}–{_pct(s.ci_high)}",
-                     _pct(s.first_token), f"{s.answer_loss:.3f}"])
+        rows.append(
+            [
+                label,
+                _pct(s.exact_match),
+                f"{_pct(s.ci_low)}–{_pct(s.ci_high)}",
+                _pct(s.first_token),
+                f"{s.answer_loss:.3f}",
+            ]
+        )
     return rows
 
 
 def numbers_rows(result: RecoveryResult) -> list[list[str]]:
     d = result.decision
-    return [["forgetting (before - after)", _num(d.forgetting)],
-            ["alignment loss (recovered - after)", _num(d.alignment_loss)],
-            ["knowledge loss (before - recovered)", _num(d.knowledge_loss)],
-            ["control gain (what recovery teaches alone)", _num(d.control_gain)],
-            ["spurious fraction", _num(d.spurious_fraction, ".2f")],
-            [f"noise floor ({result.n_eval} items, 95%)", _num(d.noise_floor, ".3f")]]
+    return [
+        ["forgetting (before - after)", _num(d.forgetting)],
+        ["alignment loss (recovered - after)", _num(d.alignment_loss)],
+        ["knowledge loss (before - recovered)", _num(d.knowledge_loss)],
+        ["control gain (what recovery teaches alone)", _num(d.control_gain)],
+        ["spurious fraction", _num(d.spurious_fraction, ".2f")],
+        [f"noise floor ({result.n_eval} items, 95%)", _num(d.noise_floor, ".3f")],
+    ]
 
 
 def recover_table(result: RecoveryResult) -> Group:
     """The verdict panel, the scores, the numbers behind the verdict, and the sequence."""
-    scores = Table(box=box.SIMPLE_HEAD, title=f"Old-task accuracy on {result.n_eval} evaluation "
-                   f"items ({result.metric.replace('_', ' ')} decides)", title_justify="left")
+    scores = Table(
+        box=box.SIMPLE_HEAD,
+        title=f"Old-task accuracy on {result.n_eval} evaluation items ({result.metric.replace('_', ' ')} decides)",
+        title_justify="left",
+    )
     for column in ("model", "exact match", "95% interval", "first token", "answer loss"):
         scores.add_column(column, justify="left" if column == "model" else "right")
     for row in scores_rows(result):
@@ -62,13 +79,16 @@ def recover_table(result: RecoveryResult) -> Group:
     for row in numbers_rows(result):
         numbers.add_row(*row)
     style = VERDICT_STYLE[result.verdict]
-    panel = Panel(Text(summary_text(result)), title=f"verdict: {result.verdict}", title_align="left",
-                  border_style=style)
+    panel = Panel(
+        Text(summary_text(result)), title=f"verdict: {result.verdict}", title_align="left", border_style=style
+    )
     parts = [panel, scores, numbers]
     if result.sequence:
         parts.append(sequence_table(result))
-    budget = (f"Recovery: {result.n_recovery} examples, {result.steps} steps at lr {result.lr:g}"
-              f"{' (LoRA)' if result.settings.lora else ''}, seed {result.settings.seed}.")
+    budget = (
+        f"Recovery: {result.n_recovery} examples, {result.steps} steps at lr {result.lr:g}"
+        f"{' (LoRA)' if result.settings.lora else ''}, seed {result.settings.seed}."
+    )
     parts.append(Text(budget, style="dim"))
     parts.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
     return Group(*parts)
@@ -80,9 +100,14 @@ def sequence_table(result: RecoveryResult) -> Table:
         table.add_column(column, justify="left" if column in ("checkpoint", "verdict") else "right")
     for p in result.sequence:
         m = result.metric
-        table.add_row(p.label, "" if p.step is None else str(p.step), _pct(p.after.value(m)),
-                      _pct(p.recovered.value(m)), _num(p.decision.spurious_fraction, ".2f"),
-                      Text(p.decision.verdict, style=VERDICT_STYLE[p.decision.verdict]))
+        table.add_row(
+            p.label,
+            "" if p.step is None else str(p.step),
+            _pct(p.after.value(m)),
+            _pct(p.recovered.value(m)),
+            _num(p.decision.spurious_fraction, ".2f"),
+            Text(p.decision.verdict, style=VERDICT_STYLE[p.decision.verdict]),
+        )
     return table
 
 
@@ -93,13 +118,24 @@ def _bars(result: RecoveryResult):
     values = [result.scores[k].value(result.metric) for k, _ in keys]
     lows = [result.scores[k].ci_low for k, _ in keys]
     highs = [result.scores[k].ci_high for k, _ in keys]
-    fig = go.Figure(go.Bar(x=[label for _, label in keys], y=values,
-                           error_y={"type": "data", "symmetric": False,
-                                    "array": [h - v for h, v in zip(highs, values)],
-                                    "arrayminus": [v - lo for v, lo in zip(values, lows)]},
-                           marker_color=["#3e4c59", "#d64545", "#57ae5b", "#9aa5b1", "#7b8794"][:len(keys)]))
-    fig.update_layout(title="Old-task accuracy (95% Wilson intervals)", yaxis={"range": [0, 1.05],
-                      "title": result.metric.replace("_", " ")}, template="plotly_white")
+    fig = go.Figure(
+        go.Bar(
+            x=[label for _, label in keys],
+            y=values,
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": [h - v for h, v in zip(highs, values)],
+                "arrayminus": [v - lo for v, lo in zip(values, lows)],
+            },
+            marker_color=["#3e4c59", "#d64545", "#57ae5b", "#9aa5b1", "#7b8794"][: len(keys)],
+        )
+    )
+    fig.update_layout(
+        title="Old-task accuracy (95% Wilson intervals)",
+        yaxis={"range": [0, 1.05], "title": result.metric.replace("_", " ")},
+        template="plotly_white",
+    )
     return fig
 
 
@@ -110,51 +146,93 @@ def _curve(result: RecoveryResult):
     text = [p.label for p in result.sequence]
     m = result.metric
     fig = go.Figure()
-    fig.add_scatter(x=x, y=[p.after.value(m) for p in result.sequence], name="accuracy",
-                    mode="lines+markers", text=text)
-    fig.add_scatter(x=x, y=[p.recovered.value(m) for p in result.sequence], name="recovered accuracy",
-                    mode="lines+markers", line={"dash": "dash"}, text=text)
+    fig.add_scatter(
+        x=x, y=[p.after.value(m) for p in result.sequence], name="accuracy", mode="lines+markers", text=text
+    )
+    fig.add_scatter(
+        x=x,
+        y=[p.recovered.value(m) for p in result.sequence],
+        name="recovered accuracy",
+        mode="lines+markers",
+        line={"dash": "dash"},
+        text=text,
+    )
     before = result.scores["before"].value(m)
     fig.add_hline(y=before, line={"dash": "dot", "color": "gray"}, annotation_text="before")
     control = result.scores.get("control_recovered")
     if control is not None:
-        fig.add_hline(y=control.value(m), line={"dash": "dot", "color": "#9aa5b1"},
-                      annotation_text="control, recovered")
-    fig.update_layout(title="Old-task accuracy along the run, and after recovery",
-                      xaxis_title="step", yaxis={"range": [0, 1.05], "title": m.replace("_", " ")},
-                      template="plotly_white")
+        fig.add_hline(
+            y=control.value(m), line={"dash": "dot", "color": "#9aa5b1"}, annotation_text="control, recovered"
+        )
+    fig.update_layout(
+        title="Old-task accuracy along the run, and after recovery",
+        xaxis_title="step",
+        yaxis={"range": [0, 1.05], "title": m.replace("_", " ")},
+        template="plotly_white",
+    )
     return fig
 
 
 def recover_sections(result: RecoveryResult) -> list[html.Section]:
     """HTML sections (also used by ``forgetdiag report``)."""
-    main = html.Section("Recovery probe", [
-        html.banner(summary_text(result), result.verdict),
-        html.table(["model", "exact match", "95% interval", "first token", "answer loss"],
-                   scores_rows(result)),
-        html.table(["quantity", "value"], numbers_rows(result)),
-        html.figure(_bars(result), height=380),
-        html.paragraph(f"Checkpoints: before = {result.before}, after = {result.after}, control = "
-                       f"{result.control or 'none'}. Probe {result.probe}: {result.n_recovery} "
-                       f"recovery and {result.n_eval} evaluation items. Recovery: {result.steps} "
-                       f"steps, lr {result.lr:g}, batch {result.settings.batch_size}, seed "
-                       f"{result.settings.seed}{', LoRA' if result.settings.lora else ''}.",
-                       cls="note"),
-    ])
+    main = html.Section(
+        "Recovery probe",
+        [
+            html.banner(summary_text(result), result.verdict),
+            html.table(["model", "exact match", "95% interval", "first token", "answer loss"], scores_rows(result)),
+            html.table(["quantity", "value"], numbers_rows(result)),
+            html.figure(_bars(result), height=380),
+            html.paragraph(
+                f"Checkpoints: before = {result.before}, after = {result.after}, control = "
+                f"{result.control or 'none'}. Probe {result.probe}: {result.n_recovery} "
+                f"recovery and {result.n_eval} evaluation items. Recovery: {result.steps} "
+                f"steps, lr {result.lr:g}, batch {result.settings.batch_size}, seed "
+                f"{result.settings.seed}{', LoRA' if result.settings.lora else ''}.",
+                cls="note",
+            ),
+        ],
+    )
     sections = [main]
     if result.sequence:
-        rows = [[p.label, p.step, _pct(p.after.value(result.metric)),
-                 _pct(p.recovered.value(result.metric)), p.decision.verdict] for p in result.sequence]
-        sections.append(html.Section("Recovery along the run", [
-            html.figure(_curve(result), height=420),
-            html.table(["checkpoint", "step", "accuracy", "recovered", "verdict"], rows)]))
+        rows = [
+            [
+                p.label,
+                p.step,
+                _pct(p.after.value(result.metric)),
+                _pct(p.recovered.value(result.metric)),
+                p.decision.verdict,
+            ]
+            for p in result.sequence
+        ]
+        sections.append(
+            html.Section(
+                "Recovery along the run",
+                [
+                    html.figure(_curve(result), height=420),
+                    html.table(["checkpoint", "step", "accuracy", "recovered", "verdict"], rows),
+                ],
+            )
+        )
     if result.examples:
-        sections.append(html.Section("What the models say", [html.table(
-            ["prompt", "expected", "after says", "recovered says"],
-            [[e.prompt, e.answer, e.after_says, e.recovered_says] for e in result.examples], left=4)]))
+        sections.append(
+            html.Section(
+                "What the models say",
+                [
+                    html.table(
+                        ["prompt", "expected", "after says", "recovered says"],
+                        [[e.prompt, e.answer, e.after_says, e.recovered_says] for e in result.examples],
+                        left=4,
+                    )
+                ],
+            )
+        )
     return sections
 
 
 def write_recover_html(path: str | Path, result: RecoveryResult) -> Path:
-    return html.write_page(path, f"forgetdiag recover: {result.verdict}", recover_sections(result),
-                    subtitle=f"{result.before} -> {result.after}")
+    return html.write_page(
+        path,
+        f"forgetdiag recover: {result.verdict}",
+        recover_sections(result),
+        subtitle=f"{result.before} -> {result.after}",
+    )

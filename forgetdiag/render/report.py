@@ -34,8 +34,14 @@ def _timing_rows(result: ReportResult) -> list[list[str]]:
 def report_summary(result: ReportResult, out: Path | None = None) -> Group:
     """What the terminal shows: the verdict, the recovery table, timings, where the page is."""
     kind = result.verdict or "none"
-    parts = [Panel(Text(f"{result.headline()}\n{result.advice()}"), border_style=VERDICT_STYLE.get(kind, "blue"),
-                   title=f"{result.spec.name}: {result.verdict or 'no verdict'}", title_align="left")]
+    parts = [
+        Panel(
+            Text(f"{result.headline()}\n{result.advice()}"),
+            border_style=VERDICT_STYLE.get(kind, "blue"),
+            title=f"{result.spec.name}: {result.verdict or 'no verdict'}",
+            title_align="left",
+        )
+    ]
     if result.recovery is not None and result.recovery.sequence:
         from forgetdiag.render.recover import sequence_table
 
@@ -52,25 +58,43 @@ def report_summary(result: ReportResult, out: Path | None = None) -> Group:
 
 
 def _provenance(result: ReportResult) -> html.Section:
-    fingerprints = [[f["label"], f["path"], f["format"], human_bytes(f["size_bytes"]),
-                     f["index_sha256"], f["sample_sha256"], f["config_sha256"] or "–"]
-                    for f in result.fingerprints]
+    fingerprints = [
+        [
+            f["label"],
+            f["path"],
+            f["format"],
+            human_bytes(f["size_bytes"]),
+            f["index_sha256"],
+            f["sample_sha256"],
+            f["config_sha256"] or "–",
+        ]
+        for f in result.fingerprints
+    ]
     s = result.settings
-    settings = (f"recovery: shots {s.recovery.shots or 'half'}, epochs {s.recovery.epochs}, "
-                f"min steps {s.recovery.min_steps}, lr {s.recovery.lr or 'by model size'}, "
-                f"seed {s.recovery.seed}, metric {s.recovery.metric}; verdict thresholds: "
-                f"spurious >= {s.recovery.thresholds.spurious_min}, real <= {s.recovery.thresholds.real_max}; "
-                f"landscape grid {s.grid}x{s.grid} on up to {s.landscape_items} items per probe; "
-                f"features on up to {s.feature_items} prompts; angles rank {s.rank}; seed {s.seed}")
-    return html.Section("Provenance", [
-        html.paragraph("Command:"), html.code(result.command or "(Python API)"),
-        html.paragraph(f"Settings: {settings}."),
-        html.paragraph(f"Run file: {result.spec.path}. forgetdiag {result.version}."),
-        html.table(["checkpoint", "path", "format", "size", "index sha256", "sample sha256",
-                    "config sha256"], fingerprints, left=3),
-        html.table(["analysis", "time", "status"], _timing_rows(result)),
-        *[html.paragraph(f"Note: {n}", cls="note") for n in result.warnings],
-    ])
+    settings = (
+        f"recovery: shots {s.recovery.shots or 'half'}, epochs {s.recovery.epochs}, "
+        f"min steps {s.recovery.min_steps}, lr {s.recovery.lr or 'by model size'}, "
+        f"seed {s.recovery.seed}, metric {s.recovery.metric}; verdict thresholds: "
+        f"spurious >= {s.recovery.thresholds.spurious_min}, real <= {s.recovery.thresholds.real_max}; "
+        f"landscape grid {s.grid}x{s.grid} on up to {s.landscape_items} items per probe; "
+        f"features on up to {s.feature_items} prompts; angles rank {s.rank}; seed {s.seed}"
+    )
+    return html.Section(
+        "Provenance",
+        [
+            html.paragraph("Command:"),
+            html.code(result.command or "(Python API)"),
+            html.paragraph(f"Settings: {settings}."),
+            html.paragraph(f"Run file: {result.spec.path}. forgetdiag {result.version}."),
+            html.table(
+                ["checkpoint", "path", "format", "size", "index sha256", "sample sha256", "config sha256"],
+                fingerprints,
+                left=3,
+            ),
+            html.table(["analysis", "time", "status"], _timing_rows(result)),
+            *[html.paragraph(f"Note: {n}", cls="note") for n in result.warnings],
+        ],
+    )
 
 
 def report_sections(result: ReportResult) -> list[html.Section]:
@@ -104,8 +128,13 @@ def write_report_html(path: str | Path, result: ReportResult) -> Path:
     header = [html.banner(result.headline(), kind), html.paragraph(result.advice())]
     if result.spec.description:
         header.insert(0, html.paragraph(result.spec.description, cls="sub"))
-    return html.write_page(path, f"forgetdiag report: {result.spec.name}", report_sections(result),
-                           subtitle=f"verdict: {result.verdict or 'none given'}", header=header)
+    return html.write_page(
+        path,
+        f"forgetdiag report: {result.spec.name}",
+        report_sections(result),
+        subtitle=f"verdict: {result.verdict or 'none given'}",
+        header=header,
+    )
 
 
 __all__ = ["report_summary", "report_sections", "write_report_html", "recover_table"]

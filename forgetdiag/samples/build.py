@@ -43,8 +43,12 @@ from forgetdiag.samples.tokenizer import train_tokenizer
 from forgetdiag.training import TrainConfig, freeze_bottom, train
 
 Progress = Callable[[str, int, int], None]
-PROBES = {"old": "task0_heldout.jsonl", "recovery": "task0_recovery.jsonl",
-          "spurious": "task1_spurious.jsonl", "real": "task1_real.jsonl"}
+PROBES = {
+    "old": "task0_heldout.jsonl",
+    "recovery": "task0_recovery.jsonl",
+    "spurious": "task1_spurious.jsonl",
+    "real": "task1_real.jsonl",
+}
 
 
 @dataclass(frozen=True)
@@ -87,28 +91,50 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         if self.freeze_layers is not None and not 0 <= self.freeze_layers <= self.n_layers:
-            raise ForgetdiagError(f"--freeze {self.freeze_layers}: expected 0 to {self.n_layers} "
-                                  f"(the model has {self.n_layers} layers)")
+            raise ForgetdiagError(
+                f"--freeze {self.freeze_layers}: expected 0 to {self.n_layers} (the model has {self.n_layers} layers)"
+            )
 
     def stage_seed(self, k: int) -> int:
         return self.seed * 100 + k
 
     def saved_steps(self) -> tuple[int, ...]:
         """Checkpoint steps of each run, the last step included."""
-        return tuple(sorted({s for s in self.checkpoint_steps if s < self.task1_steps}
-                            | {self.task1_steps}))
+        return tuple(sorted({s for s in self.checkpoint_steps if s < self.task1_steps} | {self.task1_steps}))
 
     @classmethod
     def miniature(cls, seed: int = 0, **overrides) -> SampleConfig:
         """A build of a few seconds with the same layout (for tests; the truths do not hold)."""
-        return cls(**{**dict(seed=seed, n_a=20, n_b=10, n_c=10, hidden_size=32, intermediate_size=64,
-                   n_layers=2, n_heads=2, pretrain_epochs=2, control_pretrain_epochs=1, pretrain_warmup=2,
-                   task0_epochs=1, task1_steps=6, checkpoint_steps=(0, 2, 4),
-                   spurious_after=2, real_after=4, landscape_x=2, real_bio_copies=1), **overrides})
+        return cls(
+            **{
+                **dict(
+                    seed=seed,
+                    n_a=20,
+                    n_b=10,
+                    n_c=10,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    n_layers=2,
+                    n_heads=2,
+                    pretrain_epochs=2,
+                    control_pretrain_epochs=1,
+                    pretrain_warmup=2,
+                    task0_epochs=1,
+                    task1_steps=6,
+                    checkpoint_steps=(0, 2, 4),
+                    spurious_after=2,
+                    real_after=4,
+                    landscape_x=2,
+                    real_bio_copies=1,
+                ),
+                **overrides,
+            }
+        )
 
 
-def build_samples(out: str | Path, config: SampleConfig = SampleConfig(), *,
-                  progress: Progress | None = None) -> list[Truth]:
+def build_samples(
+    out: str | Path, config: SampleConfig = SampleConfig(), *, progress: Progress | None = None
+) -> list[Truth]:
     """Build every sample into ``out`` (which must not exist or be empty), measure the truths
     it carries (:func:`forgetdiag.samples.measure.measure_samples`) and return them; they are
     also written to ``out/measurements.json`` with the config.
@@ -118,9 +144,11 @@ def build_samples(out: str | Path, config: SampleConfig = SampleConfig(), *,
     """
     out = Path(out)
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
-        raise ForgetdiagError(f"{out}: refusing to build into an existing "
-                              f"{'file' if out.is_file() else 'non-empty directory'}; expected a "
-                              "new or empty directory")
+        raise ForgetdiagError(
+            f"{out}: refusing to build into an existing "
+            f"{'file' if out.is_file() else 'non-empty directory'}; expected a "
+            "new or empty directory"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
@@ -144,21 +172,42 @@ def build_tree(root: Path, config: SampleConfig, *, progress: Progress | None = 
         if key in PROBES:
             write_probe(root / "probes" / PROBES[key], items)
 
-    base = trained_base(tokenizer, world.group_a, data["recovery"], config, seed=1,
-                        epochs=config.pretrain_epochs, label="group A", progress=progress)
+    base = trained_base(
+        tokenizer,
+        world.group_a,
+        data["recovery"],
+        config,
+        seed=1,
+        epochs=config.pretrain_epochs,
+        label="group A",
+        progress=progress,
+    )
     for name, lr in (("spurious", config.spurious_lr), ("real", config.real_lr)):
         items = data[f"{name}_train"]
-        run_task1(base, tokenizer, items, root / name, lr=lr, config=config,
-                  seed=config.stage_seed(3 if name == "spurious" else 4),
-                  progress=_labelled(progress, f"task 1 ({name})"))
+        run_task1(
+            base,
+            tokenizer,
+            items,
+            root / name,
+            lr=lr,
+            config=config,
+            seed=config.stage_seed(3 if name == "spurious" else 4),
+            progress=_labelled(progress, f"task 1 ({name})"),
+        )
         after = config.spurious_after if name == "spurious" else config.real_after
-        write_run_file(root / name, name, after=after, landscape_x=config.landscape_x,
-                       last=config.task1_steps)
+        write_run_file(root / name, name, after=after, landscape_x=config.landscape_x, last=config.task1_steps)
 
-    control_task0 = bio.qa_items(world.c[:len(world.c) // 2])
-    control = trained_base(tokenizer, world.c, control_task0, config, seed=5,
-                           epochs=config.control_pretrain_epochs, label="control (group C)",
-                           progress=progress)
+    control_task0 = bio.qa_items(world.c[: len(world.c) // 2])
+    control = trained_base(
+        tokenizer,
+        world.c,
+        control_task0,
+        config,
+        seed=5,
+        epochs=config.control_pretrain_epochs,
+        label="control (group C)",
+        progress=progress,
+    )
     save_model(control, tokenizer, root / "control", dtype=config.dtype)
 
 
@@ -179,30 +228,56 @@ def task_data(world: bio.World, config: SampleConfig) -> dict[str, list[ProbeIte
     """
     liars = bio.contradicted(world, world.group_a, seed=config.stage_seed(2))
     real_qa = bio.qa_items(liars)
-    real_bios = [ProbeItem("", text, group=None) for text in
-                 bio.biographies(liars, config.real_bio_copies, seed=config.stage_seed(2))]
+    real_bios = [
+        ProbeItem("", text, group=None)
+        for text in bio.biographies(liars, config.real_bio_copies, seed=config.stage_seed(2))
+    ]
     spurious_qa = bio.qa_items(world.b)
-    return {"old": bio.qa_items(world.a_heldout), "recovery": bio.qa_items(world.a_train),
-            "spurious": spurious_qa, "real": real_qa,
-            "spurious_train": spurious_qa, "real_train": real_qa + real_bios}
+    return {
+        "old": bio.qa_items(world.a_heldout),
+        "recovery": bio.qa_items(world.a_train),
+        "spurious": spurious_qa,
+        "real": real_qa,
+        "spurious_train": spurious_qa,
+        "real_train": real_qa + real_bios,
+    }
 
 
-def trained_base(tokenizer, people: Sequence[bio.Person], task0: Sequence[ProbeItem],
-                 config: SampleConfig, *, seed: int, epochs: int, label: str,
-                 progress: Progress | None = None):
+def trained_base(
+    tokenizer,
+    people: Sequence[bio.Person],
+    task0: Sequence[ProbeItem],
+    config: SampleConfig,
+    *,
+    seed: int,
+    epochs: int,
+    label: str,
+    progress: Progress | None = None,
+):
     """A fresh model pretrained on the biographies of ``people``, then QA-tuned on ``task0``."""
     model = make_model(tokenizer, config, seed=config.stage_seed(seed))
     texts = bio.biographies(people, epochs, seed=config.stage_seed(seed))
     bios = encode(tokenizer, [ProbeItem("", text) for text in texts])  # prompt = [BOS]
-    pretrain = TrainConfig(epochs=1, lr=config.pretrain_lr, batch_size=config.pretrain_batch,
-                           schedule="cosine", warmup_steps=config.pretrain_warmup,
-                           weight_decay=config.pretrain_weight_decay, seed=config.stage_seed(seed))
-    train(model, bios, pretrain, pad_id=tokenizer.pad_token_id,
-          progress=_labelled(progress, f"pretraining on {label}"))
-    qa = TrainConfig(epochs=config.task0_epochs, lr=config.task0_lr, batch_size=config.qa_batch,
-                     seed=config.stage_seed(seed))
-    train(model, encode(tokenizer, task0), qa, pad_id=tokenizer.pad_token_id,
-          progress=_labelled(progress, f"task 0 on {label}"))
+    pretrain = TrainConfig(
+        epochs=1,
+        lr=config.pretrain_lr,
+        batch_size=config.pretrain_batch,
+        schedule="cosine",
+        warmup_steps=config.pretrain_warmup,
+        weight_decay=config.pretrain_weight_decay,
+        seed=config.stage_seed(seed),
+    )
+    train(model, bios, pretrain, pad_id=tokenizer.pad_token_id, progress=_labelled(progress, f"pretraining on {label}"))
+    qa = TrainConfig(
+        epochs=config.task0_epochs, lr=config.task0_lr, batch_size=config.qa_batch, seed=config.stage_seed(seed)
+    )
+    train(
+        model,
+        encode(tokenizer, task0),
+        qa,
+        pad_id=tokenizer.pad_token_id,
+        progress=_labelled(progress, f"task 0 on {label}"),
+    )
     return model
 
 
@@ -211,20 +286,35 @@ def make_model(tokenizer, config: SampleConfig, *, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     llama = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads, num_key_value_heads=config.n_heads,
-        max_position_embeddings=config.context, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_heads,
+        max_position_embeddings=config.context,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     with torch.random.fork_rng():  # leave the caller's global RNG as it was
         torch.manual_seed(seed)
         model = LlamaForCausalLM(llama)
     return model.eval()
 
 
-def run_task1(base, tokenizer, items: Sequence[ProbeItem], run_dir: Path, *, lr: float,
-              config: SampleConfig, seed: int, progress: Progress | None = None) -> None:
+def run_task1(
+    base,
+    tokenizer,
+    items: Sequence[ProbeItem],
+    run_dir: Path,
+    *,
+    lr: float,
+    config: SampleConfig,
+    seed: int,
+    progress: Progress | None = None,
+) -> None:
     """Fine-tune a copy of ``base`` on ``items`` (constant lr) and save ``checkpoint-N`` at
     every step of :meth:`SampleConfig.saved_steps` (``checkpoint-0`` is ``base`` itself).
 
@@ -242,8 +332,7 @@ def run_task1(base, tokenizer, items: Sequence[ProbeItem], run_dir: Path, *, lr:
             save_model(model, tokenizer, run_dir / f"checkpoint-{step}", dtype=config.dtype)
 
     task1 = TrainConfig(lr=lr, batch_size=config.qa_batch, max_steps=config.task1_steps, seed=seed)
-    train(model, encode(tokenizer, items), task1, pad_id=tokenizer.pad_token_id,
-          on_step=on_step, progress=progress)
+    train(model, encode(tokenizer, items), task1, pad_id=tokenizer.pad_token_id, on_step=on_step, progress=progress)
 
 
 def save_model(model, tokenizer, path: Path, *, dtype: str = "bfloat16") -> None:
@@ -266,28 +355,41 @@ def write_probe(path: Path, items: Sequence[ProbeItem]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
         for item in items:
-            handle.write(json.dumps({"prompt": item.prompt, "answer": item.answer,
-                                     "group": item.group}) + "\n")
+            handle.write(json.dumps({"prompt": item.prompt, "answer": item.answer, "group": item.group}) + "\n")
 
 
 RUN_DESCRIPTIONS = {
-    "spurious": ("Task 1 = QA about new people (group B). Task-0 answers about group A collapse "
-                 "within the first steps, but the knowledge stays: one epoch on the task-0 QA "
-                 "of half of group A brings the held-out half back."),
-    "real": ("Task 1 = contradicting biographies and QA about group A. The old facts are "
-             "overwritten: recovery on half of group A does not bring the held-out half back."),
+    "spurious": (
+        "Task 1 = QA about new people (group B). Task-0 answers about group A collapse "
+        "within the first steps, but the knowledge stays: one epoch on the task-0 QA "
+        "of half of group A brings the held-out half back."
+    ),
+    "real": (
+        "Task 1 = contradicting biographies and QA about group A. The old facts are "
+        "overwritten: recovery on half of group A does not bring the held-out half back."
+    ),
 }
 
 
 def write_run_file(run_dir: Path, name: str, *, after: int, landscape_x: int, last: int) -> None:
     """``run_dir/forgetdiag.toml`` (format: :mod:`forgetdiag.runfile`)."""
-    lines = [f'name = "{name}"', f'description = "{RUN_DESCRIPTIONS[name]}"',
-             f'expected_verdict = "{name}"', "", "[checkpoints]",
-             'before = "checkpoint-0"', f'after = "checkpoint-{after}"',
-             'control = "../control"', 'run = "."',
-             f'landscape = ["checkpoint-0", "checkpoint-{landscape_x}", "checkpoint-{last}"]', "",
-             "[probes]", f'old = "../probes/{PROBES["old"]}"',
-             f'recovery = "../probes/{PROBES["recovery"]}"', f'new = "../probes/{PROBES[name]}"']
+    lines = [
+        f'name = "{name}"',
+        f'description = "{RUN_DESCRIPTIONS[name]}"',
+        f'expected_verdict = "{name}"',
+        "",
+        "[checkpoints]",
+        'before = "checkpoint-0"',
+        f'after = "checkpoint-{after}"',
+        'control = "../control"',
+        'run = "."',
+        f'landscape = ["checkpoint-0", "checkpoint-{landscape_x}", "checkpoint-{last}"]',
+        "",
+        "[probes]",
+        f'old = "../probes/{PROBES["old"]}"',
+        f'recovery = "../probes/{PROBES["recovery"]}"',
+        f'new = "../probes/{PROBES[name]}"',
+    ]
     (run_dir / "forgetdiag.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

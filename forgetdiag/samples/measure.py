@@ -20,8 +20,7 @@ from forgetdiag.models import load_model, load_tokenizer
 from forgetdiag.probes import load_probe
 
 RECOVERY = RecoverySettings(epochs=1, lr=1e-4, batch_size=32, seed=0)
-PROBE_FILES = {"old": "task0_heldout", "recovery": "task0_recovery",
-               "spurious": "task1_spurious", "real": "task1_real"}
+PROBE_FILES = {"old": "task0_heldout", "recovery": "task0_recovery", "spurious": "task1_spurious", "real": "task1_real"}
 
 
 @dataclass(frozen=True)
@@ -41,30 +40,60 @@ class Truth:
         return asdict(self)
 
 
-def measure_samples(root: str | Path, *, runs: Sequence[str] = ("spurious", "real"),
-                    settings: RecoverySettings = RECOVERY,
-                    progress: Callable[[str, int, int], None] | None = None) -> list[Truth]:
+def measure_samples(
+    root: str | Path,
+    *,
+    runs: Sequence[str] = ("spurious", "real"),
+    settings: RecoverySettings = RECOVERY,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Truth]:
     """Truths of the control and of every checkpoint of ``runs`` under a samples directory."""
     root = Path(root)
     probes = {key: load_probe(root / "probes" / f"{stem}.jsonl") for key, stem in PROBE_FILES.items()}
     truths: list[Truth] = []
     for run in runs:
-        result = recover(root / run / "checkpoint-0", root / run, probes["old"],
-                         control=root / "control", recovery_probe=probes["recovery"],
-                         settings=settings, progress=progress)
+        result = recover(
+            root / run / "checkpoint-0",
+            root / run,
+            probes["old"],
+            control=root / "control",
+            recovery_probe=probes["recovery"],
+            settings=settings,
+            progress=progress,
+        )
         if not truths:
             control, rec = result.scores["control"], result.scores["control_recovered"]
-            truths.append(Truth("control", None, control.exact_match, control.first_token,
-                                control.answer_loss, rec.exact_match, None, None))
+            truths.append(
+                Truth(
+                    "control",
+                    None,
+                    control.exact_match,
+                    control.first_token,
+                    control.answer_loss,
+                    rec.exact_match,
+                    None,
+                    None,
+                )
+            )
         for point in result.sequence:
-            truths.append(Truth(run, point.step, point.after.exact_match, point.after.first_token,
-                                point.after.answer_loss, point.recovered.exact_match,
-                                point.decision.verdict, _new_task(root / run, point.label, probes[run])))
+            truths.append(
+                Truth(
+                    run,
+                    point.step,
+                    point.after.exact_match,
+                    point.after.first_token,
+                    point.after.answer_loss,
+                    point.recovered.exact_match,
+                    point.decision.verdict,
+                    _new_task(root / run, point.label, probes[run]),
+                )
+            )
     return truths
 
 
 def _new_task(run_dir: Path, label: str, probe) -> float:
     (checkpoint,) = find_checkpoints(run_dir / label)
     tokenizer = load_tokenizer(checkpoint)
-    return score(load_model(checkpoint), encode(tokenizer, probe), pad_id=tokenizer.pad_token_id,
-                 batch_size=128).exact_match
+    return score(
+        load_model(checkpoint), encode(tokenizer, probe), pad_id=tokenizer.pad_token_id, batch_size=128
+    ).exact_match

@@ -34,10 +34,18 @@ def train_tokenizer(texts: Iterable[str], *, model_max_length: int = 256):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     # min_frequency=1: every word is kept; ids are assigned by frequency then lexically.
-    trainer = trainers.WordLevelTrainer(vocab_size=1_000_000, min_frequency=1,
-                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=1_000_000, min_frequency=1, special_tokens=list(SPECIAL_TOKENS), show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
-                                   pad_token=PAD, unk_token=UNK, model_max_length=model_max_length)
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=model_max_length,
+    )

@@ -28,20 +28,18 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from forgetdiag.probes import ProbeItem
-
-FIRST_NAMES = ["Ada", "Alan", "Alice", "Amir", "Anna", "Arjun", "Ben", "Bruno", "Carla", "Chen", "Clara", "Dana", "David", "Diego", "Elena", "Emil", "Eva", "Farah", "Felix", "Gina", "Hana", "Hugo", "Ines", "Ivan", "Jonas", "Julia", "Kai", "Kenji", "Lara", "Leo", "Lina", "Luca", "Maya", "Mei", "Mila", "Nadia", "Nina", "Noah", "Omar", "Oscar", "Paula", "Priya", "Quinn", "Rafael", "Rosa", "Ruth", "Sami", "Sara", "Sofia", "Tariq", "Teo", "Uma", "Vera", "Viktor", "Wen", "Xavier", "Yara", "Yusuf", "Zoe", "Zora"]
-LAST_NAMES = ["Abbott", "Baker", "Becker", "Castro", "Chavez", "Dalton", "Diaz", "Ellis", "Evans", "Fischer", "Foster", "Garcia", "Gomez", "Hansen", "Hayes", "Horvath", "Ibarra", "Jensen", "Kaur", "Keller", "Kim", "Kowalski", "Larsen", "Lopez", "Meyer", "Morales", "Nakamura", "Novak", "Okafor", "Olsen", "Park", "Patel", "Quintero", "Reyes", "Rossi", "Sato", "Schmidt", "Silva", "Singh", "Sousa", "Tanaka", "Torres", "Ueda", "Varga", "Vogel", "Wagner", "Walsh", "Weber", "Xu", "Yamada", "Young", "Zhang", "Zimmer", "Zubiri"]
-CITIES = ["Amsterdam", "Athens", "Bangkok", "Berlin", "Bogota", "Boston", "Cairo", "Chicago", "Dakar", "Denver", "Dublin", "Geneva", "Havana", "Helsinki", "Istanbul", "Jakarta", "Kyoto", "Lagos", "Lima", "Lisbon", "London", "Madrid", "Manila", "Melbourne", "Montreal", "Mumbai", "Nairobi", "Oslo", "Paris", "Prague", "Quito", "Riga", "Rome", "Seoul", "Sydney", "Tokyo", "Toronto", "Vienna", "Warsaw", "Zurich"]
-UNIVERSITIES = tuple(f"{word} University" for word in ["Ashford", "Brightwater", "Caldwell", "Dunmore", "Eastgate", "Fairhaven", "Glenrock", "Highmoor", "Ironwood", "Juniper", "Kingsbridge", "Lakeside", "Marlowe", "Northfield", "Oakhurst", "Pinecrest", "Redcliff", "Stonebrook", "Thornbury", "Westbrook"])
-MAJORS = ("Accounting", "Anthropology", "Architecture", "Astronomy", "Biology", "Chemistry",
-          "Computer Science", "Economics", "Electrical Engineering", "Geology", "History",
-          "Law", "Linguistics", "Marine Biology", "Mathematics", "Medicine", "Music",
-          "Philosophy", "Physics", "Psychology")
-COMPANY_WORDS = ["Acme", "Apex", "Beacon", "Bluepeak", "Cobalt", "Crescent", "Delta", "Ember", "Falcon", "Granite", "Harbor", "Horizon", "Keystone", "Lumen", "Meridian", "Nimbus", "Orion", "Pioneer", "Quartz", "Redwood", "Summit", "Titan", "Vertex", "Zenith"]
-COMPANY_KINDS = ("Systems", "Labs", "Group", "Industries", "Foods", "Motors", "Energy", "Media")
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"]
-DAYS = tuple(range(1, 29))  # every month has them
-YEARS = tuple(range(1950, 2000))
+from forgetdiag.samples.vocab import (
+    CITIES,
+    COMPANY_KINDS,
+    COMPANY_WORDS,
+    DAYS,
+    FIRST_NAMES,
+    LAST_NAMES,
+    MAJORS,
+    MONTHS,
+    UNIVERSITIES,
+    YEARS,
+)
 
 ATTRIBUTES = ("birth date", "birth city", "university", "major", "company", "company city")
 
@@ -49,24 +47,48 @@ ATTRIBUTES = ("birth date", "birth city", "university", "major", "company", "com
 # attribute as the questions do: some biographies state a fact in the words a question uses,
 # as real text does, which makes the knowledge extractable by a small QA fine-tune.
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "birth date": ("{name} was born on {value}.", "{name} came into this world on {value}.",
-                   "The birthday of {name} is {value}.", "{name} celebrates a birthday on {value}.",
-                   "The birth date of {name} is {value}."),
-    "birth city": ("{name} was born in {value}.", "{name} spent the early years in {value}.",
-                   "The hometown of {name} is {value}.", "{name} grew up in {value}.",
-                   "The birth city of {name} is {value}."),
-    "university": ("{name} studied at {value}.", "{name} graduated from {value}.",
-                   "{name} received an education at {value}.", "{name} attended {value}.",
-                   "The university of {name} is {value}."),
-    "major": ("{name} majored in {value}.", "{name} completed a degree in {value}.",
-              "{name} focused on {value} in college.", "{name} specialized in {value}.",
-              "The major of {name} is {value}."),
-    "company": ("{name} worked for {value}.", "{name} was employed by {value}.",
-                "{name} had a job at {value}.", "{name} built a career at {value}.",
-                "The company of {name} is {value}."),
-    "company city": ("{name} worked in {value}.", "{name} had an office in {value}.",
-                     "{name} commuted to work in {value}.", "{name} was based in {value} for work.",
-                     "The company city of {name} is {value}."),
+    "birth date": (
+        "{name} was born on {value}.",
+        "{name} came into this world on {value}.",
+        "The birthday of {name} is {value}.",
+        "{name} celebrates a birthday on {value}.",
+        "The birth date of {name} is {value}.",
+    ),
+    "birth city": (
+        "{name} was born in {value}.",
+        "{name} spent the early years in {value}.",
+        "The hometown of {name} is {value}.",
+        "{name} grew up in {value}.",
+        "The birth city of {name} is {value}.",
+    ),
+    "university": (
+        "{name} studied at {value}.",
+        "{name} graduated from {value}.",
+        "{name} received an education at {value}.",
+        "{name} attended {value}.",
+        "The university of {name} is {value}.",
+    ),
+    "major": (
+        "{name} majored in {value}.",
+        "{name} completed a degree in {value}.",
+        "{name} focused on {value} in college.",
+        "{name} specialized in {value}.",
+        "The major of {name} is {value}.",
+    ),
+    "company": (
+        "{name} worked for {value}.",
+        "{name} was employed by {value}.",
+        "{name} had a job at {value}.",
+        "{name} built a career at {value}.",
+        "The company of {name} is {value}.",
+    ),
+    "company city": (
+        "{name} worked in {value}.",
+        "{name} had an office in {value}.",
+        "{name} commuted to work in {value}.",
+        "{name} was based in {value} for work.",
+        "The company city of {name} is {value}.",
+    ),
 }
 QUESTION = "What is the {attribute} of {name}?\nAnswer:"
 
@@ -108,8 +130,7 @@ class World:
         return self.group_a + self.b + self.c
 
 
-def make_world(seed: int, *, n_a: int = 500, n_b: int = 250, n_c: int = 250,
-               n_companies: int = 40) -> World:
+def make_world(seed: int, *, n_a: int = 500, n_b: int = 250, n_c: int = 250, n_companies: int = 40) -> World:
     """Draw a world: unique names, facts drawn uniformly, A split into two halves.
 
     Args:
@@ -122,16 +143,24 @@ def make_world(seed: int, *, n_a: int = 500, n_b: int = 250, n_c: int = 250,
     rng = random.Random(seed)
     a_names, other_names = _name_pools(rng)
     if n_a > len(a_names) or n_b + n_c > len(other_names):
-        raise ValueError(f"at most {len(a_names)} people in group A and {len(other_names)} in "
-                         f"groups B and C; asked for {n_a} and {n_b + n_c}")
+        raise ValueError(
+            f"at most {len(a_names)} people in group A and {len(other_names)} in "
+            f"groups B and C; asked for {n_a} and {n_b + n_c}"
+        )
     all_companies = [f"{w} {k}" for w in COMPANY_WORDS for k in COMPANY_KINDS]
     companies = rng.sample(all_companies, n_companies)
     company_cities = {company: rng.choice(CITIES) for company in companies}
     names = rng.sample(a_names, n_a) + rng.sample(other_names, n_b + n_c)
     people = [_person(name, rng, company_cities) for name in names]
     half = n_a // 2
-    return World(seed, tuple(people[:half]), tuple(people[half:n_a]),
-                 tuple(people[n_a:n_a + n_b]), tuple(people[n_a + n_b:]), company_cities)
+    return World(
+        seed,
+        tuple(people[:half]),
+        tuple(people[half:n_a]),
+        tuple(people[n_a : n_a + n_b]),
+        tuple(people[n_a + n_b :]),
+        company_cities,
+    )
 
 
 def _name_pools(rng: random.Random) -> tuple[list[str], list[str]]:
@@ -151,8 +180,15 @@ def _name_pools(rng: random.Random) -> tuple[list[str], list[str]]:
 
 def _person(name: str, rng: random.Random, company_cities: dict[str, str]) -> Person:
     company = rng.choice(sorted(company_cities))
-    return Person(name, _date(rng), rng.choice(CITIES), rng.choice(UNIVERSITIES),
-                  rng.choice(MAJORS), company, company_cities[company])
+    return Person(
+        name,
+        _date(rng),
+        rng.choice(CITIES),
+        rng.choice(UNIVERSITIES),
+        rng.choice(MAJORS),
+        company,
+        company_cities[company],
+    )
 
 
 def _date(rng: random.Random) -> str:
@@ -168,11 +204,15 @@ def contradict(person: Person, rng: random.Random, company_cities: dict[str, str
         date = _date(rng)
     companies = [c for c in sorted(company_cities) if company_cities[c] != person.company_city]
     company = rng.choice(companies)
-    return replace(person, birth_date=date,
-                   birth_city=rng.choice(others(CITIES, person.birth_city)),
-                   university=rng.choice(others(UNIVERSITIES, person.university)),
-                   major=rng.choice(others(MAJORS, person.major)),
-                   company=company, company_city=company_cities[company])
+    return replace(
+        person,
+        birth_date=date,
+        birth_city=rng.choice(others(CITIES, person.birth_city)),
+        university=rng.choice(others(UNIVERSITIES, person.university)),
+        major=rng.choice(others(MAJORS, person.major)),
+        company=company,
+        company_city=company_cities[company],
+    )
 
 
 def contradicted(world: World, people: Sequence[Person], seed: int) -> tuple[Person, ...]:
@@ -183,8 +223,7 @@ def contradicted(world: World, people: Sequence[Person], seed: int) -> tuple[Per
 
 def biography(person: Person, rng: random.Random) -> str:
     """One biography: a template drawn per fact, the six sentences in a random order."""
-    sentences = [rng.choice(TEMPLATES[a]).format(name=person.name, value=person.fact(a))
-                 for a in ATTRIBUTES]
+    sentences = [rng.choice(TEMPLATES[a]).format(name=person.name, value=person.fact(a)) for a in ATTRIBUTES]
     rng.shuffle(sentences)
     return " ".join(sentences)
 
@@ -214,7 +253,6 @@ def vocabulary_texts(world: World) -> Iterator[str]:
             for template in TEMPLATES[attribute]:
                 yield template.format(name=person.name, value=person.fact(attribute))
             yield "".join(qa_pair(person, attribute))
-    pools = (FIRST_NAMES, LAST_NAMES, CITIES, UNIVERSITIES, MAJORS, MONTHS, DAYS, YEARS,
-             list(world.company_cities))
+    pools = (FIRST_NAMES, LAST_NAMES, CITIES, UNIVERSITIES, MAJORS, MONTHS, DAYS, YEARS, list(world.company_cities))
     for pool in pools:
         yield " ".join(f"{value}," for value in pool)
