@@ -183,10 +183,3 @@ def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
         "sample_sha256": sample.hexdigest()[:16],
         "config_sha256": config_hash,
     }
-
-
-def same_bytes(a: Checkpoint, b: Checkpoint) -> bool:
-    """True when two checkpoints' fingerprints (header, weight samples, config) coincide."""
-    keys = ("index_sha256", "sample_sha256", "size_bytes")
-    fa, fb = fingerprint(a), fingerprint(b)
-    return all(fa[k] == fb[k] for k in keys)

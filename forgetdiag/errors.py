@@ -13,7 +13,6 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_THRESHOLD = 1
 EXIT_BAD_INPUT = 2

@@ -125,7 +125,3 @@ def torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def no_warn(message: str) -> None:
-    """The default ``warn``: drop the message."""

@@ -32,7 +32,6 @@ from forgetdiag.streaming import SequenceCheck, check_sequence, require_finite, 
 
 RAW = "raw"
 RANDOM = "filter-normalized-random"
-DIRECTIONS = (RAW, RANDOM)
 NEARLY_PARALLEL_DEG = 5.0  # warn when the lines of d_x and d_y are closer than this
 _CHUNK = 1 << 22  # elements per float64 chunk while accumulating dot products
 

@@ -49,9 +49,6 @@ class TokenSettings:
         check_number("--top", self.top, low=1, integer=True)
 
 
-DEFAULT_THRESHOLD = TokenSettings.threshold
-
-
 @dataclass(frozen=True)
 class TokenExample:
     """One data row, tokenized exactly as :func:`forgetdiag.evaluate.encode` does.

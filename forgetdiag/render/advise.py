@@ -12,6 +12,7 @@ from rich.text import Text
 
 from forgetdiag.analyses.advise import EMBEDDING, Advice
 from forgetdiag.render import html
+from forgetdiag.render.fmt import num
 
 COLUMNS = [
     "depth",
@@ -29,20 +30,16 @@ CODE_TITLES = {
 }
 
 
-def _f(value: float | None, fmt: str) -> str:
-    return "–" if value is None else format(value, fmt)
-
-
 def evidence_rows(advice: Advice) -> list[list[str]]:
     """One row per depth: the revert test, the angle departure, the feature shift."""
     return [
         [
             "input embedding" if e.layer == EMBEDDING else f"layer {e.layer}",
-            _f(e.reverted_accuracy, ".1%"),
-            _f(e.restored, ".0%"),
-            _f(e.departure, ".2f"),
-            _f(e.pc_shift_deg, ".1f"),
-            _f(e.cka, ".2f"),
+            num(e.reverted_accuracy, ".1%"),
+            num(e.restored, ".0%"),
+            num(e.departure, ".2f"),
+            num(e.pc_shift_deg, ".1f"),
+            num(e.cka, ".2f"),
             "yes" if e.frozen else "",
         ]
         for e in advice.evidence

@@ -18,6 +18,7 @@ from forgetdiag.analyses.angle_pairs import PairSpec
 from forgetdiag.analyses.angles import AngleRecord, AnglesResult
 from forgetdiag.analyses.inspect import component_order
 from forgetdiag.render import html
+from forgetdiag.render.fmt import MISSING
 
 BELOW, ABOVE = "▼", "▲"
 _NO_UPDATE = {"no_update": "no update", "no_update_a": "no upd. A", "no_update_b": "no upd. B"}
@@ -291,7 +292,7 @@ def _rows(records: list[AngleRecord]) -> list[list]:
 
     return [
         [
-            r.layer if r.layer is not None else "–",
+            r.layer if r.layer is not None else MISSING,
             r.component,
             r.param,
             _NO_UPDATE.get(r.status, "ok"),

@@ -13,6 +13,7 @@ from rich.text import Text
 from forgetdiag.analyses.feature_stats import LayerShift
 from forgetdiag.analyses.features import FeaturesResult, PairShift, summary_text
 from forgetdiag.render import html
+from forgetdiag.render.fmt import MISSING, deg, num
 
 _COLORS = ("#2f6fb0", "#d64545", "#57ae5b", "#e6a700", "#7b5ea7", "#3e4c59", "#c2577a")
 COLUMNS = ("layer", "PC1", "PCk avg", "PCk max", "shift", "s∠PC1", "s∠PCk", "CKA", "k")
@@ -29,27 +30,19 @@ def layer_name(layer: int, n_layers: int) -> str:
     return "0 emb" if layer == 0 else f"{layer} norm" if layer == n_layers else str(layer)
 
 
-def _deg(x: float) -> str:
-    return "–" if math.isnan(x) else f"{x:.1f}"
-
-
-def _num(x: float, fmt: str = ".3f") -> str:
-    return "–" if math.isnan(x) else format(x, fmt)
-
-
 def layer_row(s: LayerShift, n_layers: int) -> list[str]:
     """The cells of one layer, as text (shared by the rich and HTML tables)."""
     sub = s.subspace_angles_deg
-    mean, top = (_deg(sum(sub) / len(sub)), _deg(max(sub))) if sub else ("–", "–")
+    mean, top = (deg(sum(sub) / len(sub)), deg(max(sub))) if sub else (MISSING, MISSING)
     return [
         layer_name(s.layer, n_layers),
-        _deg(s.pc1_angle_deg),
+        deg(s.pc1_angle_deg),
         mean,
         top,
-        _num(s.mean_shift_rel),
-        _deg(s.mean_shift_pc1_angle_deg),
-        _deg(s.mean_shift_subspace_angle_deg),
-        _num(s.cka, ".3f"),
+        num(s.mean_shift_rel),
+        deg(s.mean_shift_pc1_angle_deg),
+        deg(s.mean_shift_subspace_angle_deg),
+        num(s.cka, ".3f"),
         str(s.k),
     ]
 
@@ -58,7 +51,7 @@ def pair_rows(result: FeaturesResult, pair: PairShift) -> tuple[list[str], list[
     """Columns and rows of one pair (s∠prev only for a pair chained to the previous one)."""
     chained = any(not math.isnan(s.shift_vs_previous_deg) for s in pair.layers)
     columns = list(COLUMNS) + (["s∠prev"] if chained else [])
-    rows = [layer_row(s, result.n_layers) + ([_deg(s.shift_vs_previous_deg)] if chained else []) for s in pair.layers]
+    rows = [layer_row(s, result.n_layers) + ([deg(s.shift_vs_previous_deg)] if chained else []) for s in pair.layers]
     for s, row in zip(pair.layers, rows):
         row[0] = f"{'▶' if s.layer == pair.shift_start else ' '} {row[0]}"
     return columns, rows

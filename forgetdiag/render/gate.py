@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from forgetdiag.analyses.gate import Check, GateResult
+from forgetdiag.render.fmt import pct
 
 
 def _value(c: Check) -> str:
@@ -70,7 +71,6 @@ def gate_markdown(result: GateResult) -> str:
     numbers = result.numbers or {}
     if numbers.get("verdict"):
         acc = numbers.get("accuracy") or {}
-        pct = lambda x: "–" if x is None else f"{100 * x:.1f}%"
         lines += [
             "",
             f"Recovery verdict: **{_md(numbers['verdict'])}**: old-task accuracy before "

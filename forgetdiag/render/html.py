@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetdiag._version import __version__
+from forgetdiag.render.fmt import MISSING, missing
 from forgetdiag.render.output import write_atomic
 
 _STYLE = """
@@ -64,8 +65,8 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], *, left: int = 
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
+    if missing(value):
+        return MISSING
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

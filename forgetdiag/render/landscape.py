@@ -19,10 +19,7 @@ from rich.text import Text
 from forgetdiag.analyses.landscape import LandscapeResult
 from forgetdiag.analyses.plane import RAW
 from forgetdiag.render import html
-
-
-def _loss(value: float) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.4g}"
+from forgetdiag.render.fmt import MISSING, num
 
 
 def describe_plane(result: LandscapeResult) -> str:
@@ -43,7 +40,7 @@ def describe_plane(result: LandscapeResult) -> str:
 def _lowest(result: LandscapeResult, name: str) -> str:
     surface = result.surfaces[name]
     if not np.isfinite(surface).any():
-        return "–"
+        return MISSING
     i, j = np.unravel_index(np.nanargmin(np.where(np.isfinite(surface), surface, np.nan)), surface.shape)
     return f"{surface[i, j]:.4g} at ({result.alphas[j]:g}, {result.betas[i]:g})"
 
@@ -57,7 +54,7 @@ def landscape_table(result: LandscapeResult) -> Group:
         left = column in ("point", "checkpoint")
         anchors.add_column(column, justify="left" if left else "right", no_wrap=left)
     for a in result.anchors:
-        anchors.add_row(a.point, a.checkpoint, f"{a.alpha:g}", f"{a.beta:g}", *(_loss(a.losses.get(n)) for n in names))
+        anchors.add_row(a.point, a.checkpoint, f"{a.alpha:g}", f"{a.beta:g}", *(num(a.losses.get(n)) for n in names))
     lines.append(anchors)
     lines.append(Text("Lowest grid point: " + "; ".join(f"{n} {_lowest(result, n)}" for n in names)))
     if result.trajectory:
@@ -132,7 +129,7 @@ def contour_figure(result: LandscapeResult, surface: np.ndarray, title: str):
     if log:
         ticks = _ticks(float(finite.min()), float(finite.max()))
         colorbar.update(tickvals=[math.log10(t) for t in ticks], ticktext=[f"{t:g}" for t in ticks])
-    text = [[f"loss {_loss(v)}" for v in row] for row in surface]
+    text = [[f"loss {num(v)}" for v in row] for row in surface]
     fig = go.Figure(
         go.Contour(
             x=list(result.alphas),

@@ -20,12 +20,9 @@ from forgetdiag.analyses.magnitudes import (
     summary_text,
 )
 from forgetdiag.render import html
+from forgetdiag.render.fmt import pct
 
 _COLORS = ("#2f6fb0", "#d64545", "#57ae5b", "#e6a700", "#7b5ea7", "#3e4c59", "#c2577a")
-
-
-def _pct(x: float) -> str:
-    return "–" if math.isnan(x) else f"{100 * x:.0f}%"
 
 
 def _layer_name(layer: int | None) -> str:
@@ -63,9 +60,9 @@ def _cells(result: MagnitudesResult, modules) -> list[str]:
     pairs = shown_pairs(result)
     a, b = pairs[0]
     return (
-        [_pct(pooled_overlap(modules, x, y)) for x, y in pairs]
-        + [_pct(pooled_chance(modules, a, b))]
-        + [_pct(pooled_split_half(modules, t)) for t in range(len(result.tasks))]
+        [pct(pooled_overlap(modules, x, y), 0) for x, y in pairs]
+        + [pct(pooled_chance(modules, a, b), 0)]
+        + [pct(pooled_split_half(modules, t), 0) for t in range(len(result.tasks))]
     )
 
 

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from forgetdiag.analyses.recovery_result import RecoveryResult, summary_text
 from forgetdiag.render import html
+from forgetdiag.render.fmt import num, pct
 
 VERDICT_STYLE = {"spurious": "green", "real": "red", "mixed": "yellow", "none": "blue"}
 _ROWS = (
@@ -21,14 +22,6 @@ _ROWS = (
     ("control", "control"),
     ("control_recovered", "control, recovered"),
 )
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x: float | None, fmt: str = "+.3f") -> str:
-    return "–" if x is None else format(x, fmt)
 
 
 def scores_rows(result: RecoveryResult) -> list[list[str]]:
@@ -41,9 +34,9 @@ def scores_rows(result: RecoveryResult) -> list[list[str]]:
         rows.append(
             [
                 label,
-                _pct(s.exact_match),
-                f"{_pct(s.ci_low)}–{_pct(s.ci_high)}",
-                _pct(s.first_token),
+                pct(s.exact_match),
+                f"{pct(s.ci_low)}–{pct(s.ci_high)}",
+                pct(s.first_token),
                 f"{s.answer_loss:.3f}",
             ]
         )
@@ -53,12 +46,12 @@ def scores_rows(result: RecoveryResult) -> list[list[str]]:
 def numbers_rows(result: RecoveryResult) -> list[list[str]]:
     d = result.decision
     return [
-        ["forgetting (before - after)", _num(d.forgetting)],
-        ["alignment loss (recovered - after)", _num(d.alignment_loss)],
-        ["knowledge loss (before - recovered)", _num(d.knowledge_loss)],
-        ["control gain (what recovery teaches alone)", _num(d.control_gain)],
-        ["spurious fraction", _num(d.spurious_fraction, ".2f")],
-        [f"noise floor ({result.n_eval} items, 95%)", _num(d.noise_floor, ".3f")],
+        ["forgetting (before - after)", num(d.forgetting, "+.3f")],
+        ["alignment loss (recovered - after)", num(d.alignment_loss, "+.3f")],
+        ["knowledge loss (before - recovered)", num(d.knowledge_loss, "+.3f")],
+        ["control gain (what recovery teaches alone)", num(d.control_gain, "+.3f")],
+        ["spurious fraction", num(d.spurious_fraction, ".2f")],
+        [f"noise floor ({result.n_eval} items, 95%)", num(d.noise_floor, ".3f")],
     ]
 
 
@@ -103,9 +96,9 @@ def sequence_table(result: RecoveryResult) -> Table:
         table.add_row(
             p.label,
             "" if p.step is None else str(p.step),
-            _pct(p.after.value(m)),
-            _pct(p.recovered.value(m)),
-            _num(p.decision.spurious_fraction, ".2f"),
+            pct(p.after.value(m)),
+            pct(p.recovered.value(m)),
+            num(p.decision.spurious_fraction, ".2f"),
             Text(p.decision.verdict, style=VERDICT_STYLE[p.decision.verdict]),
         )
     return table
@@ -198,8 +191,8 @@ def recover_sections(result: RecoveryResult) -> list[html.Section]:
             [
                 p.label,
                 p.step,
-                _pct(p.after.value(result.metric)),
-                _pct(p.recovered.value(result.metric)),
+                pct(p.after.value(result.metric)),
+                pct(p.recovered.value(result.metric)),
                 p.decision.verdict,
             ]
             for p in result.sequence

@@ -12,7 +12,7 @@ from rich.text import Text
 
 from forgetdiag.analyses.report import ANALYSES, ReportResult
 from forgetdiag.render import html
-from forgetdiag.render.fmt import human_bytes
+from forgetdiag.render.fmt import MISSING, human_bytes
 from forgetdiag.render.recover import VERDICT_STYLE, recover_table
 
 
@@ -22,7 +22,7 @@ def _timing_rows(result: ReportResult) -> list[list[str]]:
         if name in result.timings:
             rows.append([name, f"{result.timings[name]:.1f} s", "ran"])
         else:
-            rows.append([name, "–", f"skipped: {result.skipped.get(name, '')}"])
+            rows.append([name, MISSING, f"skipped: {result.skipped.get(name, '')}"])
     total = sum(result.timings.get(name, 0.0) for name in ANALYSES)
     rows.append(["total", f"{total:.1f} s", ""])
     wall = result.timings.get("total")
@@ -66,7 +66,7 @@ def _provenance(result: ReportResult) -> html.Section:
             human_bytes(f["size_bytes"]),
             f["index_sha256"],
             f["sample_sha256"],
-            f["config_sha256"] or "–",
+            f["config_sha256"] or MISSING,
         ]
         for f in result.fingerprints
     ]

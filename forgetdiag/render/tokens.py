@@ -13,15 +13,16 @@ from rich.text import Text
 
 from forgetdiag.analyses.tokens import TokensResult, mask_records, summary_text
 from forgetdiag.render import html
+from forgetdiag.render.fmt import num, pct
 from forgetdiag.render.output import write_atomic
 
 
 def _p(logprob: float) -> str:
-    return "–" if math.isnan(logprob) else f"{math.exp(logprob):.2g}"
+    return num(math.exp(logprob) if math.isfinite(logprob) else None, ".2g")
 
 
 def _lp(logprob: float) -> str:
-    return "–" if math.isnan(logprob) else f"{logprob:.2f}"
+    return num(logprob, ".2f")
 
 
 def summary_rows(result: TokensResult) -> list[list[str]]:
@@ -29,16 +30,12 @@ def summary_rows(result: TokensResult) -> list[list[str]]:
     return [
         ["examples", str(s["n_examples"])],
         ["answer tokens scored (EOS included)", str(s["n_tokens"])],
-        [f"tokens with p < {result.threshold:g}", f"{s['n_below']} ({_share(s['share_below'])})"],
+        [f"tokens with p < {result.threshold:g}", f"{s['n_below']} ({pct(s['share_below'])})"],
         ["examples holding one", str(s["examples_with_hard_token"])],
         ["mean log-prob (nats)", _lp(s["mean_logprob"])],
         ["median p", _p(s["median_logprob"])],
         ["10th percentile p", _p(s["logprob_p10"])],
     ]
-
-
-def _share(x: float) -> str:
-    return "–" if math.isnan(x) else f"{100 * x:.1f}%"
 
 
 def _quoted(text: str) -> str:
