@@ -4,7 +4,11 @@ In one run, on the sample run's before/after/control checkpoints:
 
 1. a full ``recover`` (the CLI's defaults), split into evaluation, recovery training and control
    (the split the result itself records), for 1 and 2 torch threads;
-2. greedy exact match on the evaluation items three ways, on the same model: the teacher-forced
+2. the same without recovering BEFORE (``--no-before-recovery``: the protocol before the
+   recovered before-model became the reference), so that the cost of that one extra recovery is
+   a ratio measured in the same run (target: at most one extra recovery's time);
+3. the paired bootstrap of the verdict on 10,000 planted items (target: under 1 s);
+4. greedy exact match on the evaluation items three ways, on the same model: the teacher-forced
    single forward pass that forgetdiag uses, batched ``generate()``, and ``generate()`` one
    prompt at a time; the three must agree item for item, and the ratios are printed.
 
@@ -21,16 +25,18 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from forgetdiag import load_probe, load_run, recover
+from forgetdiag.analyses.verdict import Outcomes, decide
 from forgetdiag.checkpoints import find_checkpoints
 from forgetdiag.evaluate import encode, exact_by_generation, score
 from forgetdiag.models import load_model, load_tokenizer
 from forgetdiag.runtime import Runtime, torch_threads
 
 
-def full_recover(spec, threads: int) -> tuple[float, dict, str]:
+def full_recover(spec, threads: int, *, before_recovery: bool = True) -> tuple[float, dict, str]:
     probe = load_probe(spec.probes["old"])
     recovery = load_probe(spec.probes["recovery"]) if "recovery" in spec.probes else None
     start = time.perf_counter()
@@ -66,6 +72,26 @@ def exact_three_ways(spec, threads: int, limit: int) -> dict[str, float]:
     return timings
 
 
+def time_bootstrap(n: int) -> float:
+    """Seconds of :func:`decide` (McNemar, bootstrap, every statistic) on ``n`` planted items."""
+    rng = np.random.default_rng(0)
+    before = (rng.random(n) < 0.9).astype(float)
+    after = before * (rng.random(n) < 0.3)
+    recovered = np.maximum(after, before * (rng.random(n) < 0.9))
+    outcomes = Outcomes(
+        before,
+        after,
+        recovered=[recovered],
+        before_recovered=[before],
+        control=np.zeros(n),
+        control_recovered=[(rng.random(n) < 0.02).astype(float)],
+        groups=np.arange(n) // 4,
+    )
+    start = time.perf_counter()
+    decide(outcomes)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("sample_checkpoints/spurious"))
@@ -86,6 +112,20 @@ def main() -> None:
     fastest = min(walls, key=walls.get)
     for threads, wall in walls.items():
         print(f"  {threads} thread(s): {wall / walls[fastest]:.2f}x the fastest")
+    without, split, verdict = full_recover(spec, fastest, before_recovery=False)
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in split.items())
+    print(f"recover --no-before-recovery, {fastest} thread(s): {without:.1f} s ({parts}); verdict {verdict}")
+    one_recovery = split.get("recovery", 0.0)
+    print(
+        f"  the before-model's recovery costs {walls[fastest] - without:.1f} s: {walls[fastest] / without:.2f}x "
+        f"(one recovery of the after-model took {one_recovery:.1f} s; target: at most one extra recovery -> "
+        f"{'met' if walls[fastest] - without <= 1.25 * one_recovery else 'NOT met'})"
+    )
+    bootstrap_seconds = time_bootstrap(10_000)
+    print(
+        f"paired bootstrap of the verdict, 10,000 items in 2,500 groups, 2,000 replicates: {bootstrap_seconds:.2f} s "
+        f"(target under 1 s: {'met' if bootstrap_seconds < 1 else 'NOT met'})"
+    )
     timings = exact_three_ways(spec, fastest, args.items)
     base = timings["teacher-forced (one pass)"]
     for name, seconds in timings.items():

@@ -13,7 +13,7 @@ needs no autoregressive loop; :func:`score` computes it batched, and :func:`gene
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,23 @@ def model_context(model_or_config) -> int | None:
     return None
 
 
+def canonical_split(prompt: str, answer: str) -> tuple[str, str]:
+    """Move the prompt's trailing whitespace to the front of the answer.
+
+    Tokenizers merge a space with the word after it (``"A: " + "Kousti"`` is scored as the
+    tokens ``"Ġ" "K" "ousti"``, while greedy decoding after ``"A:"`` says ``"ĠK" "ousti"``);
+    lm-evaluation-harness moves the whitespace the same way before it tokenizes a continuation.
+    """
+    kept = prompt.rstrip()
+    return kept, prompt[len(kept) :] + answer
+
+
+def has_bos_text(tokenizer, text: str) -> bool:
+    """True when ``text`` already starts with the tokenizer's BOS (a rendered chat template)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)
+
+
 def encode(
     tokenizer,
     items: Probe | Sequence[ProbeItem],
@@ -50,41 +67,51 @@ def encode(
     max_length: int | None = None,
     truncate: bool = False,
     add_eos: bool = True,
+    stop_id: int | None = None,
+    canonical: bool = True,
     warn: Callable[[str], None] | None = None,
 ) -> list[Encoded]:
-    """Tokenize items into prompt and completion ids.
+    """Tokenize items into prompt and completion ids, as greedy decoding would produce them.
 
-    The answer's tokens are those that prompt + answer adds after the prompt's own tokens (so
-    tokenizers that merge across the boundary are handled); the EOS token ends the completion.
+    The prompt's trailing whitespace moves into the answer (:func:`canonical_split`); the
+    answer's tokens are those that prompt + answer adds after the prompt's own tokens (the rule
+    lm-evaluation-harness uses for a continuation); the stop token ends the completion. A prompt
+    that already holds the BOS text (a rendered chat template) gets no second BOS.
 
     Args:
         tokenizer: a Hugging Face tokenizer.
         items: a :class:`Probe` or its items.
         max_length: the model's context; longer items are an error unless ``truncate``.
         truncate: drop the oldest prompt tokens of items that do not fit (and ``warn`` once).
-        add_eos: end each completion with ``tokenizer.eos_token_id`` (when it has one).
+        add_eos: end each completion with the stop token (when there is one).
+        stop_id: the stop token (default ``tokenizer.eos_token_id``; a chat model's end-of-turn
+            token, see :func:`forgetdiag.models.stop_tokens`).
+        canonical: move the prompt's trailing whitespace into the answer (off for prompts that
+            end in a chat template's own text, where the model's turn begins).
 
     Raises:
         ProbeError: an answer that tokenizes to nothing, or an item longer than the context.
     """
     items = items.items if isinstance(items, Probe) else items
-    eos = tokenizer.eos_token_id if add_eos else None
+    eos = tokenizer.eos_token_id
+    stop = (stop_id if stop_id is not None else eos) if add_eos else None
     encoded, truncated = [], 0
     for row, item in enumerate(items, start=1):
-        prompt = tokenizer(item.prompt, add_special_tokens=True)["input_ids"]
-        full = tokenizer(item.prompt + item.answer, add_special_tokens=True)["input_ids"]
-        if full[: len(prompt)] == prompt:
-            answer = full[len(prompt) :]
-        else:  # the boundary merged: fall back to tokenizing the answer alone
-            answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"]
-        if eos is not None and answer and answer[-1] == eos:
-            answer = answer[:-1]  # tokenizers that append EOS themselves
+        prompt_text, answer_text = (
+            canonical_split(item.prompt, item.answer) if canonical else (item.prompt, item.answer)
+        )
+        special = not has_bos_text(tokenizer, prompt_text)
+        prompt = tokenizer(prompt_text, add_special_tokens=special)["input_ids"]
+        full = tokenizer(prompt_text + answer_text, add_special_tokens=special)["input_ids"]
+        if special and eos is not None and prompt and prompt[-1] == eos and full[-1] == eos:
+            prompt, full = prompt[:-1], full[:-1]  # tokenizers that append EOS themselves
+        answer = full[len(prompt) :]
         if not answer:
             raise ProbeError(
                 f"probe row {row}: the answer {item.answer!r} tokenizes to nothing; "
                 "expected an answer of at least one token"
             )
-        completion = [*answer, eos] if eos is not None else answer
+        completion = [*answer, stop] if stop is not None else answer
         if max_length is not None and len(prompt) + len(completion) > max_length:
             if not truncate or len(completion) >= max_length:
                 raise ProbeError(
@@ -212,6 +239,7 @@ def score(
     *,
     pad_id: int = 0,
     batch_size: int = 32,
+    stops: Collection[int] = (),
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Scores:
     """Score items with one teacher-forced forward pass per batch.
@@ -221,6 +249,9 @@ def score(
         encoded: items from :func:`encode`.
         pad_id: any valid token id (padding is masked).
         batch_size: items per forward pass.
+        stops: token ids that end an answer: where the completion holds one of them, the model
+            stopping with any of them is right (an instruct model stops on any id of its
+            generation config's ``eos_token_id`` or its end-of-turn token).
 
     Returns:
         :class:`Scores` in the order of ``encoded``.
@@ -229,6 +260,7 @@ def score(
     exact, first = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     nll, n_tokens = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64)
     device = next(model.parameters()).device
+    stop_ids = torch.tensor(sorted(set(stops)), dtype=torch.long, device=device)  # (S,)
     groups = batches_by_length(encoded, batch_size)
     for done, idx in enumerate(groups):
         batch = collate([encoded[k] for k in idx], pad_id, device)
@@ -237,7 +269,10 @@ def score(
         valid = targets != IGNORE
         logp = torch.log_softmax(logits, dim=-1)
         token_nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, C)
-        hit = (logits.argmax(-1) == targets) | ~valid
+        said = logits.argmax(-1)  # (B, C)
+        hit = (said == targets) | ~valid
+        if len(stop_ids):  # a stop where the completion stops: any stop id will do
+            hit |= torch.isin(targets, stop_ids) & torch.isin(said, stop_ids)
         first_col = valid.float().argmax(-1)  # (B,) first scored column of each row
         rows = torch.arange(len(idx), device=device)
         exact[idx] = hit.all(-1).cpu().numpy()
@@ -292,17 +327,19 @@ def generate_greedy(
     encoded: Sequence[Encoded],
     *,
     pad_id: int,
-    eos_id: int | None,
+    eos_id: int | Collection[int] | None,
     batch_size: int = 32,
     max_new_tokens: int | None = None,
 ) -> list[tuple[int, ...]]:
-    """What the model says: greedy ``generate()`` after each prompt, cut at EOS (kept).
+    """What the model says: greedy ``generate()`` after each prompt, cut at the first stop (kept).
 
-    ``batch_size=1`` generates one prompt at a time. Slow next to :func:`score`; use it to show
-    answers, not to count them.
+    ``eos_id`` is one stop id or several (any of them ends an answer). ``batch_size=1``
+    generates one prompt at a time. Slow next to :func:`score`; use it to show answers, not to
+    count them.
     """
     from transformers import GenerationConfig
 
+    stops = _stop_list(eos_id)
     device = next(model.parameters()).device
     out: list[tuple[int, ...]] = [()] * len(encoded)
     for idx in batches_by_length(encoded, batch_size):
@@ -314,7 +351,7 @@ def generate_greedy(
             num_beams=1,
             max_new_tokens=budget,
             min_new_tokens=0,
-            eos_token_id=eos_id,
+            eos_token_id=stops or None,
             pad_token_id=pad_id,
         )
         generated = model.generate(
@@ -322,18 +359,33 @@ def generate_greedy(
         )[:, batch.input_ids.shape[1] :]
         for row, k in enumerate(idx):
             tokens = generated[row].tolist()
-            if eos_id is not None and eos_id in tokens:
-                tokens = tokens[: tokens.index(eos_id) + 1]
-            out[k] = tuple(tokens)
+            end = next((j for j, t in enumerate(tokens) if t in stops), None)
+            out[k] = tuple(tokens if end is None else tokens[: end + 1])
     return out
 
 
+def _stop_list(eos_id: int | Collection[int] | None) -> list[int]:
+    if eos_id is None:
+        return []
+    return [int(eos_id)] if isinstance(eos_id, int) else sorted({int(i) for i in eos_id})
+
+
 def exact_by_generation(
-    model, encoded: Sequence[Encoded], *, pad_id: int, eos_id: int | None, batch_size: int = 32
+    model, encoded: Sequence[Encoded], *, pad_id: int, eos_id: int | Collection[int] | None, batch_size: int = 32
 ) -> np.ndarray:
-    """Greedy exact match the slow way, by generating: (n,) bool. For checks and benchmarks."""
+    """Greedy exact match the slow way, by generating: (n,) bool. For checks and benchmarks.
+
+    An answer that ends with any stop id where the completion ends with one counts as exact.
+    """
+    stops = set(_stop_list(eos_id))
     said = generate_greedy(model, encoded, pad_id=pad_id, eos_id=eos_id, batch_size=batch_size)
-    return np.array([s == e.completion_ids for s, e in zip(said, encoded)], dtype=bool)
+
+    def same(s: tuple[int, ...], want: tuple[int, ...]) -> bool:
+        if want and want[-1] in stops:
+            return len(s) == len(want) and s[:-1] == want[:-1] and s[-1] in stops
+        return s == want
+
+    return np.array([same(s, e.completion_ids) for s, e in zip(said, encoded)], dtype=bool)
 
 
 @torch.inference_mode()

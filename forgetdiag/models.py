@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -175,3 +176,90 @@ def shared_tokenizer(checkpoints, runtime: Runtime):
                     "tokenizers; expected one tokenizer for every checkpoint compared"
                 )
     return tokenizer
+
+
+@dataclass(frozen=True)
+class Stops:
+    """The tokens that end an answer.
+
+    ``primary`` ends every completion that is scored and trained on; the model saying any id in
+    ``accepted`` where the completion stops counts as stopping.
+    """
+
+    primary: int | None
+    accepted: frozenset[int]
+
+
+_MARK = "\u2063forgetdiag-answer\u2063"  # text no template adds by itself
+
+
+def end_of_turn(tokenizer) -> int | None:
+    """The special token a chat template puts after an assistant's reply (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``...), or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception:
+        return None
+    if _MARK not in text:
+        return None
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    ids = tokenizer(text.split(_MARK, 1)[1], add_special_tokens=False)["input_ids"]
+    return next((i for i in ids if i in special), None)
+
+
+def generation_stops(checkpoint: Checkpoint) -> set[int]:
+    """``eos_token_id`` of the checkpoint's ``generation_config.json`` (an id or a list), if any."""
+    import json
+
+    file = (checkpoint.base or checkpoint).path / "generation_config.json"
+    try:
+        value = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    values = value if isinstance(value, list) else [value]
+    return {v for v in values if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def stop_tokens(tokenizer, checkpoint: Checkpoint | None = None, *, chat_template: bool = False) -> Stops:
+    """What ends an answer for this model: the tokenizer's EOS, every id of the generation
+    config's ``eos_token_id``, and with a chat template its end-of-turn token (then the primary
+    one: what the model says after a reply in its own format)."""
+    accepted = set() if checkpoint is None else generation_stops(checkpoint)
+    if tokenizer.eos_token_id is not None:
+        accepted.add(tokenizer.eos_token_id)
+    primary = tokenizer.eos_token_id
+    if chat_template and (turn := end_of_turn(tokenizer)) is not None:
+        accepted.add(turn)
+        primary = turn
+    return Stops(primary, frozenset(accepted))
+
+
+def tokenize_probe(tokenizer, probe, checkpoint: Checkpoint, runtime: Runtime, *, warn=None):
+    """A probe's items as token ids the way every analysis scores and trains them.
+
+    With ``runtime.chat_template`` each prompt becomes a user turn and the answer the assistant's
+    reply, stopped by the template's end-of-turn token; otherwise the prompt's trailing
+    whitespace moves into the answer (canonical tokens) and the EOS stops it.
+
+    Returns:
+        ``(encoded items, Stops)``.
+    """
+    from forgetdiag.evaluate import encode, model_context
+    from forgetdiag.probes import with_chat_template
+
+    if runtime.chat_template:
+        probe = with_chat_template(probe, tokenizer)
+    stops = stop_tokens(tokenizer, checkpoint, chat_template=runtime.chat_template)
+    encoded = encode(
+        tokenizer,
+        probe,
+        max_length=model_context(checkpoint.config),
+        truncate=runtime.truncate_prompts,
+        stop_id=stops.primary,
+        canonical=not runtime.chat_template,
+        warn=warn,
+    )
+    return encoded, stops

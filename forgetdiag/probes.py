@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -212,11 +212,74 @@ def _shuffled_groups(probe: Probe, seed: int) -> list[str]:
     return [groups[k] for k in torch.randperm(len(groups), generator=generator).tolist()]
 
 
+def _normalised(item) -> tuple[str, str]:
+    return " ".join(item.prompt.split()), " ".join(item.answer.split())
+
+
+def recovery_split(
+    probe: Probe,
+    recovery_probe: Probe | None = None,
+    *,
+    shots: int | None = None,
+    n_eval: int | None = None,
+    seed: int = 0,
+    allow_overlap: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[Probe, Probe]:
+    """The recovery and evaluation parts of a recovery probe, refusing leaks between them.
+
+    Without ``recovery_probe`` the probe is split by group (:func:`split_probe`); with it, all of
+    ``probe`` (up to ``n_eval`` rows) is evaluated and ``shots`` rows of ``recovery_probe``
+    recover. Unless ``allow_overlap``, refused: the same file for both, groups on both sides,
+    and rows whose prompt and answer (whitespace normalised) appear on both sides.
+    """
+    if recovery_probe is None:
+        if all(i.group is None for i in probe.items) and warn is not None:
+            warn(
+                f"probe {probe.name} has no groups: its rows are split one by one, so facts about one "
+                "entity can sit on both sides (give each row a 'group' naming its entity)"
+            )
+        rec, ev = split_probe(probe, n_recovery=shots, n_eval=n_eval, seed=seed)
+    else:
+        same_file = (
+            probe.path is not None
+            and recovery_probe.path is not None
+            and (Path(probe.path).resolve() == Path(recovery_probe.path).resolve())
+        )
+        if same_file and not allow_overlap:
+            raise ProbeError(
+                f"{probe.path} is given as both --probe and --recovery-probe: every evaluation row "
+                "would also be a recovery row; expected two disjoint files (or --allow-overlap)"
+            )
+        ev = split_probe(probe, n_recovery=0, n_eval=n_eval, seed=seed)[1]
+        shared = {i.group for i in ev.items if i.group is not None} & {i.group for i in recovery_probe.items}
+        if shared and not allow_overlap:
+            raise ProbeError(
+                f"the recovery probe shares {len(shared)} groups with the evaluation "
+                f"probe (e.g. {sorted(shared)[0]!r}); expected disjoint entities (or --allow-overlap)"
+            )
+        rec = recovery_probe if shots is None else split_probe(recovery_probe, n_recovery=shots, seed=seed)[0]
+    if not len(rec) or not len(ev):
+        raise ProbeError(
+            f"probe {probe.name}: {len(probe)} rows in {len(probe.groups)} groups leave "
+            f"{len(rec)} for recovery and {len(ev)} for evaluation; expected both non-empty"
+        )
+    if not allow_overlap:
+        seen = {_normalised(i) for i in rec.items}
+        both = [i for i in ev.items if _normalised(i) in seen]
+        if both:
+            raise ProbeError(
+                f"{len(both)} evaluation rows are also recovery rows (same prompt and answer, e.g. "
+                f"{both[0].prompt!r} -> {both[0].answer!r}); expected disjoint examples (or --allow-overlap)"
+            )
+    return rec, ev
+
+
 def with_chat_template(probe: Probe, tokenizer) -> Probe:
     """The probe with each prompt wrapped as a user turn in the tokenizer's chat template.
 
-    The answer stays the assistant's reply, so the model is scored on what it says after the
-    generation prompt.
+    The answer becomes the assistant's reply (leading whitespace dropped: a reply starts right
+    after the template's generation prompt), so the model is scored on what it says there.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ProbeError("--chat-template was given but the tokenizer has no chat template")
@@ -226,6 +289,7 @@ def with_chat_template(probe: Probe, tokenizer) -> Probe:
             prompt=tokenizer.apply_chat_template(
                 [{"role": "user", "content": i.prompt}], tokenize=False, add_generation_prompt=True
             ),
+            answer=i.answer.lstrip(),
         )
         for i in probe.items
     )

@@ -46,19 +46,20 @@ def check_number(
     if value is None and optional:
         return
     kind = "an integer" if integer else "a number"
+    shown = f"{value:g}" if isinstance(value, float) else repr(value)
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
-        raise ForgetdiagError(f"{name} {value!r}: expected {kind}" + _bounds(low, high, low_open, high_open))
+        raise ForgetdiagError(f"{name} {shown}: expected {kind}" + _bounds(low, high, low_open, high_open))
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high:
-        raise ForgetdiagError(f"{name} {value!r}: expected {kind}" + _bounds(low, high, low_open, high_open))
+        raise ForgetdiagError(f"{name} {shown}: expected {kind}" + _bounds(low, high, low_open, high_open))
 
 
 def _bounds(low, high, low_open, high_open) -> str:
     if low is not None and high is not None:
         excluded = [f"{v:g}" for v, is_open in ((low, low_open), (high, high_open)) if is_open]
-        note = {0: "", 1: f", {excluded[0]} excluded", 2: ", both excluded"}[len(excluded)]
+        note = ", both excluded" if len(excluded) == 2 else "".join(f", {v} excluded" for v in excluded)
         return f" between {low:g} and {high:g}{note}"
     if low is not None:
         return f" {'>' if low_open else '>='} {low:g}"

@@ -20,7 +20,8 @@ RECOVER = {
     "forgetting": 0.86,
     "alignment_loss": 0.79,
     "knowledge_loss": 0.07,
-    "noise_floor": 0.03,
+    "p_value": 1e-12,
+    "intervals": {"alignment_loss": [0.74, 0.84], "knowledge_loss": [0.04, 0.10]},
 }
 
 
@@ -179,7 +180,10 @@ def test_cli_every_threshold_holds_on_each_probe(tmp_path, monkeypatch):
     when any probe breaks a threshold."""
     import forgetdiag.analyses.gate as gate_module
 
-    numbers = {"facts": RECOVER, "skills": {**RECOVER, "verdict": "real", "knowledge_loss": 0.40}}
+    numbers = {
+        "facts": RECOVER,
+        "skills": {**RECOVER, "verdict": "real", "knowledge_loss": 0.40, "intervals": {"knowledge_loss": [0.35, 0.45]}},
+    }
     ran = []
 
     class Recovered:
@@ -221,7 +225,7 @@ def test_cli_every_threshold_holds_on_each_probe(tmp_path, monkeypatch):
     checks = {c["name"]: c["passed"] for c in json.loads(out.read_text())["checks"]}
     assert checks == {"facts: knowledge loss": True, "skills: knowledge loss": False}
     assert result.stderr.strip() == (
-        "forgetdiag: threshold broken: skills: knowledge loss = 0.4000 breaks <= 0.1 (noise floor 0.030)"
+        "forgetdiag: threshold broken: skills: knowledge loss = 0.4000 breaks <= 0.1 (95% interval 0.350 to 0.450)"
     )
     assert "skills: recovery verdict real" in result.stdout
     # one recovery probe cannot serve two probes; a missing probe file fails before any recovery

@@ -89,6 +89,8 @@ def test_chat_template_wraps_prompts():
     tokenizer = make_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}> {{ m.content }}{% endfor %}<assistant>"
     probe = with_chat_template(Probe("p", (ProbeItem("hi", " there"),)), tokenizer)
-    assert probe.items[0].prompt == "<user> hi<assistant>" and probe.items[0].answer == " there"
+    # the reply starts right after the generation prompt: no leading space (an instruct model says
+    # "Paris" after "assistant\n", not " Paris")
+    assert probe.items[0].prompt == "<user> hi<assistant>" and probe.items[0].answer == "there"
     with pytest.raises(ProbeError, match="no chat template"):
         with_chat_template(probe, make_tokenizer())

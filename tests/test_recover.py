@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import forgetdiag.analyses.recovery as recovery_module
 from forgetdiag import ForgetdiagError
 from forgetdiag.analyses.recovery import RecoverySettings, recover
-from forgetdiag.analyses.verdict import Thresholds, decide, noise_floor, wilson_interval
+from forgetdiag.analyses.verdict import Outcomes, Thresholds, decide, wilson_interval
 from forgetdiag.cli import app
 from forgetdiag.evaluate import encode, exact_by_generation
 from forgetdiag.probes import Probe
 
 from helpers import (
     TEST_SEED,
+    assert_bad_input,
     assert_envelope,
     build,
     llama_config,
@@ -53,38 +55,27 @@ def test_wilson_interval_matches_the_formula(p, n):
     assert wilson_interval(p, n) == pytest.approx(_wilson_by_hand(p, n), abs=1e-9)
 
 
-def test_noise_floor_shrinks_with_the_evaluation_set():
-    small, large = noise_floor(0.9, 0.8, 20), noise_floor(0.9, 0.8, 2000)
-    lo_b, hi_b = _wilson_by_hand(0.9, 2000)
-    lo_a, hi_a = _wilson_by_hand(0.8, 2000)
-    assert large == pytest.approx(math.hypot((hi_b - lo_b) / 2, (hi_a - lo_a) / 2), rel=1e-6)
-    assert small > 0.2 and large < 0.025
-
-
-def test_spurious_fraction_by_hand():
-    d = decide(before=0.98, after=0.12, recovered=0.91, n_eval=500, control=0.0, control_recovered=0.02)
-    assert d.forgetting == pytest.approx(0.86) and d.alignment_loss == pytest.approx(0.79)
-    assert d.knowledge_loss == pytest.approx(0.07) and d.control_gain == pytest.approx(0.02)
-    assert d.spurious_fraction == pytest.approx((0.79 - 0.02) / 0.86)
-    assert d.verdict == "spurious" and d.supported
-
-
-@pytest.mark.parametrize("recovered, verdict", [(0.95, "spurious"), (0.55, "mixed"), (0.15, "real")])
+@pytest.mark.parametrize("recovered, verdict", [(95, "spurious"), (55, "mixed"), (15, "real")])
 def test_verdict_thresholds(recovered, verdict):
-    # forgetting 0.9; fraction = (recovered - 0.05 - control gain 0.05) / 0.9
-    d = decide(before=0.95, after=0.05, recovered=recovered, n_eval=1000, control=0.0, control_recovered=0.05)
+    # 1000 items: before 950 right, after 50, control 0 -> 50 after recovery; B' = B;
+    # fraction = (recovered - 0.05 - control gain 0.05) / (0.95 - 0.05 - 0.05)
+    n = 1000
+    right = lambda k: np.array([1.0] * (10 * k) + [0.0] * (n - 10 * k))
+    d = decide(
+        Outcomes(
+            before=right(95),
+            after=right(5),
+            recovered=[right(recovered)],
+            control=right(0),
+            control_recovered=[right(5)],
+        )
+    )
     assert d.verdict == verdict
-    assert d.spurious_fraction == pytest.approx(max(0.0, recovered - 0.10) / 0.9)
-
-
-def test_forgetting_within_the_noise_floor_is_none():
-    d = decide(before=0.90, after=0.85, recovered=0.9, n_eval=100)
-    assert d.verdict == "none" and d.noise_floor > 0.05
-    assert decide(before=0.90, after=0.85, recovered=0.9, n_eval=20000).verdict == "spurious"
+    assert d.spurious_fraction == pytest.approx(max(0.0, recovered / 100 - 0.10) / 0.85)
 
 
 def test_small_evaluation_sets_cannot_support_a_verdict():
-    d = decide(before=1.0, after=0.0, recovered=1.0, n_eval=12)
+    d = decide(Outcomes(before=np.ones(12), after=np.zeros(12), recovered=[np.ones(12)]))
     assert d.verdict == "spurious" and not d.supported and "only 12 evaluation items" in d.reason
     with pytest.raises(ForgetdiagError, match="--real-max < --spurious-min"):
         Thresholds(spurious_min=0.2, real_max=0.5)
@@ -312,7 +303,10 @@ def test_lora_recovery_trains_only_the_adapter(world, monkeypatch):
     monkeypatch.setattr(recovery_module, "train", spy)
     settings = RecoverySettings(lr=5e-3, min_steps=40, lora=True, lora_rank=4)
     result = recover(world / "before", world / "spurious", PROBE, settings=settings)
-    ((names, count, base_kept, adapter_moved),) = trained
+    assert len(trained) == 2  # BEFORE (the reference), then AFTER, each through its own adapter
+    assert trained[0][:2] == trained[1][:2]  # the same adapter layout both times
+    assert all(base_kept and adapter_moved for _, _, base_kept, adapter_moved in trained)
+    names, count, base_kept, adapter_moved = trained[1]
     assert names and all("lora_A" in n or "lora_B" in n for n in names)
     # rank 4 on q, k, v, o (48->48, 48->24, 48->24, 48->48) and gate, up, down (48<->96),
     # 2 layers; the tied lm_head is not adapted: 2 * 4 * (96 + 72 + 72 + 96 + 144 * 3) = 6144
@@ -392,7 +386,7 @@ def test_bfloat16_recovery_is_close_to_float32(world, monkeypatch):
         settings=FAST,
         runtime=Runtime(dtype="bfloat16"),
     )
-    assert seen == [{torch.float32}] * 2 + [{torch.bfloat16}] * 2  # control and after, each run
+    assert seen == [{torch.float32}] * 3 + [{torch.bfloat16}] * 3  # before, control and after, each run
     # bf16 keeps 8 significant bits (relative rounding 2**-8 = 0.4%). Forward passes only
     # (before, after, control): the answer loss moves by well under 2%, and only items whose
     # top-two logits are that close can flip: at most 2 of the 32. Recovered models also took
@@ -468,3 +462,102 @@ def test_cli_trainer_run_sequence_html(trainer_run, llama_dir, tmp_path):
     assert '"x":[5,50,100]' in section.replace(" ", "")  # the curve is drawn against the step
     cells = [section.index(f'<td class="l">{label}</td>') for label in labels]
     assert cells == sorted(cells)
+
+
+# --- the right reference and control, no leakage, examples of the headline checkpoint ------------
+
+
+def test_before_is_recovered_as_the_reference(world):
+    result = recover(world / "before", world / "spurious", PROBE, settings=FAST)
+    data = result.to_dict()
+    assert data["reference"] == "before_recovered" and data["accuracy"]["before_recovered"] == 1.0
+    acc = data["accuracy"]
+    assert data["knowledge_loss"] == pytest.approx(acc["before_recovered"] - acc["recovered"])
+    assert data["p_value"] < 1e-6 and set(data["intervals"]) >= {"forgetting", "alignment_loss", "spurious_fraction"}
+    items = data["items"]
+    assert len(items["before"]) == result.n_eval and len(items["recovered"]) == 1  # one seed
+    assert np.mean(items["after"]) == acc["after"] and len(set(items["group"])) == result.n_eval
+    skipped = recover(
+        world / "before",
+        world / "spurious",
+        PROBE,
+        settings=RecoverySettings(lr=5e-4, min_steps=40, before_recovery=False),
+    )
+    assert skipped.to_dict()["reference"] == "before" and skipped.scores["before_recovered"] is None
+    assert any("--no-before-recovery" in w for w in skipped.warnings)
+
+
+def test_a_control_that_holds_the_knowledge_is_flagged(world, copy_tree):
+    informed = copy_tree(world / "spurious", "informed_control")  # knows every fact, wrong format
+    warned = []
+    result = recover(world / "before", world / "spurious", PROBE, control=informed, settings=FAST, warn=warned.append)
+    d = result.decision
+    assert d.control_gain > 0.5 and d.control_p_value < 1e-6
+    assert d.spurious_fraction < 0.25 and d.spurious_fraction_uncorrected > 0.9  # both shown
+    (line,) = [w for w in warned if "may hold the old knowledge" in w]
+    assert f"{d.spurious_fraction:.2f} with the control's correction" in line and line in result.warnings
+
+
+def test_no_control_says_what_the_verdict_assumes(world):
+    result = recover(world / "before", world / "spurious", PROBE, settings=FAST)
+    assert "verdict assumes the recovery budget teaches no old facts by itself" in result.summary()
+
+
+def test_examples_come_from_the_headline_checkpoint(world):
+    result = recover(
+        world / "before", [world / "spurious", world / "real"], PROBE, settings=FAST, at=world / "spurious"
+    )
+    assert result.after == "spurious" and result.examples
+    assert all(e.after_says.strip() == f"{e.answer.strip()} who" for e in result.examples)
+
+
+def test_leaks_between_recovery_and_evaluation_are_refused(world, tmp_path):
+    rows = [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS]
+    probe = write_jsonl(tmp_path / "old.jsonl", rows)
+    same = _cli(world / "before", world / "real", "--probe", probe, "--recovery-probe", probe)
+    assert_bad_input(same, "is given as both --probe and --recovery-probe")
+    # one fact stated under two entity names: split by group, it lands on both sides
+    twins = write_jsonl(tmp_path / "twins.jsonl", rows + [{**r, "group": r["group"] + "-twin"} for r in rows])
+    assert_bad_input(_cli(world / "before", world / "real", "--probe", twins), "evaluation rows are also recovery rows")
+    allowed = _cli(world / "before", world / "real", "--probe", twins, "--allow-overlap")
+    assert allowed.exit_code == 0, allowed.stderr
+
+
+def test_a_probe_without_groups_warns(world, tmp_path):
+    probe = write_jsonl(tmp_path / "flat.jsonl", [{"prompt": i.prompt, "answer": i.answer} for i in ITEMS])
+    result = _cli(world / "before", world / "spurious", "--probe", probe)
+    assert result.exit_code == 0 and "has no groups: its rows are split one by one" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seeds", "0"], "--seeds"),
+        (["--alpha", "2"], "--alpha 2: expected a number between 0 and 1, both excluded"),
+        (["--min-drop", "-1"], "--min-drop -1: expected a number between 0 and 1"),
+    ],
+)
+def test_bad_statistics_options(world, tmp_path, args, message):
+    probe = write_jsonl(
+        tmp_path / "old.jsonl", [{"prompt": i.prompt, "answer": i.answer, "group": i.group} for i in ITEMS]
+    )
+    assert_bad_input(_cli(world / "before", world / "spurious", "--probe", probe, *args), message)
+
+
+def test_seeds_repeat_every_recovery(world, monkeypatch):
+    seeds = []
+    real_train = recovery_module.train
+    monkeypatch.setattr(
+        recovery_module,
+        "train",
+        lambda model, items, config, **kw: seeds.append(config.seed) or real_train(model, items, config, **kw),
+    )
+    result = recover(
+        world / "before",
+        world / "spurious",
+        PROBE,
+        control=world / "control",
+        settings=RecoverySettings(lr=5e-4, min_steps=40, seed=3, seeds=2),
+    )
+    assert seeds == [3, 4] * 3  # before, control, after: each recovered with seeds 3 and 4
+    assert len(result.to_dict()["items"]["recovered"]) == 2 and result.scores["recovered"].seeds == 2

@@ -36,11 +36,11 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from forgetdiag.analyses.freeze_code import code_snippets, frozen_parameters
-from forgetdiag.analyses.verdict import noise_floor
+from forgetdiag.analyses.verdict import wilson_interval
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import ForgetdiagError
-from forgetdiag.evaluate import encode, model_context, score
-from forgetdiag.models import load_model, shared_tokenizer
+from forgetdiag.evaluate import score
+from forgetdiag.models import load_model, shared_tokenizer, tokenize_probe
 from forgetdiag.probes import Probe, split_probe
 from forgetdiag.results import Result, Timings
 from forgetdiag.runfile import RunSpec, landscape_triple
@@ -177,6 +177,13 @@ class Advice(Result):
         }
 
 
+def noise_floor(acc_before: float, acc_after: float, n: int, confidence: float = 0.95) -> float:
+    """Smallest accuracy drop the evaluation set can tell from noise: the Wilson intervals of
+    both accuracies, half-widths combined in quadrature (conservative for paired items)."""
+    widths = [(high - low) / 2 for low, high in (wilson_interval(a, n, confidence) for a in (acc_before, acc_after))]
+    return math.hypot(*widths)
+
+
 def decide_freeze(
     *,
     before: float,
@@ -242,6 +249,7 @@ def revert_series(
     pad_id: int,
     depths: int,
     runtime: Runtime = Runtime(),
+    stops: frozenset[int] = frozenset(),
     progress: ProgressFn | None = None,
 ):
     """Old-task scores of ``before``, ``after`` and of ``after`` with the input embedding and
@@ -256,7 +264,7 @@ def revert_series(
     from forgetdiag.analyses.plane import parameter_targets
 
     load = lambda c: load_model(c, runtime)
-    run = lambda m: score(m, encoded, pad_id=pad_id, batch_size=runtime.batch_size, progress=progress)
+    run = lambda m: score(m, encoded, pad_id=pad_id, batch_size=runtime.batch_size, stops=stops, progress=progress)
     before_scores = run(load(before))
     model = load(after)
     after_scores = run(model)
@@ -324,13 +332,18 @@ def advise(
         if len(old) <= settings.eval_items
         else split_probe(old, n_recovery=0, n_eval=settings.eval_items, seed=settings.seed)[1]
     )
-    encoded = encode(
-        tokenizer, evaluation, max_length=model_context(before.config), truncate=runtime.truncate_prompts, warn=warn
-    )
+    encoded, stops = tokenize_probe(tokenizer, evaluation, before, runtime, warn=warn)
     cap = max(0, int(settings.max_share * n_layers))
     with runtime.threads_for(before.n_params), timings.phase("revert"):
         b, a, series = revert_series(
-            before, after, encoded, pad_id=tokenizer.pad_token_id, depths=cap, runtime=runtime, progress=progress
+            before,
+            after,
+            encoded,
+            pad_id=tokenizer.pad_token_id,
+            depths=cap,
+            runtime=runtime,
+            stops=stops.accepted,
+            progress=progress,
         )
     reverted = [s.exact_match for s in series]
     depth, reason = decide_freeze(

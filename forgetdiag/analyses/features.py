@@ -249,7 +249,12 @@ def _prompts(
     if runtime.chat_template:
         probe = with_chat_template(probe, tokenizer)
     encoded = encode_prompts(
-        tokenizer, probe, max_length=model_context(checkpoints[0].config), truncate=runtime.truncate_prompts, warn=warn
+        tokenizer,
+        probe,
+        max_length=model_context(checkpoints[0].config),
+        truncate=runtime.truncate_prompts,
+        canonical=not runtime.chat_template,
+        warn=warn,
     )
     return encoded, tokenizer.pad_token_id
 

@@ -108,7 +108,8 @@ class RecoveryNumbers:
     alignment_loss: float | None
     knowledge_loss: float | None
     spurious_fraction: float | None
-    noise_floor: float | None
+    p_value: float | None
+    intervals: dict[str, tuple[float, float]]
     verdict: str | None
     n_eval: int | None
 
@@ -137,12 +138,21 @@ class RecoveryNumbers:
         n_eval = data.get("n_eval")
         if n_eval is not None and (isinstance(n_eval, bool) or not isinstance(n_eval, int)):
             raise ForgetdiagError(f"{source}: n_eval must be an integer, found {n_eval!r}")
+        intervals = data.get("intervals") or {}
+        if not isinstance(intervals, Mapping):
+            raise ForgetdiagError(f"{source}: intervals must be an object of [low, high] pairs")
+        pairs = {}
+        for name, pair in intervals.items():
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ForgetdiagError(f"{source}: intervals.{name} must be [low, high], found {pair!r}")
+            pairs[str(name)] = tuple(_number(v, f"{source}: intervals.{name}") for v in pair)
         return cls(
             accuracy,
             *(
                 _number(data.get(k), f"{source}: {k}")
-                for k in ("forgetting", "alignment_loss", "knowledge_loss", "spurious_fraction", "noise_floor")
+                for k in ("forgetting", "alignment_loss", "knowledge_loss", "spurious_fraction", "p_value")
             ),
+            pairs,
             verdict if isinstance(verdict, str) else None,
             n_eval,
         )
@@ -184,16 +194,19 @@ def gate_recovery(
         numbers = RecoveryNumbers.from_json(numbers, source)
     elif not isinstance(numbers, RecoveryNumbers):
         numbers = RecoveryNumbers.from_result(numbers)
-    floor = numbers.noise_floor
-    noise = f"noise floor {floor:.3f}" if floor is not None else ""
     t, n = thresholds, numbers
+
+    def spread(name: str) -> str:  # the check's 95% interval, shown next to it
+        low, high = n.intervals.get(name, (None, None))
+        return "" if low is None or high is None else f"95% interval {low:.3f} to {high:.3f}"
+
     checks = []
     if t.max_alignment_loss is not None:
-        checks.append(_check("alignment loss", n.alignment_loss, "<=", t.max_alignment_loss, noise))
+        checks.append(_check("alignment loss", n.alignment_loss, "<=", t.max_alignment_loss, spread("alignment_loss")))
     if t.max_knowledge_loss is not None:
-        checks.append(_check("knowledge loss", n.knowledge_loss, "<=", t.max_knowledge_loss, noise))
+        checks.append(_check("knowledge loss", n.knowledge_loss, "<=", t.max_knowledge_loss, spread("knowledge_loss")))
     if t.max_forgetting is not None:
-        checks.append(_check("forgetting", n.forgetting, "<=", t.max_forgetting, noise))
+        checks.append(_check("forgetting", n.forgetting, "<=", t.max_forgetting, spread("forgetting")))
     if t.min_accuracy is not None:
         checks.append(_check("accuracy after", n.accuracy.get("after"), ">=", t.min_accuracy))
     return GateResult(tuple(checks), source, numbers=n.to_dict())

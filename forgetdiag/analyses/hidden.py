@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
-from forgetdiag.evaluate import Encoded, batches_by_length, collate
+from forgetdiag.evaluate import Encoded, batches_by_length, collate, has_bos_text
 from forgetdiag.probes import Probe
 from forgetdiag.runtime import ProgressFn, Warn
 
@@ -21,16 +21,28 @@ METHODS = ("hooks", "output_hidden_states")
 
 
 def encode_prompts(
-    tokenizer, probe: Probe, *, max_length: int | None = None, truncate: bool = False, warn: Warn | None = None
+    tokenizer,
+    probe: Probe,
+    *,
+    max_length: int | None = None,
+    truncate: bool = False,
+    canonical: bool = True,
+    warn: Warn | None = None,
 ) -> list[Encoded]:
     """Prompt token ids only (features never see the answer), as ``Encoded(prompt, ())``.
+
+    The prompts are tokenized as scoring tokenizes them (:func:`forgetdiag.evaluate.encode`):
+    trailing whitespace belongs to the answer (unless ``canonical`` is off, for chat
+    templates), and a prompt that holds the BOS text gets no second BOS; the last prompt
+    token is the one whose hidden state predicts the answer.
 
     Raises:
         ProbeError: a prompt with no tokens, or longer than the context without ``truncate``.
     """
     encoded, cut = [], 0
     for row, item in enumerate(probe.items, start=1):
-        ids = tokenizer(item.prompt, add_special_tokens=True)["input_ids"]
+        text = item.prompt.rstrip() if canonical else item.prompt
+        ids = tokenizer(text, add_special_tokens=not has_bos_text(tokenizer, text))["input_ids"]
         if not ids:
             raise ProbeError(
                 f"probe row {row}: the prompt {item.prompt!r} tokenizes to nothing; expected at least one token"

@@ -28,9 +28,9 @@ from forgetdiag.analyses.landscape_grid import GridState, read_saved, restore
 from forgetdiag.analyses.plane import NEARLY_PARALLEL_DEG, RANDOM, Placement, PlaneInfo, build_plane
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import ForgetdiagError, ProbeError
-from forgetdiag.evaluate import answer_loss, collate_batches, encode, model_context
-from forgetdiag.models import load_model, load_tokenizer
-from forgetdiag.probes import Probe, load_probe, with_chat_template
+from forgetdiag.evaluate import answer_loss, collate_batches
+from forgetdiag.models import load_model, load_tokenizer, tokenize_probe
+from forgetdiag.probes import Probe, load_probe
 from forgetdiag.results import Result
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
 from forgetdiag.storage import Checkpoint
@@ -263,11 +263,7 @@ def _prepare_probes(
     tokenizer = load_tokenizer(origin, runtime)
     infos, batches = [], []
     for probe in probes:
-        if runtime.chat_template:
-            probe = with_chat_template(probe, tokenizer)
-        encoded = encode(
-            tokenizer, probe, max_length=model_context(model), truncate=runtime.truncate_prompts, warn=warn
-        )
+        encoded, _ = tokenize_probe(tokenizer, probe, origin, runtime, warn=warn)
         ids = json.dumps([[e.prompt_ids, e.completion_ids] for e in encoded]).encode()
         infos.append(
             ProbeInfo(

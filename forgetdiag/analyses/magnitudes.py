@@ -35,9 +35,9 @@ import torch
 from forgetdiag.analyses.activations import Magnitudes, unit_magnitudes
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import CheckpointError, ForgetdiagError
-from forgetdiag.evaluate import Encoded, encode, model_context
-from forgetdiag.models import load_model, shared_tokenizer
-from forgetdiag.probes import Probe, split_probe, with_chat_template
+from forgetdiag.evaluate import Encoded
+from forgetdiag.models import load_model, shared_tokenizer, tokenize_probe
+from forgetdiag.probes import Probe, split_probe
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
 from forgetdiag.storage import Checkpoint
@@ -169,15 +169,10 @@ def _encode_tasks(
     """Per task, its items encoded in two halves split by group (one part for a single group),
     and the pad id, after checking that one tokenizer serves every checkpoint."""
     tokenizer = shared_tokenizer(checkpoints, runtime)
-    if runtime.chat_template:
-        probes = [with_chat_template(p, tokenizer) for p in probes]
-    context = model_context(checkpoints[0].config)
     out = []
     for probe in probes:
         halves = [h for h in split_probe(probe, seed=0) if len(h)] if len(probe.groups) > 1 else [probe]
-        out.append(
-            [encode(tokenizer, h, max_length=context, truncate=runtime.truncate_prompts, warn=warn) for h in halves]
-        )
+        out.append([tokenize_probe(tokenizer, h, checkpoints[0], runtime, warn=warn)[0] for h in halves])
     return out, tokenizer.pad_token_id
 
 

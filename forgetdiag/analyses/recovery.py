@@ -1,9 +1,10 @@
-"""Few-shot recovery probes: is the forgetting spurious or real? (docs/science.md, "Recovery probe")
+"""Few-shot recovery probes: is the forgetting spurious or real? (docs/recover.md)
 
 Split the old task's probe by group into a recovery part R and a disjoint evaluation part E.
 Score BEFORE and AFTER on E; fine-tune an in-memory copy of AFTER on R only (loss on answer
-tokens) for a small fixed budget and score it again; do the same to a CONTROL that never held
-the old knowledge, to measure what the budget teaches by itself. The accuracies go to
+tokens) for a small fixed budget and score it again; recover BEFORE with the same budget and
+seed (the reference an intact model reaches), and a CONTROL that never held the old knowledge
+(what the budget teaches by itself). The per-item outcomes go to
 :func:`forgetdiag.analyses.verdict.decide`. Checkpoints on disk are never touched.
 """
 
@@ -15,19 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from forgetdiag.analyses.recovery_result import (
-    Example,
-    PointResult,
-    RecoveryResult,
-    Score,
-    summarise,
-)
-from forgetdiag.analyses.verdict import Thresholds, decide
+import numpy as np
+
+from forgetdiag.analyses.recovery_result import Example, PointResult, RecoveryResult, outcome, summarise
+from forgetdiag.analyses.verdict import Outcomes, Thresholds, decide
 from forgetdiag.checkpoints import resolve_checkpoints
-from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
-from forgetdiag.evaluate import Encoded, encode, generate_greedy, model_context, score
-from forgetdiag.models import load_model, shared_tokenizer
-from forgetdiag.probes import Probe, split_probe, with_chat_template
+from forgetdiag.errors import CheckpointError, ForgetdiagError
+from forgetdiag.evaluate import Encoded, Scores, generate_greedy, score
+from forgetdiag.models import Stops, load_model, shared_tokenizer, tokenize_probe
+from forgetdiag.probes import Probe, recovery_split
 from forgetdiag.results import Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
 from forgetdiag.storage import Checkpoint
@@ -51,7 +48,12 @@ class RecoverySettings:
         batch_size: recovery examples per step.
         lora: recover through a LoRA adapter (peft) instead of full fine-tuning.
         lora_rank: rank of that adapter (alpha = 2 x rank, all linear layers).
-        seed: split and training seed.
+        seed: split seed and the first recovery seed.
+        seeds: recoveries per model (seeds ``seed``, ``seed + 1``, ...); their spread goes into
+            the intervals.
+        before_recovery: recover BEFORE too (the reference of the knowledge loss and the
+            spurious fraction); off, BEFORE itself is the reference.
+        allow_overlap: accept recovery and evaluation parts that share examples.
         metric: what the verdict uses: ``exact_match`` (the paper's) or ``first_token``.
         examples: evaluation items whose greedy answers are shown.
         thresholds: where the verdict's lines are drawn (:class:`Thresholds`).
@@ -66,6 +68,9 @@ class RecoverySettings:
     lora: bool = False
     lora_rank: int = 16
     seed: int = 0
+    seeds: int = 1
+    before_recovery: bool = True
+    allow_overlap: bool = False
     metric: Metric = "exact_match"
     examples: int = 5
     thresholds: Thresholds = Thresholds()
@@ -79,6 +84,7 @@ class RecoverySettings:
         check_number("--recovery-batch", self.batch_size, low=1, integer=True)
         check_number("--lora-rank", self.lora_rank, low=1, integer=True)
         check_seed("--seed", self.seed)
+        check_number("--seeds", self.seeds, low=1, high=100, integer=True)
         check_choice("--metric", self.metric, choices(Metric))
         check_number("examples", self.examples, low=0, integer=True)
         if not isinstance(self.thresholds, Thresholds):
@@ -109,19 +115,30 @@ class _Context:
     recovery: list[Encoded]
     evaluation: list[Encoded]
     eval_items: tuple
+    stops: Stops
     pad_id: int
     progress: ProgressFn | None
     lr: float = 0.0
     steps: int = 0
     timings: Timings = field(default_factory=Timings)
 
+    @property
+    def seeds(self) -> list[int]:
+        return [self.settings.seed + k for k in range(self.settings.seeds)]
 
-def _score(model, ctx: _Context) -> Score:
-    scores = score(model, ctx.evaluation, pad_id=ctx.pad_id, batch_size=ctx.runtime.batch_size, progress=ctx.progress)
-    return summarise(scores, ctx.settings.metric, ctx.settings.thresholds.confidence)
+
+def _score(model, ctx: _Context) -> Scores:
+    return score(
+        model,
+        ctx.evaluation,
+        pad_id=ctx.pad_id,
+        batch_size=ctx.runtime.batch_size,
+        stops=ctx.stops.accepted,
+        progress=ctx.progress,
+    )
 
 
-def _fine_tune(model, ctx: _Context) -> tuple[object, list[float]]:
+def _fine_tune(model, ctx: _Context, seed: int) -> tuple[object, list[float]]:
     """Recover ``model`` (an in-memory copy) on the recovery part; returns it and its losses."""
     if ctx.settings.lora:
         try:
@@ -131,89 +148,80 @@ def _fine_tune(model, ctx: _Context) -> tuple[object, list[float]]:
         r = ctx.settings.lora_rank
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear"))
     config = TrainConfig(
-        max_steps=ctx.steps,
-        lr=ctx.lr,
-        seed=ctx.settings.seed,
-        batch_size=min(ctx.settings.batch_size, len(ctx.recovery)),
+        max_steps=ctx.steps, lr=ctx.lr, seed=seed, batch_size=min(ctx.settings.batch_size, len(ctx.recovery))
     )
     losses = train(model, ctx.recovery, config, pad_id=ctx.pad_id, progress=ctx.progress)
     return model, losses
 
 
+def _recovered(
+    checkpoint: Checkpoint, model, ctx: _Context, *, say: int = 0
+) -> tuple[list[Scores], list[float], list[str]]:
+    """Recover ``checkpoint`` once per seed and score each copy: (scores, the first seed's
+    losses, what the first recovered copy says on ``say`` items). ``model`` is the loaded
+    checkpoint, reused for the first seed; one model is in memory at a time."""
+    scores, first_losses, said = [], [], []
+    for k, seed in enumerate(ctx.seeds):
+        if k > 0:
+            model = load_model(checkpoint, ctx.runtime)
+        model, losses = _fine_tune(model, ctx, seed)
+        scores.append(_score(model, ctx))
+        if k == 0:
+            first_losses, said = losses, (_says(model, ctx, say) if say else [])
+        del model
+    return scores, first_losses, said
+
+
 def _says(model, ctx: _Context, k: int) -> list[str]:
-    items = ctx.evaluation[:k]
     said = generate_greedy(
-        model, items, pad_id=ctx.pad_id, eos_id=ctx.tokenizer.eos_token_id, batch_size=ctx.runtime.batch_size
+        model, ctx.evaluation[:k], pad_id=ctx.pad_id, eos_id=ctx.stops.accepted, batch_size=ctx.runtime.batch_size
     )
     return [ctx.tokenizer.decode(s, skip_special_tokens=True) for s in said]
 
 
+@dataclass
+class _Reference:
+    """BEFORE, BEFORE recovered and the control: scored once, shared by every after-checkpoint."""
+
+    before: Scores
+    before_recovered: list[Scores] | None = None
+    control: Scores | None = None
+    control_recovered: list[Scores] | None = None
+
+
 def _after_point(
-    checkpoint: Checkpoint,
-    ctx: _Context,
-    before: Score,
-    control: Score | None,
-    control_recovered: Score | None,
-    want_examples: bool,
+    checkpoint: Checkpoint, ctx: _Context, ref: _Reference, groups: np.ndarray, want_examples: bool
 ) -> tuple[PointResult, tuple[Example, ...]]:
     with ctx.timings.phase("evaluation"):
         model = load_model(checkpoint, ctx.runtime)
         after = _score(model, ctx)
         said = _says(model, ctx, ctx.settings.examples) if want_examples else []
     with ctx.timings.phase("recovery"):
-        model, losses = _fine_tune(model, ctx)
-        recovered = _score(model, ctx)
-        redo = _says(model, ctx, ctx.settings.examples) if want_examples else []
-    metric = ctx.settings.metric
-    decision = decide(
-        before=before.value(metric),
-        after=after.value(metric),
-        recovered=recovered.value(metric),
-        n_eval=after.n,
-        control=control.value(metric) if control else None,
-        control_recovered=control_recovered.value(metric) if control_recovered else None,
-        thresholds=ctx.settings.thresholds,
+        recovered, losses, redo = _recovered(checkpoint, model, ctx, say=ctx.settings.examples if want_examples else 0)
+        del model
+    metric, settings = ctx.settings.metric, ctx.settings
+    outcomes = Outcomes(
+        before=outcome(ref.before, metric),
+        after=outcome(after, metric),
+        recovered=outcome(recovered, metric),
+        before_recovered=None if ref.before_recovered is None else outcome(ref.before_recovered, metric),
+        control=None if ref.control is None else outcome(ref.control, metric),
+        control_recovered=None if ref.control_recovered is None else outcome(ref.control_recovered, metric),
+        groups=groups,
+    )
+    decision = decide(outcomes, settings.thresholds, seed=settings.seed)
+    confidence = settings.thresholds.confidence
+    point = PointResult(
+        checkpoint.label,
+        checkpoint.step,
+        summarise(after, metric, confidence),
+        summarise(recovered, metric, confidence),
+        decision,
+        tuple(losses),
+        outcomes,
     )
     examples = tuple(Example(i.prompt, i.answer, a, r) for i, a, r in zip(ctx.eval_items, said, redo))
-    return (PointResult(checkpoint.label, checkpoint.step, after, recovered, decision, tuple(losses)), examples)
-
-
-def _prepare(
-    before: Checkpoint,
-    others: Sequence[Checkpoint],
-    probe: Probe,
-    recovery_probe: Probe | None,
-    settings: RecoverySettings,
-    runtime: Runtime,
-    warn: Warn | None,
-) -> tuple[object, Probe, Probe, list[Encoded], list[Encoded]]:
-    tokenizer = shared_tokenizer([before, *others], runtime)
-    if runtime.chat_template:
-        probe = with_chat_template(probe, tokenizer)
-        recovery_probe = with_chat_template(recovery_probe, tokenizer) if recovery_probe else None
-    if recovery_probe is None:
-        rec, ev = split_probe(probe, n_recovery=settings.shots, n_eval=settings.n_eval, seed=settings.seed)
-    else:
-        ev = split_probe(probe, n_recovery=0, n_eval=settings.n_eval, seed=settings.seed)[1]
-        shared = {i.group for i in ev.items if i.group is not None} & {i.group for i in recovery_probe.items}
-        if shared:
-            raise ProbeError(
-                f"the recovery probe shares {len(shared)} groups with the evaluation "
-                f"probe (e.g. {sorted(shared)[0]!r}); expected disjoint entities"
-            )
-        rec = (
-            recovery_probe
-            if settings.shots is None
-            else split_probe(recovery_probe, n_recovery=settings.shots, seed=settings.seed)[0]
-        )
-    if not len(rec) or not len(ev):
-        raise ProbeError(
-            f"probe {probe.name}: {len(probe)} rows in {len(probe.groups)} groups leave "
-            f"{len(rec)} for recovery and {len(ev)} for evaluation; expected both non-empty"
-        )
-    context = model_context(before.config)
-    enc = lambda p: encode(tokenizer, p, max_length=context, truncate=runtime.truncate_prompts, warn=warn)
-    return tokenizer, rec, ev, enc(rec), enc(ev)
+    return point, examples
 
 
 def recover(
@@ -238,12 +246,13 @@ def recover(
             verdict is the last one's.
         probe: the old task's probe; split by group into recovery and evaluation parts unless
             ``recovery_probe`` gives the recovery examples (then all of ``probe`` is evaluated).
-        control: a checkpoint that never held the old knowledge (strongly recommended).
+        control: a checkpoint of the same kind that never held the old knowledge (e.g. trained
+            the same way on other entities); it measures what the budget teaches by itself.
         at: in sequence mode, the checkpoint whose verdict heads the result (default: the last).
         settings: the budget, the split and the verdict thresholds.
         runtime: how models run.
         progress: ``progress(description, done, total)`` callback.
-        warn: receives warnings (a control equal to AFTER, truncated prompts).
+        warn: receives warnings (a control that learns, a probe without groups, truncation).
 
     Returns:
         A :class:`RecoveryResult`; its ``verdict`` is none, spurious, real or mixed.
@@ -251,8 +260,8 @@ def recover(
     Example:
         >>> from forgetdiag import load_probe, recover
         >>> r = recover("runs/task0", "runs/task1/checkpoint-50",
-        ...             load_probe("old.jsonl"), control="base")  # doctest: +SKIP
-        >>> r.verdict, r.accuracy()  # doctest: +SKIP
+        ...             load_probe("old.jsonl"), control="control")  # doctest: +SKIP
+        >>> r.verdict, r.accuracy(), r.decision.intervals["spurious_fraction"]  # doctest: +SKIP
     """
     warn = warn or (lambda message: None)
     before_ckpt = resolve_checkpoints(before, runtime, single="BEFORE")
@@ -260,15 +269,29 @@ def recover(
     control_ckpt = resolve_checkpoints(control, runtime, single="CONTROL") if control is not None else None
     everything = [before_ckpt, *afters, *([control_ckpt] if control_ckpt else [])]
     check_sequence(everything)
-    notes = []
+    head = _headline(afters, at, runtime)
+    notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        warn(message)
+
     if control_ckpt is not None and any(control_ckpt.path.resolve() == a.path.resolve() for a in afters):
-        notes.append(
+        note(
             "the control is the same checkpoint as AFTER: it cannot measure what the recovery budget teaches by itself"
         )
-        warn(notes[-1])
-    tokenizer, rec, ev, rec_enc, ev_enc = _prepare(
-        before_ckpt, everything[1:], probe, recovery_probe, settings, runtime, warn
+    tokenizer = shared_tokenizer(everything, runtime)
+    rec, ev = recovery_split(
+        probe,
+        recovery_probe,
+        shots=settings.shots,
+        n_eval=settings.n_eval,
+        seed=settings.seed,
+        allow_overlap=settings.allow_overlap,
+        warn=warn,
     )
+    rec_enc, _ = tokenize_probe(tokenizer, rec, before_ckpt, runtime, warn=warn)
+    ev_enc, stops = tokenize_probe(tokenizer, ev, before_ckpt, runtime, warn=warn)
     n_params = before_ckpt.n_params
     ctx = _Context(
         runtime,
@@ -277,6 +300,7 @@ def recover(
         rec_enc,
         ev_enc,
         ev.items,
+        stops,
         tokenizer.pad_token_id,
         progress,
         lr=settings.lr or default_lr(n_params, lora=settings.lora),
@@ -284,31 +308,46 @@ def recover(
     ctx.steps = max(
         settings.epochs * math.ceil(len(rec_enc) / min(settings.batch_size, len(rec_enc))), settings.min_steps
     )
+    index: dict = {}  # evaluation items -> their group's number (an item without one is alone)
+    groups = np.array(
+        [
+            index.setdefault(("group", i.group) if i.group is not None else ("row", k), len(index))
+            for k, i in enumerate(ev.items)
+        ]
+    )
     with runtime.threads_for(n_params):
         with ctx.timings.phase("evaluation"):
-            before_score = _score(load_model(before_ckpt, runtime), ctx)
-        control_score = control_rec = None
+            model = load_model(before_ckpt, runtime)
+            ref = _Reference(_score(model, ctx))
+        if settings.before_recovery:
+            with ctx.timings.phase("before recovery"):
+                ref.before_recovered = _recovered(before_ckpt, model, ctx)[0]
+        del model
         if control_ckpt is not None:
             with ctx.timings.phase("control"):
                 model = load_model(control_ckpt, runtime)
-                control_score = _score(model, ctx)
-                control_rec = _score(_fine_tune(model, ctx)[0], ctx)
+                ref.control = _score(model, ctx)
+                ref.control_recovered = _recovered(control_ckpt, model, ctx)[0]
                 del model
         points, examples = [], ()
         for k, ckpt in enumerate(afters):
-            point, ex = _after_point(
-                ckpt, ctx, before_score, control_score, control_rec, want_examples=k == len(afters) - 1
-            )
+            point, ex = _after_point(ckpt, ctx, ref, groups, want_examples=k == head)
             points.append(point)
             examples = ex or examples
-    head = _headline(afters, at, runtime)
     last = points[head]
+    _explain(last, settings, note)
+    confidence = settings.thresholds.confidence
     scores = {
-        "before": before_score,
+        "before": summarise(ref.before, settings.metric, confidence),
         "after": last.after,
         "recovered": last.recovered,
-        "control": control_score,
-        "control_recovered": control_rec,
+        "before_recovered": (
+            None if ref.before_recovered is None else summarise(ref.before_recovered, settings.metric, confidence)
+        ),
+        "control": None if ref.control is None else summarise(ref.control, settings.metric, confidence),
+        "control_recovered": (
+            None if ref.control_recovered is None else summarise(ref.control_recovered, settings.metric, confidence)
+        ),
     }
     return RecoveryResult(
         before=before_ckpt.label,
@@ -325,9 +364,34 @@ def recover(
         steps=ctx.steps,
         sequence=tuple(points) if len(points) > 1 else (),
         examples=examples,
+        outcomes=last.outcomes,
+        groups=tuple(i.group if i.group is not None else "" for i in ev.items),
         warnings=tuple(notes),
         timings=dict(ctx.timings),
     )
+
+
+def _explain(point: PointResult, settings: RecoverySettings, note) -> None:
+    """Warnings about what the headline verdict rests on: the control and the reference."""
+    d, alpha = point.decision, settings.thresholds.alpha
+    if d.control_p_value is not None and d.control_p_value < alpha and (d.control_gain or 0) > 0:
+        fractions = ""
+        if d.spurious_fraction is not None:
+            fractions = (
+                f"; the spurious fraction is {d.spurious_fraction:.2f} with the control's correction and "
+                f"{d.spurious_fraction_uncorrected:.2f} without"
+            )
+        note(
+            f"the control gains {d.control_gain:+.3f} from recovery (McNemar p = {d.control_p_value:.3g}): it may "
+            "hold the old knowledge (a control must be a model of the same kind that never saw the old task's "
+            f"entities, not the base model the old task was learned on){fractions}"
+        )
+    if not settings.before_recovery:
+        note(
+            "BEFORE was not recovered (--no-before-recovery): the knowledge loss and the spurious fraction are "
+            "measured against BEFORE itself; the budget also improves an intact model, so a small drop may read "
+            "as spurious"
+        )
 
 
 def _headline(afters: Sequence[Checkpoint], at, runtime: Runtime) -> int:

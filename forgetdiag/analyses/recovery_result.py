@@ -5,19 +5,26 @@ Numbers only; :mod:`forgetdiag.analyses.recovery` runs the protocol and the rend
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from forgetdiag.analyses.verdict import Decision, wilson_interval
+import numpy as np
+
+from forgetdiag.analyses.verdict import Decision, Outcomes, interval_text, wilson_interval
 from forgetdiag.results import Result
 
 if TYPE_CHECKING:
     from forgetdiag.analyses.recovery import RecoverySettings
+    from forgetdiag.evaluate import Scores
+
+MODELS = ("before", "after", "recovered", "before_recovered", "control", "control_recovered")
 
 
 @dataclass(frozen=True)
 class Score:
-    """Accuracy of one model on the evaluation part, with its Wilson interval."""
+    """Accuracy of one model on the evaluation part (a recovered model: the mean over its
+    recovery seeds), with the Wilson interval of that accuracy."""
 
     exact_match: float
     first_token: float
@@ -25,9 +32,28 @@ class Score:
     n: int
     ci_low: float
     ci_high: float
+    seeds: int = 1
 
     def value(self, metric: str) -> float:
         return self.exact_match if metric == "exact_match" else self.first_token
+
+
+def summarise(scores: Scores | Sequence[Scores], metric: str, confidence: float) -> Score:
+    """One :class:`Score` from per-item scores (several: one per recovery seed, averaged)."""
+    runs = [scores] if not isinstance(scores, (list, tuple)) else list(scores)
+    exact = float(np.mean([s.exact_match for s in runs]))
+    first = float(np.mean([s.first_token_accuracy for s in runs]))
+    loss = float(np.mean([s.answer_loss for s in runs]))
+    low, high = wilson_interval(exact if metric == "exact_match" else first, runs[0].n, confidence)
+    return Score(exact, first, loss, runs[0].n, low, high, len(runs))
+
+
+def outcome(scores: Scores | Sequence[Scores], metric: str) -> np.ndarray:
+    """Per-item right (1) or wrong (0) under the verdict's metric: (n,), or (seeds, n)."""
+    pick = lambda s: (s.exact if metric == "exact_match" else s.first_token).astype(np.float64)
+    if isinstance(scores, (list, tuple)):
+        return np.stack([pick(s) for s in scores])
+    return pick(scores)
 
 
 @dataclass(frozen=True)
@@ -42,7 +68,7 @@ class Example:
 
 @dataclass(frozen=True)
 class PointResult:
-    """One after-checkpoint: its score and its score after recovery."""
+    """One after-checkpoint: its score, its score after recovery, and its verdict."""
 
     label: str
     step: int | None
@@ -50,6 +76,7 @@ class PointResult:
     recovered: Score
     decision: Decision
     train_loss: tuple[float, ...]
+    outcomes: Outcomes | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,8 @@ class RecoveryResult(Result):
     steps: int
     sequence: tuple[PointResult, ...] = ()
     examples: tuple[Example, ...] = ()
+    outcomes: Outcomes | None = None
+    groups: tuple[str, ...] = ()  # each evaluation item's group, in item order
     warnings: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -79,7 +108,7 @@ class RecoveryResult(Result):
         return self.decision.verdict
 
     def accuracy(self) -> dict[str, float | None]:
-        """The verdict metric per model: before, after, recovered, control, control_recovered."""
+        """The verdict metric per model (recovered ones averaged over the recovery seeds)."""
         return {k: (s.value(self.metric) if s is not None else None) for k, s in self.scores.items()}
 
     def summary(self) -> str:
@@ -91,6 +120,8 @@ class RecoveryResult(Result):
         thresholds = settings.pop("thresholds")
         return {
             "verdict": d.verdict,
+            "decisive": d.decisive,
+            "possible_verdicts": list(d.possible_verdicts),
             "supported": d.supported,
             "reason": d.reason,
             "metric": self.metric,
@@ -100,7 +131,11 @@ class RecoveryResult(Result):
             "knowledge_loss": d.knowledge_loss,
             "control_gain": d.control_gain,
             "spurious_fraction": d.spurious_fraction,
-            "noise_floor": d.noise_floor,
+            "spurious_fraction_uncorrected": d.spurious_fraction_uncorrected,
+            "p_value": d.p_value,
+            "control_p_value": d.control_p_value,
+            "reference": d.reference,
+            "intervals": {k: list(v) for k, v in d.intervals.items()},
             "scores": {k: (asdict(s) if s else None) for k, s in self.scores.items()},
             "checkpoints": {"before": self.before, "after": self.after, "control": self.control},
             "probe": self.probe,
@@ -108,48 +143,67 @@ class RecoveryResult(Result):
             "n_eval": self.n_eval,
             "recovery": {**settings, "lr": self.lr, "steps": self.steps},
             "thresholds": thresholds,
-            "sequence": [
-                {
-                    "checkpoint": p.label,
-                    "step": p.step,
-                    "accuracy": p.after.value(self.metric),
-                    "recovered": p.recovered.value(self.metric),
-                    "verdict": p.decision.verdict,
-                    "spurious_fraction": p.decision.spurious_fraction,
-                    "after": asdict(p.after),
-                    "recovered_scores": asdict(p.recovered),
-                }
-                for p in self.sequence
-            ],
+            "sequence": [_point(p, self.metric) for p in self.sequence],
             "examples": [asdict(e) for e in self.examples],
+            "items": _items(self.outcomes, self.groups),
         }
+
+
+def _point(p: PointResult, metric: str) -> dict:
+    return {
+        "checkpoint": p.label,
+        "step": p.step,
+        "accuracy": p.after.value(metric),
+        "recovered": p.recovered.value(metric),
+        "verdict": p.decision.verdict,
+        "decisive": p.decision.decisive,
+        "spurious_fraction": p.decision.spurious_fraction,
+        "p_value": p.decision.p_value,
+        "intervals": {k: list(v) for k, v in p.decision.intervals.items()},
+        "after": asdict(p.after),
+        "recovered_scores": asdict(p.recovered),
+    }
+
+
+def _items(outcomes: Outcomes | None, groups: tuple[str, ...]) -> dict | None:
+    """Per-item outcomes (0/1, recovered models one row per seed), so that every number can be
+    recomputed from the JSON."""
+    if outcomes is None:
+        return None
+    out: dict = {"group": list(groups)}
+    for name in MODELS:
+        value = getattr(outcomes, name)
+        if value is not None:
+            out[name] = value.astype(int).tolist()
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.0f}%"
 
 
 def summary_text(result: RecoveryResult) -> str:
     """The verdict in words a user understands, with the numbers behind it."""
     acc, d = result.accuracy(), result.decision
-    pct = lambda x: f"{100 * x:.0f}%"
-    control = (
-        f"; the control reaches {pct(acc['control_recovered'])}"
-        if acc["control_recovered"] is not None
-        else "; no control was given, so the recovery budget's own effect is unknown"
-    )
-    shots = f"{result.n_recovery} examples bring accuracy back from {pct(acc['after'])} to {pct(acc['recovered'])}"
-    if d.verdict == "none":
-        text = (
-            f"no forgetting: accuracy went from {pct(acc['before'])} to {pct(acc['after'])}, "
-            f"within the noise floor of {d.noise_floor:.3f} for {result.n_eval} items"
-        )
-    elif d.verdict == "spurious":
-        text = f"spurious forgetting: the old knowledge is intact; {shots} (before: {pct(acc['before'])}){control}"
-    elif d.verdict == "real":
-        text = f"real forgetting: the old knowledge is gone; {shots} only (before: {pct(acc['before'])}){control}"
+    if acc.get("control_recovered") is not None:
+        control = f"; the control reaches {_pct(acc['control_recovered'])} (from {_pct(acc['control'])})"
     else:
-        text = f"mixed forgetting: part alignment, part knowledge; {shots} (before: {pct(acc['before'])}){control}"
+        control = "; no control was given, so the verdict assumes the recovery budget teaches no old facts by itself"
+    reference = (
+        f"; the before-model recovered the same way reaches {_pct(acc['before_recovered'])}"
+        if acc.get("before_recovered") is not None
+        else ""
+    )
+    back = f"{result.n_recovery} examples bring accuracy back from {_pct(acc['after'])} to {_pct(acc['recovered'])}"
+    if d.verdict == "none":
+        text = f"no forgetting: accuracy went from {_pct(acc['before'])} to {_pct(acc['after'])}; {d.reason}"
+        return text
+    before = f" (before: {_pct(acc['before'])}{reference})"
+    text = {
+        "spurious": f"spurious forgetting: the old knowledge is intact; {back}{before}{control}",
+        "real": f"real forgetting: the old knowledge is gone; {back} only{before}{control}",
+        "mixed": f"mixed forgetting: part alignment, part knowledge; {back}{before}{control}",
+    }[d.verdict]
+    if not d.decisive:
+        text = f"{interval_text(d)}; point estimate: {text}"
     return text if d.supported else f"{text} ({d.reason})"
-
-
-def summarise(scores, metric: str, confidence: float) -> Score:
-    acc = scores.exact_match if metric == "exact_match" else scores.first_token_accuracy
-    low, high = wilson_interval(acc, scores.n, confidence)
-    return Score(scores.exact_match, scores.first_token_accuracy, scores.answer_loss, scores.n, low, high)

@@ -44,7 +44,7 @@ ADVICE = {
     "alone will not bring it back.",
     "mixed": "Part alignment, part knowledge: re-align with a few examples, and replay "
     "old-task data for what does not come back.",
-    "none": "No forgetting beyond the noise floor of the probe.",
+    "none": "No significant forgetting on the probe: nothing to re-align or replay.",
 }
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from forgetdiag.checkpoints import resolve_checkpoints
-from forgetdiag.evaluate import IGNORE, encode, model_context, token_logprobs
-from forgetdiag.models import load_model, load_tokenizer
-from forgetdiag.probes import Probe, with_chat_template
+from forgetdiag.evaluate import IGNORE, token_logprobs
+from forgetdiag.models import load_model, load_tokenizer, tokenize_probe
+from forgetdiag.probes import Probe
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
 from forgetdiag.storage import Checkpoint
@@ -281,11 +281,7 @@ def token_difficulty(
     """
     ckpt = resolve_checkpoints(old, runtime, single="OLD_CKPT")
     tokenizer = load_tokenizer(ckpt, runtime)
-    if runtime.chat_template:
-        data = with_chat_template(data, tokenizer)
-    encoded = encode(
-        tokenizer, data, max_length=model_context(ckpt.config), truncate=runtime.truncate_prompts, warn=warn
-    )
+    encoded, _ = tokenize_probe(tokenizer, data, ckpt, runtime, warn=warn)
     timings = Timings()
     with runtime.threads_for(ckpt.n_params), timings.phase("scoring"):
         model = load_model(ckpt, runtime)

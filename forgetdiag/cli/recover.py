@@ -74,6 +74,39 @@ LoraRankOpt = Annotated[int, Opt("--lora-rank", min=1, help="Rank of the recover
 MetricOpt = Annotated[
     Metric, Opt("--metric", help="What decides: exact_match (greedy answer then stop, as in the paper) or first_token.")
 ]
+SeedsOpt = Annotated[
+    int,
+    Opt(
+        "--seeds",
+        min=1,
+        max=100,
+        help="Recover every model this many times (seeds --seed, --seed + 1, ...); their spread goes into the intervals.",
+    ),
+]
+NoBeforeOpt = Annotated[
+    bool,
+    Opt(
+        "--no-before-recovery",
+        help="Do not recover BEFORE with the same budget (one recovery less); BEFORE itself is then the reference, and small drops may read as spurious.",
+    ),
+]
+OverlapOpt = Annotated[
+    bool,
+    Opt(
+        "--allow-overlap",
+        help="Accept recovery and evaluation parts that share examples (the same file, groups or prompt+answer rows).",
+    ),
+]
+AlphaOpt = Annotated[
+    float,
+    Opt(
+        "--alpha",
+        help="Significance level of the paired test of the drop (exact McNemar); a drop that is not significant is 'none'.",
+    ),
+]
+MinDropOpt = Annotated[
+    float, Opt("--min-drop", help="A drop in accuracy smaller than this is too small to matter: 'none'.")
+]
 
 
 @command(app, "recover")
@@ -106,6 +139,11 @@ def recover_cmd(
     lora: LoraOpt = False,
     lora_rank: LoraRankOpt = DEFAULTS.lora_rank,
     metric: MetricOpt = DEFAULTS.metric,
+    seeds: SeedsOpt = DEFAULTS.seeds,
+    no_before_recovery: NoBeforeOpt = False,
+    allow_overlap: OverlapOpt = False,
+    alpha: AlphaOpt = LIMITS.alpha,
+    min_drop: MinDropOpt = LIMITS.min_drop,
     spurious_min: Annotated[
         float, Opt("--spurious-min", help="Spurious fraction at or above which forgetting is spurious.")
     ] = LIMITS.spurious_min,
@@ -124,9 +162,10 @@ def recover_cmd(
 ) -> None:
     """Is the old task's knowledge gone, or only its alignment? Few-shot recovery probe.
 
-    Scores BEFORE and AFTER on held-out probe items, fine-tunes an in-memory copy of AFTER
-    (and of CONTROL) on a few other items, scores again, and gives a verdict: none, spurious,
-    real or mixed. Checkpoints on disk are never modified.
+    Scores BEFORE and AFTER on held-out probe items, fine-tunes in-memory copies of AFTER, of
+    BEFORE (the reference) and of CONTROL on a few other items, scores again, and gives a
+    verdict: none, spurious, real or mixed, with paired statistics (McNemar, bootstrap
+    intervals over entities). Checkpoints on disk are never modified.
     """
     settings = RecoverySettings(
         shots=shots,
@@ -138,8 +177,13 @@ def recover_cmd(
         lora=lora,
         lora_rank=lora_rank,
         seed=seed,
+        seeds=seeds,
+        before_recovery=not no_before_recovery,
+        allow_overlap=allow_overlap,
         metric=metric,
-        thresholds=Thresholds(spurious_min=spurious_min, real_max=real_max, min_eval=min_eval),
+        thresholds=Thresholds(
+            spurious_min=spurious_min, real_max=real_max, alpha=alpha, min_drop=min_drop, min_eval=min_eval
+        ),
     )
     guard_outputs(
         {"--json": json_path, "--html": html_path},

@@ -9,12 +9,14 @@ from typing import Annotated
 
 import typer
 from rich import box
+from rich.console import Group
 from rich.table import Table
 
 from forgetdiag.cli.app import app
-from forgetdiag.cli.common import QuietOpt, SeedOpt, command, progress_bar, stdout
+from forgetdiag.cli.common import JsonOpt, QuietOpt, SeedOpt, command, print_renderable, progress_bar, stdout
+from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 from forgetdiag.samples.build import SampleConfig, build_samples
-from forgetdiag.samples.measure import Truth
+from forgetdiag.samples.measure import Truth, measure_samples
 
 samples_app = typer.Typer(
     name="samples", no_args_is_help=True, help="The sample checkpoints: runs whose forgetting is known."
@@ -54,22 +56,56 @@ def build_cmd(
     stdout.print(f"built {out} (seed {seed}{frozen}) in {time.perf_counter() - start:.0f} s")
 
 
-def truths_table(truths: Sequence[Truth]) -> Table:
-    """One row per checkpoint: old-task accuracy, recovered accuracy, new-task accuracy
-    (first-token accuracy too in measurements.json)."""
-    table = Table(
-        title="Old task (held-out people of group A), greedy exact match", box=box.SIMPLE_HEAD, pad_edge=False
-    )
-    for header in ("run", "checkpoint", "accuracy", "answer\nloss", "recovered", "verdict", "new\ntask"):
-        table.add_column(header, justify="left" if header in ("run", "checkpoint") else "right", no_wrap=True)
+@command(samples_app, "measure")
+def measure_cmd(
+    root: Annotated[
+        Path, typer.Argument(help="A samples directory (as `samples build` writes it).", show_default=False)
+    ] = Path("sample_checkpoints"),
+    json_path: JsonOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure the truths of an existing samples directory again (no training of the samples):
+    every checkpoint's old-task accuracy, its recovery and forgetdiag's verdict with its
+    statistics, as the build does."""
+    guard_outputs({"--json": json_path}, [root])
+    with progress_bar(quiet) as progress:
+        truths = measure_samples(root, progress=progress)
+    if json_path is not None:
+        write_json(json_path, {"truths": [t.to_dict() for t in truths]})
+    print_renderable(truths_table(truths), json_to_stdout=str(json_path) == STDOUT)
+
+
+def truths_table(truths: Sequence[Truth]) -> Group:
+    """Two tables, each narrow enough for an 80-column terminal: per checkpoint, the old-task
+    numbers (accuracy, answer loss, recovered accuracy, the run's own new task), then the
+    verdict with its spurious fraction (95% interval) and the drop's p-value."""
+
+    def step(t: Truth) -> str:
+        return "-" if t.step is None else f"checkpoint-{t.step}"
+
+    numbers = Table(title="Old task (held-out people of group A), greedy exact match", box=box.SIMPLE_HEAD)
+    for header in ("run", "checkpoint", "accuracy", "answer loss", "recovered", "new task"):
+        numbers.add_column(header, justify="left" if header in ("run", "checkpoint") else "right", no_wrap=True)
+    verdicts = Table(title="forgetdiag's verdict against checkpoint-0, with the control", box=box.SIMPLE_HEAD)
+    for header in ("run", "checkpoint", "verdict", "spurious fraction [95%]", "drop p"):
+        verdicts.add_column(
+            header, justify="left" if header in ("run", "checkpoint", "verdict") else "right", no_wrap=True
+        )
     for t in truths:
-        table.add_row(
+        numbers.add_row(
             t.run,
-            "-" if t.step is None else f"checkpoint-{t.step}",
+            step(t),
             f"{t.accuracy:.3f}",
             f"{t.answer_loss:.3f}",
             f"{t.recovered:.3f}",
-            t.verdict or "-",
             "-" if t.new_task is None else f"{t.new_task:.3f}",
         )
-    return table
+        if t.verdict is None:
+            continue
+        fraction = "-"
+        if t.spurious_fraction is not None and t.fraction_interval is not None:
+            low, high = t.fraction_interval
+            fraction = f"{t.spurious_fraction:.2f} [{low:.2f}, {high:.2f}]"
+        p = "-" if t.p_value is None else ("< 1e-300" if t.p_value == 0 else f"{t.p_value:.2g}")
+        verdicts.add_row(t.run, step(t), " or ".join(t.possible_verdicts) or t.verdict, fraction, p)
+    return Group(numbers, verdicts)

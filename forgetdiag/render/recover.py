@@ -12,11 +12,20 @@ from rich.text import Text
 
 from forgetdiag.analyses.recovery_result import RecoveryResult, summary_text
 from forgetdiag.render import html
-from forgetdiag.render.fmt import num, pct
+from forgetdiag.render.fmt import MISSING, interval, num, pct
 
 VERDICT_STYLE = {"spurious": "green", "real": "red", "mixed": "yellow", "none": "blue"}
+_COLOURS = {
+    "before": "#3e4c59",
+    "before_recovered": "#616e7c",
+    "after": "#d64545",
+    "recovered": "#57ae5b",
+    "control": "#9aa5b1",
+    "control_recovered": "#7b8794",
+}
 _ROWS = (
     ("before", "before"),
+    ("before_recovered", "before, recovered"),
     ("after", "after"),
     ("recovered", "after, recovered"),
     ("control", "control"),
@@ -43,15 +52,27 @@ def scores_rows(result: RecoveryResult) -> list[list[str]]:
     return rows
 
 
+def _interval(d, name: str) -> str:
+    low_high = d.intervals.get(name)
+    return interval(*low_high) if low_high else MISSING
+
+
 def numbers_rows(result: RecoveryResult) -> list[list[str]]:
+    """Rows of (quantity, value, 95% interval)."""
     d = result.decision
+    ref = "before, recovered" if d.reference == "before_recovered" else "before"
     return [
-        ["forgetting (before - after)", num(d.forgetting, "+.3f")],
-        ["alignment loss (recovered - after)", num(d.alignment_loss, "+.3f")],
-        ["knowledge loss (before - recovered)", num(d.knowledge_loss, "+.3f")],
-        ["control gain (what recovery teaches alone)", num(d.control_gain, "+.3f")],
-        ["spurious fraction", num(d.spurious_fraction, ".2f")],
-        [f"noise floor ({result.n_eval} items, 95%)", num(d.noise_floor, ".3f")],
+        ["forgetting (before - after)", num(d.forgetting, "+.3f"), _interval(d, "forgetting")],
+        ["alignment loss (recovered - after)", num(d.alignment_loss, "+.3f"), _interval(d, "alignment_loss")],
+        [f"knowledge loss ({ref} - recovered)", num(d.knowledge_loss, "+.3f"), _interval(d, "knowledge_loss")],
+        ["control gain (what recovery teaches alone)", num(d.control_gain, "+.3f"), _interval(d, "control_gain")],
+        ["spurious fraction", num(d.spurious_fraction, ".2f"), _interval(d, "spurious_fraction")],
+        [
+            "spurious fraction without the control's correction",
+            num(d.spurious_fraction_uncorrected, ".2f"),
+            _interval(d, "spurious_fraction_uncorrected"),
+        ],
+        [f"drop test (exact McNemar, {result.n_eval} paired items)", f"p = {d.p_value:.3g}", ""],
     ]
 
 
@@ -66,9 +87,10 @@ def recover_table(result: RecoveryResult) -> Group:
         scores.add_column(column, justify="left" if column == "model" else "right")
     for row in scores_rows(result):
         scores.add_row(*row)
-    numbers = Table(box=box.SIMPLE_HEAD, show_header=False)
-    numbers.add_column(justify="left")
-    numbers.add_column(justify="right")
+    numbers = Table(box=box.SIMPLE_HEAD)
+    numbers.add_column("quantity", justify="left")
+    numbers.add_column("value", justify="right")
+    numbers.add_column("95% interval (paired bootstrap)", justify="right")
     for row in numbers_rows(result):
         numbers.add_row(*row)
     style = VERDICT_STYLE[result.verdict]
@@ -80,7 +102,8 @@ def recover_table(result: RecoveryResult) -> Group:
         parts.append(sequence_table(result))
     budget = (
         f"Recovery: {result.n_recovery} examples, {result.steps} steps at lr {result.lr:g}"
-        f"{' (LoRA)' if result.settings.lora else ''}, seed {result.settings.seed}."
+        f"{' (LoRA)' if result.settings.lora else ''}, seed {result.settings.seed}"
+        + (f", {result.settings.seeds} seeds." if result.settings.seeds > 1 else ".")
     )
     parts.append(Text(budget, style="dim"))
     parts.extend(Text(f"Note: {n}", style="yellow") for n in result.warnings)
@@ -121,7 +144,7 @@ def _bars(result: RecoveryResult):
                 "array": [h - v for h, v in zip(highs, values)],
                 "arrayminus": [v - lo for v, lo in zip(values, lows)],
             },
-            marker_color=["#3e4c59", "#d64545", "#57ae5b", "#9aa5b1", "#7b8794"][: len(keys)],
+            marker_color=[_COLOURS[k] for k, _ in keys],
         )
     )
     fig.update_layout(
@@ -173,7 +196,7 @@ def recover_sections(result: RecoveryResult) -> list[html.Section]:
         [
             html.banner(summary_text(result), result.verdict),
             html.table(["model", "exact match", "95% interval", "first token", "answer loss"], scores_rows(result)),
-            html.table(["quantity", "value"], numbers_rows(result)),
+            html.table(["quantity", "value", "95% interval"], numbers_rows(result)),
             html.figure(_bars(result), height=380),
             html.paragraph(
                 f"Checkpoints: before = {result.before}, after = {result.after}, control = "
@@ -209,13 +232,18 @@ def recover_sections(result: RecoveryResult) -> list[html.Section]:
     if result.examples:
         sections.append(
             html.Section(
-                "What the models say",
+                f"What {result.after} says",
                 [
+                    html.paragraph(
+                        f"Greedy answers of the headline after-checkpoint, {result.after}, and of its "
+                        "recovered copy, on the first evaluation items.",
+                        cls="note",
+                    ),
                     html.table(
-                        ["prompt", "expected", "after says", "recovered says"],
+                        ["prompt", "expected", f"{result.after} says", "recovered says"],
                         [[e.prompt, e.answer, e.after_says, e.recovered_says] for e in result.examples],
                         left=4,
-                    )
+                    ),
                 ],
             )
         )

@@ -35,6 +35,10 @@ class Truth:
     recovered: float  # old task, held-out people, after recovery
     verdict: str | None  # forgetdiag's verdict against checkpoint-0 (None for the control)
     new_task: float | None  # the run's own task 1
+    spurious_fraction: float | None = None
+    fraction_interval: tuple[float, float] | None = None  # 95%, paired bootstrap over people
+    p_value: float | None = None  # exact McNemar test of the drop from checkpoint-0
+    possible_verdicts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +80,7 @@ def measure_samples(
                 )
             )
         for point in result.sequence:
+            d = point.decision
             truths.append(
                 Truth(
                     run,
@@ -84,8 +89,12 @@ def measure_samples(
                     point.after.first_token,
                     point.after.answer_loss,
                     point.recovered.exact_match,
-                    point.decision.verdict,
+                    d.verdict,
                     _new_task(root / run, point.label, probes[run]),
+                    d.spurious_fraction,
+                    d.intervals.get("spurious_fraction"),
+                    d.p_value,
+                    d.possible_verdicts,
                 )
             )
     return truths
