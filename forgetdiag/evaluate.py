@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -199,10 +200,18 @@ class Scores:
     first_token: np.ndarray
     nll: np.ndarray
     n_tokens: np.ndarray
+    metrics: ClassVar[tuple[str, ...]] = ("exact_match", "first_token")
 
     @property
     def n(self) -> int:
         return int(self.exact.shape[0])
+
+    def per_item(self, metric: str) -> np.ndarray:
+        """(n,) right (True) or wrong per item under ``exact_match`` or ``first_token``."""
+        return {"exact_match": self.exact, "first_token": self.first_token}[metric]
+
+    def value(self, metric: str) -> float:
+        return float(self.per_item(metric).mean()) if self.n else float("nan")
 
     @property
     def exact_match(self) -> float:

@@ -237,12 +237,29 @@ def stop_tokens(tokenizer, checkpoint: Checkpoint | None = None, *, chat_templat
     return Stops(primary, frozenset(accepted))
 
 
+def stop_string_ids(tokenizer, strings) -> set[int]:
+    """Token ids whose text starts with one of ``strings``: saying one of them ends the answer
+    where a generation loop that stops on those strings would cut it (an lm-eval task's ``until``)."""
+    strings = [s for s in strings if s]
+    if not strings:
+        return set()
+    found = set()
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id])
+        if any(text.startswith(s) for s in strings):
+            found.add(token_id)
+    return found
+
+
 def tokenize_probe(tokenizer, probe, checkpoint: Checkpoint, runtime: Runtime, *, warn=None):
     """A probe's items as token ids the way every analysis scores and trains them.
 
     With ``runtime.chat_template`` each prompt becomes a user turn and the answer the assistant's
     reply, stopped by the template's end-of-turn token; otherwise the prompt's trailing
-    whitespace moves into the answer (canonical tokens) and the EOS stops it.
+    whitespace moves into the answer (canonical tokens) and the EOS stops it. A multiple-choice
+    probe gives :class:`forgetdiag.choices.EncodedChoice` items: every choice without a stop, the
+    right one as the completion. A probe with stop strings (an lm-eval task's ``until``) also
+    accepts, where an answer stops, any token whose text starts with one of them.
 
     Returns:
         ``(encoded items, Stops)``.
@@ -253,13 +270,16 @@ def tokenize_probe(tokenizer, probe, checkpoint: Checkpoint, runtime: Runtime, *
     if runtime.chat_template:
         probe = with_chat_template(probe, tokenizer)
     stops = stop_tokens(tokenizer, checkpoint, chat_template=runtime.chat_template)
-    encoded = encode(
-        tokenizer,
-        probe,
-        max_length=model_context(checkpoint.config),
-        truncate=runtime.truncate_prompts,
-        stop_id=stops.primary,
-        canonical=not runtime.chat_template,
-        warn=warn,
-    )
-    return encoded, stops
+    if probe.stop_strings:
+        stops = Stops(stops.primary, stops.accepted | stop_string_ids(tokenizer, probe.stop_strings))
+    common = {
+        "max_length": model_context(checkpoint.config),
+        "truncate": runtime.truncate_prompts,
+        "canonical": not runtime.chat_template,
+        "warn": warn,
+    }
+    if probe.kind == "choice":
+        from forgetdiag.choices import encode_choices
+
+        return encode_choices(tokenizer, probe.items, **common), stops
+    return encode(tokenizer, probe, stop_id=stops.primary, **common), stops

@@ -1,33 +1,53 @@
-"""Probe data: (prompt, answer[, group]) rows of a task, loaded, validated and split by group.
+"""Probe data: the rows of a task, loaded, validated and split by group (docs/probes.md).
 
-A probe file is JSONL (one object per line), a JSON array of objects, or CSV with a header.
-Rows need a prompt and an answer (field names configurable); an optional group names the entity a
-row is about (one person's facts), and rows of one group always stay on the same side of a split,
-so that the evaluation part never shares a fact with the recovery part.
+A probe file is JSONL (one object per line), a JSON array of objects, CSV with a header, or an
+lm-evaluation-harness task file (``.yaml``, read by :mod:`forgetdiag.lm_eval_tasks`). A probe
+holds one kind of row:
+
+* **answer** rows, ``(prompt, answer)``: the model should continue the prompt with the answer
+  and stop (scored by exact match, first token and answer loss);
+* **multiple-choice** rows, ``(prompt, choices, answer)``, the answer being the right choice's
+  text or its 0-based index: the model should find the right choice the likeliest
+  continuation (scored by ``acc`` and ``acc_norm``, as lm-evaluation-harness does).
+
+An optional group names the entity a row is about (one person's facts), and rows of one group
+always stay on the same side of a split, so that the evaluation part never shares a fact with
+the recovery part.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
 
 from forgetdiag.errors import ProbeError
 
+Kind = Literal["answer", "choice"]
+METRICS: dict[str, tuple[str, ...]] = {
+    "answer": ("exact_match", "first_token"),  # per-item right or wrong; the first is the default
+    "choice": ("acc", "acc_norm"),
+}
+KIND_NAMES: dict[str, str] = {"answer": "prompt/answer", "choice": "multiple-choice"}
+
 
 @dataclass(frozen=True)
 class ProbeItem:
-    """One probe row: the model should continue ``prompt`` with ``answer`` and then stop."""
+    """One probe row: the model should continue ``prompt`` with ``answer`` and then stop; or,
+    with ``choices``, find ``answer`` (one of them, by its text) the likeliest continuation."""
 
     prompt: str
     answer: str
     group: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def answer_index(self) -> int:
+        """The right choice's index (choices are distinct)."""
+        return self.choices.index(self.answer) if self.choices is not None else 0
 
 
 @dataclass(frozen=True)
@@ -37,9 +57,31 @@ class Probe:
     name: str
     items: tuple[ProbeItem, ...]
     path: str | None = None
+    stop_strings: tuple[str, ...] = ()  # text that also ends an answer (an lm-eval task's `until`)
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def kind(self) -> Kind:
+        """``choice`` for multiple-choice rows, ``answer`` otherwise (a probe holds one kind)."""
+        return "choice" if self.items and self.items[0].choices is not None else "answer"
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The per-item metrics this probe can be judged by; the first is the default."""
+        return METRICS[self.kind]
+
+    def metric(self, metric: str | None, option: str = "--metric") -> str:
+        """``metric`` if this probe has it, the probe's default for None; else one clear error."""
+        if metric is None:
+            return self.metrics[0]
+        if metric not in self.metrics:
+            raise ProbeError(
+                f"{option} {metric}: probe {self.name} is a {KIND_NAMES[self.kind]} probe; "
+                f"expected one of {', '.join(self.metrics)}"
+            )
+        return metric
 
     @property
     def groups(self) -> list[str]:
@@ -58,108 +100,40 @@ class ProbeFields:
     prompt: str = "prompt"
     answer: str = "answer"
     group: str = "group"
+    choices: str = "choices"
 
     def __post_init__(self) -> None:
-        for name in ("prompt", "answer", "group"):
+        for name in ("prompt", "answer", "group", "choices"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
                 raise ProbeError(f"--{name}-field {value!r}: expected a non-empty field name")
 
 
 def load_probe(path: str | Path, *, fields: ProbeFields = ProbeFields(), name: str | None = None) -> Probe:
-    """Read a probe file (``.jsonl``, ``.json`` array, or ``.csv`` with a header row).
+    """Read a probe file: ``.jsonl``, ``.json`` array, ``.csv`` with a header row, or an
+    lm-evaluation-harness task file (``.yaml``/``.yml``, with the ``lm-eval`` extra installed).
 
     JSONL is split on ``\\n`` only (a U+2028 inside a JSON string is text, not a line break);
-    CSV goes through the csv module, so quoted fields keep their commas and newlines.
+    CSV goes through the csv module, so quoted fields keep their commas and newlines. Rows are
+    all prompt/answer rows or all multiple-choice rows (:mod:`forgetdiag.probe_rows`).
 
     Raises:
         ProbeError: missing or empty file, invalid JSON (with its line number), a row without
-            the prompt or answer field, or a prompt, answer or group that is not text.
+            the prompt or answer field, a prompt, answer or group that is not text, choices that
+            are not a list of distinct texts, an answer that is not among the choices, or rows
+            of both kinds.
 
     Example:
         >>> probe = load_probe("sample_checkpoints/probes/task0_heldout.jsonl")  # doctest: +SKIP
     """
+    from forgetdiag.probe_rows import read_items
+
     path = Path(path)
-    expected = f"rows with '{fields.prompt}' and '{fields.answer}'"
-    if not path.is_file():
-        raise ProbeError(f"{path}: no such probe file; expected a JSONL, JSON or CSV file of {expected}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProbeError(f"{path}: cannot read probe file as UTF-8 text ({exc})") from None
-    if not text.strip():
-        raise ProbeError(f"{path}: empty probe file; expected {expected}")
-    if path.suffix.lower() == ".csv":
-        numbered = _csv(path, text)
-    elif text.lstrip().startswith("["):
-        numbered = _json_array(path, text)
-    else:
-        numbered = _jsonl(path, text)
-    if not numbered:
-        raise ProbeError(f"{path}: no rows; expected {expected}")
-    items = tuple(_item(path, line, row, fields) for line, row in numbered)
-    return Probe(name or path.stem, items, str(path))
+    if path.suffix.lower() in (".yaml", ".yml"):
+        from forgetdiag.lm_eval_tasks import load_task_probe
 
-
-def _csv(path: Path, text: str) -> list[tuple[int, Any]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows = []
-    try:
-        for row in reader:
-            rows.append((reader.line_num, row))  # the line the row ends on
-    except csv.Error as exc:
-        raise ProbeError(f"{path}: invalid CSV on line {reader.line_num} ({exc})") from None
-    return rows
-
-
-def _jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
-    rows = []
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((line_no, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise ProbeError(
-                f"{path}: invalid JSON on line {line_no} ({exc.msg}); expected one JSON object per line"
-            ) from None
-    return rows
-
-
-def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProbeError(f"{path}: invalid JSON on line {exc.lineno} ({exc.msg})") from None
-    if not isinstance(data, list):
-        raise ProbeError(f"{path}: expected a JSON array of objects, found {type(data).__name__}")
-    return [(k + 1, row) for k, row in enumerate(data)]
-
-
-def _item(path: Path, line: int, row: Any, fields: ProbeFields) -> ProbeItem:
-    where = f"{path}: row on line {line}" if path.suffix.lower() != ".json" else f"{path}: row {line}"
-    if not isinstance(row, dict):
-        raise ProbeError(
-            f"{where} is {type(row).__name__}; expected an object with '{fields.prompt}' and '{fields.answer}'"
-        )
-    for field in (fields.prompt, fields.answer):
-        if row.get(field) is None:
-            found = ", ".join(sorted(map(str, row))) or "no fields"
-            raise ProbeError(f"{where} has no '{field}' field (found: {found})")
-    values = {}
-    for field in (fields.prompt, fields.answer, fields.group):
-        value = row.get(field)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and field == fields.group:
-            value = str(value)  # numeric entity ids are common: 17 and "17" are one group
-        if value is not None and not isinstance(value, str):
-            raise ProbeError(
-                f"{where}: '{field}' is {type(value).__name__} ({json.dumps(value)[:60]}); "
-                "expected text (a JSON string)"
-            )
-        values[field] = value
-    if not values[fields.answer].strip():
-        raise ProbeError(f"{where} has an empty '{fields.answer}'; expected a non-empty answer")
-    return ProbeItem(values[fields.prompt], values[fields.answer], values[fields.group])
+        return load_task_probe(path, name=name)
+    return Probe(name or path.stem, read_items(path, fields), str(path))
 
 
 def split_probe(
@@ -201,8 +175,8 @@ def split_probe(
         count += len(by_group[g])
     pick = lambda groups: tuple(i for g in groups for i in by_group[g])
     return (
-        Probe(f"{probe.name}:recovery", pick(recovery_groups), probe.path),
-        Probe(f"{probe.name}:evaluation", pick(eval_groups), probe.path),
+        replace(probe, name=f"{probe.name}:recovery", items=pick(recovery_groups)),
+        replace(probe, name=f"{probe.name}:evaluation", items=pick(eval_groups)),
     )
 
 
@@ -278,8 +252,9 @@ def recovery_split(
 def with_chat_template(probe: Probe, tokenizer) -> Probe:
     """The probe with each prompt wrapped as a user turn in the tokenizer's chat template.
 
-    The answer becomes the assistant's reply (leading whitespace dropped: a reply starts right
-    after the template's generation prompt), so the model is scored on what it says there.
+    The answer (each choice, in a multiple-choice probe) becomes the assistant's reply (leading
+    whitespace dropped: a reply starts right after the template's generation prompt), so the
+    model is scored on what it says there.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ProbeError("--chat-template was given but the tokenizer has no chat template")
@@ -290,6 +265,7 @@ def with_chat_template(probe: Probe, tokenizer) -> Probe:
                 [{"role": "user", "content": i.prompt}], tokenize=False, add_generation_prompt=True
             ),
             answer=i.answer.lstrip(),
+            choices=None if i.choices is None else tuple(c.lstrip() for c in i.choices),
         )
         for i in probe.items
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -21,10 +21,11 @@ import numpy as np
 from forgetdiag.analyses.recovery_result import Example, PointResult, RecoveryResult, outcome, summarise
 from forgetdiag.analyses.verdict import Outcomes, Thresholds, decide
 from forgetdiag.checkpoints import resolve_checkpoints
-from forgetdiag.errors import CheckpointError, ForgetdiagError
-from forgetdiag.evaluate import Encoded, Scores, generate_greedy, score
+from forgetdiag.choices import ChoiceScores, EncodedChoice, score_choices, score_items
+from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
+from forgetdiag.evaluate import Encoded, Scores, generate_greedy
 from forgetdiag.models import Stops, load_model, shared_tokenizer, tokenize_probe
-from forgetdiag.probes import Probe, recovery_split
+from forgetdiag.probes import KIND_NAMES, Probe, recovery_split
 from forgetdiag.results import Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
 from forgetdiag.storage import Checkpoint
@@ -32,7 +33,7 @@ from forgetdiag.streaming import check_sequence
 from forgetdiag.training import TrainConfig, train
 from forgetdiag.validate import check_choice, check_number, check_seed, choices
 
-Metric = Literal["exact_match", "first_token"]
+Metric = Literal["exact_match", "first_token", "acc", "acc_norm"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,9 @@ class RecoverySettings:
         before_recovery: recover BEFORE too (the reference of the knowledge loss and the
             spurious fraction); off, BEFORE itself is the reference.
         allow_overlap: accept recovery and evaluation parts that share examples.
-        metric: what the verdict uses: ``exact_match`` (the paper's) or ``first_token``.
+        metric: what the verdict uses: ``exact_match`` (the paper's) or ``first_token`` for a
+            prompt/answer probe, ``acc`` or ``acc_norm`` for a multiple-choice one; None: the
+            probe's first (``exact_match``, ``acc``).
         examples: evaluation items whose greedy answers are shown.
         thresholds: where the verdict's lines are drawn (:class:`Thresholds`).
     """
@@ -71,7 +74,7 @@ class RecoverySettings:
     seeds: int = 1
     before_recovery: bool = True
     allow_overlap: bool = False
-    metric: Metric = "exact_match"
+    metric: Metric | None = None
     examples: int = 5
     thresholds: Thresholds = Thresholds()
 
@@ -85,7 +88,8 @@ class RecoverySettings:
         check_number("--lora-rank", self.lora_rank, low=1, integer=True)
         check_seed("--seed", self.seed)
         check_number("--seeds", self.seeds, low=1, high=100, integer=True)
-        check_choice("--metric", self.metric, choices(Metric))
+        if self.metric is not None:
+            check_choice("--metric", self.metric, choices(Metric))
         check_number("examples", self.examples, low=0, integer=True)
         if not isinstance(self.thresholds, Thresholds):
             raise ForgetdiagError(f"thresholds: expected a Thresholds, found {type(self.thresholds).__name__}")
@@ -127,8 +131,8 @@ class _Context:
         return [self.settings.seed + k for k in range(self.settings.seeds)]
 
 
-def _score(model, ctx: _Context) -> Scores:
-    return score(
+def _score(model, ctx: _Context) -> Scores | ChoiceScores:
+    return score_items(
         model,
         ctx.evaluation,
         pad_id=ctx.pad_id,
@@ -173,6 +177,9 @@ def _recovered(
 
 
 def _says(model, ctx: _Context, k: int) -> list[str]:
+    if ctx.evaluation and isinstance(ctx.evaluation[0], EncodedChoice):  # the likeliest choice
+        picked = score_choices(model, ctx.evaluation[:k], pad_id=ctx.pad_id, batch_size=ctx.runtime.batch_size)
+        return [i.choices[int(np.argmax(ll))] for i, ll in zip(ctx.eval_items, picked.loglik)]
     said = generate_greedy(
         model, ctx.evaluation[:k], pad_id=ctx.pad_id, eos_id=ctx.stops.accepted, batch_size=ctx.runtime.batch_size
     )
@@ -183,10 +190,10 @@ def _says(model, ctx: _Context, k: int) -> list[str]:
 class _Reference:
     """BEFORE, BEFORE recovered and the control: scored once, shared by every after-checkpoint."""
 
-    before: Scores
-    before_recovered: list[Scores] | None = None
-    control: Scores | None = None
-    control_recovered: list[Scores] | None = None
+    before: Scores | ChoiceScores
+    before_recovered: list[Scores | ChoiceScores] | None = None
+    control: Scores | ChoiceScores | None = None
+    control_recovered: list[Scores | ChoiceScores] | None = None
 
 
 def _after_point(
@@ -264,6 +271,12 @@ def recover(
         >>> r.verdict, r.accuracy(), r.decision.intervals["spurious_fraction"]  # doctest: +SKIP
     """
     warn = warn or (lambda message: None)
+    settings = replace(settings, metric=probe.metric(settings.metric))
+    if recovery_probe is not None and recovery_probe.kind != probe.kind:
+        raise ProbeError(
+            f"the recovery probe {recovery_probe.name} has {KIND_NAMES[recovery_probe.kind]} rows and the "
+            f"probe {probe.name} {KIND_NAMES[probe.kind]} rows; expected one kind of row for both"
+        )
     before_ckpt = resolve_checkpoints(before, runtime, single="BEFORE")
     afters = resolve_checkpoints(after, runtime)
     control_ckpt = resolve_checkpoints(control, runtime, single="CONTROL") if control is not None else None

@@ -16,6 +16,7 @@ from forgetdiag.results import Result
 
 if TYPE_CHECKING:
     from forgetdiag.analyses.recovery import RecoverySettings
+    from forgetdiag.choices import ChoiceScores
     from forgetdiag.evaluate import Scores
 
 MODELS = ("before", "after", "recovered", "before_recovered", "control", "control_recovered")
@@ -23,34 +24,47 @@ MODELS = ("before", "after", "recovered", "before_recovered", "control", "contro
 
 @dataclass(frozen=True)
 class Score:
-    """Accuracy of one model on the evaluation part (a recovered model: the mean over its
-    recovery seeds), with the Wilson interval of that accuracy."""
+    """One model on the evaluation part: each of the probe's metrics (exact match and first
+    token for a prompt/answer probe, acc and acc_norm for a multiple-choice one; None for the
+    other kind's), the answer loss (a recovered model: means over its recovery seeds), and the
+    Wilson interval of the verdict's metric."""
 
-    exact_match: float
-    first_token: float
+    exact_match: float | None
+    first_token: float | None
     answer_loss: float
     n: int
     ci_low: float
     ci_high: float
     seeds: int = 1
+    acc: float | None = None
+    acc_norm: float | None = None
 
     def value(self, metric: str) -> float:
-        return self.exact_match if metric == "exact_match" else self.first_token
+        return getattr(self, metric)
 
 
-def summarise(scores: Scores | Sequence[Scores], metric: str, confidence: float) -> Score:
+def summarise(scores: Scores | ChoiceScores | Sequence[Scores | ChoiceScores], metric: str, confidence: float) -> Score:
     """One :class:`Score` from per-item scores (several: one per recovery seed, averaged)."""
     runs = [scores] if not isinstance(scores, (list, tuple)) else list(scores)
-    exact = float(np.mean([s.exact_match for s in runs]))
-    first = float(np.mean([s.first_token_accuracy for s in runs]))
+    values = {m: float(np.mean([s.value(m) for s in runs])) for m in runs[0].metrics}
     loss = float(np.mean([s.answer_loss for s in runs]))
-    low, high = wilson_interval(exact if metric == "exact_match" else first, runs[0].n, confidence)
-    return Score(exact, first, loss, runs[0].n, low, high, len(runs))
+    low, high = wilson_interval(values[metric], runs[0].n, confidence)
+    return Score(
+        values.get("exact_match"),
+        values.get("first_token"),
+        loss,
+        runs[0].n,
+        low,
+        high,
+        len(runs),
+        values.get("acc"),
+        values.get("acc_norm"),
+    )
 
 
-def outcome(scores: Scores | Sequence[Scores], metric: str) -> np.ndarray:
+def outcome(scores: Scores | ChoiceScores | Sequence[Scores | ChoiceScores], metric: str) -> np.ndarray:
     """Per-item right (1) or wrong (0) under the verdict's metric: (n,), or (seeds, n)."""
-    pick = lambda s: (s.exact if metric == "exact_match" else s.first_token).astype(np.float64)
+    pick = lambda s: s.per_item(metric).astype(np.float64)
     if isinstance(scores, (list, tuple)):
         return np.stack([pick(s) for s in scores])
     return pick(scores)

@@ -194,6 +194,7 @@ _FIELD_HELP = {
     "prompt": "Probe field holding the prompt.",
     "answer": "Probe field holding the answer.",
     "group": "Probe field naming the entity a row is about (rows of one group never straddle a split).",
+    "choices": "Probe field holding a multiple-choice row's choices (then the answer is the right choice's text or 0-based index).",
 }
 
 

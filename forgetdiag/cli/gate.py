@@ -28,7 +28,7 @@ from forgetdiag.cli.common import (
     warn,
     with_runtime,
 )
-from forgetdiag.cli.recover import ControlOpt, EvalOpt, LoraOpt, LrOpt, RecoveryProbeOpt, ShotsOpt
+from forgetdiag.cli.recover import ControlOpt, EvalOpt, LoraOpt, LrOpt, MetricOpt, RecoveryProbeOpt, ShotsOpt
 from forgetdiag.errors import EXIT_THRESHOLD, ForgetdiagError
 from forgetdiag.probes import ProbeFields, load_probe
 from forgetdiag.render.gate import failure_lines, gate_markdown, gate_table
@@ -161,6 +161,7 @@ def gate_cmd(
     n_eval: EvalOpt = None,
     lr: LrOpt = None,
     lora: LoraOpt = False,
+    metric: MetricOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
     runtime: Runtime = None,
@@ -219,7 +220,7 @@ def gate_cmd(
         limits.require_one()
         result = gate_recovery(read_json(from_json, "recover JSON"), limits, source=str(from_json))
     elif len(checkpoints) == 2 and probes:
-        settings = RecoverySettings(shots=shots, n_eval=n_eval, lr=lr, lora=lora, seed=seed)
+        settings = RecoverySettings(shots=shots, n_eval=n_eval, lr=lr, lora=lora, metric=metric, seed=seed)
         limits.require_one()
         loaded = {name: load_probe(path, fields=fields) for name, path in zip(probe_names(probes), probes)}
         rec = load_probe(recovery_probe, fields=fields) if recovery_probe else None

@@ -72,7 +72,12 @@ RecBatchOpt = Annotated[int, Opt("--recovery-batch", min=1, help="Recovery examp
 LoraOpt = Annotated[bool, Opt("--lora", help="Recover through a LoRA adapter (peft) so a 7B model fits one GPU.")]
 LoraRankOpt = Annotated[int, Opt("--lora-rank", min=1, help="Rank of the recovery adapter.")]
 MetricOpt = Annotated[
-    Metric, Opt("--metric", help="What decides: exact_match (greedy answer then stop, as in the paper) or first_token.")
+    Metric | None,
+    Opt(
+        "--metric",
+        help="What decides: exact_match (greedy answer then stop, as in the paper) or first_token for a prompt/answer probe; acc or acc_norm for a multiple-choice probe. Default: exact_match, or acc.",
+        show_default=False,
+    ),
 ]
 SeedsOpt = Annotated[
     int,
@@ -124,7 +129,7 @@ def recover_cmd(
         Path,
         Opt(
             "--probe",
-            help="The old task's probe (JSONL, JSON or CSV with prompt, answer[, group]).",
+            help="The old task's probe: JSONL, JSON or CSV with prompt, answer[, group] or prompt, choices, answer[, group] (multiple choice), or an lm-eval task .yaml.",
             show_default=False,
         ),
     ],

@@ -33,8 +33,20 @@ _ROWS = (
 )
 
 
+def score_columns(result: RecoveryResult) -> list[str]:
+    """Headers of :func:`scores_rows`: the probe's two metrics (the verdict's interval after the first)."""
+    first, second = _metrics(result)
+    return ["model", first.replace("_", " "), "95% interval", second.replace("_", " "), "answer loss"]
+
+
+def _metrics(result: RecoveryResult) -> tuple[str, str]:
+    return ("acc", "acc_norm") if result.metric in ("acc", "acc_norm") else ("exact_match", "first_token")
+
+
 def scores_rows(result: RecoveryResult) -> list[list[str]]:
-    """Rows of (model, exact match, 95% interval, first token, answer loss)."""
+    """Rows of (model, the probe's first metric, the verdict metric's 95% interval, its second
+    metric, answer loss)."""
+    first, second = _metrics(result)
     rows = []
     for key, label in _ROWS:
         s = result.scores.get(key)
@@ -43,9 +55,9 @@ def scores_rows(result: RecoveryResult) -> list[list[str]]:
         rows.append(
             [
                 label,
-                pct(s.exact_match),
+                pct(s.value(first)),
                 f"{pct(s.ci_low)}–{pct(s.ci_high)}",
-                pct(s.first_token),
+                pct(s.value(second)),
                 f"{s.answer_loss:.3f}",
             ]
         )
@@ -83,7 +95,7 @@ def recover_table(result: RecoveryResult) -> Group:
         title=f"Old-task accuracy on {result.n_eval} evaluation items ({result.metric.replace('_', ' ')} decides)",
         title_justify="left",
     )
-    for column in ("model", "exact match", "95% interval", "first token", "answer loss"):
+    for column in score_columns(result):
         scores.add_column(column, justify="left" if column == "model" else "right")
     for row in scores_rows(result):
         scores.add_row(*row)
@@ -195,7 +207,7 @@ def recover_sections(result: RecoveryResult) -> list[html.Section]:
         "Recovery probe",
         [
             html.banner(summary_text(result), result.verdict),
-            html.table(["model", "exact match", "95% interval", "first token", "answer loss"], scores_rows(result)),
+            html.table(score_columns(result), scores_rows(result)),
             html.table(["quantity", "value", "95% interval"], numbers_rows(result)),
             html.figure(_bars(result), height=380),
             html.paragraph(

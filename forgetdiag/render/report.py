@@ -74,7 +74,7 @@ def _provenance(result: ReportResult) -> html.Section:
     settings = (
         f"recovery: shots {s.recovery.shots or 'half'}, epochs {s.recovery.epochs}, "
         f"min steps {s.recovery.min_steps}, lr {s.recovery.lr or 'by model size'}, "
-        f"seed {s.recovery.seed}, metric {s.recovery.metric}; verdict thresholds: "
+        f"seed {s.recovery.seed}, metric {result.recovery.metric if result.recovery else s.recovery.metric or 'the probe default'}; verdict thresholds: "
         f"spurious >= {s.recovery.thresholds.spurious_min}, real <= {s.recovery.thresholds.real_max}; "
         f"landscape grid {s.grid}x{s.grid} on up to {s.landscape_items} items per probe; "
         f"features on up to {s.feature_items} prompts; angles rank {s.rank}; seed {s.seed}"
