@@ -11,6 +11,7 @@ from forgetdiag.cli import (
     recover,  # noqa: F401
     report,  # noqa: F401
     samples,  # noqa: F401  (registers its commands)
+    score,  # noqa: F401
     tokens,  # noqa: F401
 )
 from forgetdiag.cli.app import app
