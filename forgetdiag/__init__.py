@@ -16,6 +16,7 @@ from forgetdiag.analyses.landscape import LandscapeSettings, landscape
 from forgetdiag.analyses.magnitudes import MagnitudeSettings, magnitude_overlap
 from forgetdiag.analyses.recovery import RecoverySettings, recover
 from forgetdiag.analyses.report import ReportSettings, build_report
+from forgetdiag.analyses.score import ScoreSettings, score_checkpoints
 from forgetdiag.analyses.tokens import TokenSettings, token_difficulty
 from forgetdiag.analyses.verdict import Thresholds, decide
 from forgetdiag.checkpoints import find_checkpoints, find_sequence, resolve_checkpoints
@@ -49,6 +50,8 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "load_run",
+    "score_checkpoints",
+    "ScoreSettings",
     "inspect_checkpoints",
     "InspectSettings",
     "recover",

@@ -26,8 +26,7 @@ import logging
 from pathlib import Path
 
 from forgetdiag.errors import ProbeError
-from forgetdiag.probe_rows import row_item
-from forgetdiag.probes import Probe, ProbeFields
+from forgetdiag.probe_rows import ProbeFields, Row, row_item
 
 SUPPORTED = ("generate_until", "multiple_choice")
 FEWSHOT_SEED = 1234  # lm-eval's simple_evaluate default (fewshot_random_seed)
@@ -37,19 +36,25 @@ INSTALL = "pip install 'forgetdiag[lm-eval]'"
 @contextlib.contextmanager
 def _quiet():
     """lm-eval and datasets log on stderr while they load: keep forgetdiag's stderr its own."""
+    import warnings
+
+    import datasets
+
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "datasets", "evaluate")]
     levels = [lg.level for lg in loggers]
+    bars = datasets.utils.logging.is_progress_bar_enabled()
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    datasets.utils.logging.disable_progress_bar()  # "Generating test split" bars
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
 
 
 def _task(path: Path):
@@ -92,8 +97,9 @@ def _context(task, doc) -> str:
     return task.fewshot_context(doc, num_fewshot, **kwargs)
 
 
-def load_task_probe(path: str | Path, *, name: str | None = None) -> Probe:
-    """An lm-eval task file's documents as a probe (see the module's docstring).
+def task_rows(path: str | Path) -> tuple[list[Row], tuple[str, ...]]:
+    """An lm-eval task file's documents as probe rows, and its stop strings (see the module's
+    docstring); :func:`forgetdiag.probes.load_probe` makes the probe.
 
     Raises:
         ProbeError: lm-eval is not installed, the file cannot be loaded, the task's output type
@@ -143,5 +149,4 @@ def load_task_probe(path: str | Path, *, name: str | None = None) -> Probe:
     if not items:
         raise ProbeError(f"{path}: task {task_name} has no documents to evaluate")
     until = (task.config.generation_kwargs or {}).get("until", ()) if output_type == "generate_until" else ()
-    stops = (until,) if isinstance(until, str) else tuple(until)
-    return Probe(name or path.stem, tuple(items), str(path), stop_strings=stops)
+    return items, (until,) if isinstance(until, str) else tuple(until)

@@ -14,18 +14,33 @@ import csv
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from forgetdiag.errors import ProbeError
 
-if TYPE_CHECKING:
-    from forgetdiag.probes import ProbeFields, ProbeItem
-
+Row = tuple[str, str, "str | None", "tuple[str, ...] | None"]  # prompt, answer, group, choices (a ProbeItem's fields)
 NUMBERED = re.compile(r"^choice_(\d+)$")  # the CSV layout with one column per choice
 
 
-def read_items(path: Path, fields: ProbeFields) -> tuple[ProbeItem, ...]:
+@dataclass(frozen=True)
+class ProbeFields:
+    """The field (column) names of a probe file (CLI: --prompt-field, --answer-field, --group-field)."""
+
+    prompt: str = "prompt"
+    answer: str = "answer"
+    group: str = "group"
+    choices: str = "choices"
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "answer", "group", "choices"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ProbeError(f"--{name}-field {value!r}: expected a non-empty field name")
+
+
+def read_rows(path: Path, fields: ProbeFields) -> list[Row]:
     """The checked rows of a JSONL, JSON or CSV probe file (see the module's docstring)."""
     expected = f"rows with '{fields.prompt}' and '{fields.answer}'"
     if not path.is_file():
@@ -49,7 +64,7 @@ def read_items(path: Path, fields: ProbeFields) -> tuple[ProbeItem, ...]:
     for line, row in numbered:
         where = f"{path}: row on line {line}" if path.suffix.lower() != ".json" else f"{path}: row {line}"
         item = row_item(where, row, fields, index_from_text=is_csv)
-        kind = "multiple-choice" if item.choices is not None else "prompt/answer"
+        kind = "multiple-choice" if item[3] is not None else "prompt/answer"
         if first_kind is None:
             first_kind = kind
         elif kind != first_kind:
@@ -58,7 +73,7 @@ def read_items(path: Path, fields: ProbeFields) -> tuple[ProbeItem, ...]:
                 "expected one kind of row per probe (split them into two files)"
             )
         items.append(item)
-    return tuple(items)
+    return items
 
 
 def _csv(path: Path, text: str, fields: ProbeFields) -> list[tuple[int, Any]]:
@@ -123,15 +138,14 @@ def _shown(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)[:60]
 
 
-def row_item(where: str, row: Any, fields: ProbeFields, *, index_from_text: bool = False) -> ProbeItem:
-    """One checked probe row; ``where`` names it in errors (``file: row on line 3``).
+def row_item(where: str, row: Any, fields: ProbeFields, *, index_from_text: bool = False) -> Row:
+    """One checked probe row as a :class:`forgetdiag.probes.ProbeItem`'s fields; ``where`` names
+    it in errors (``file: row on line 3``).
 
     Args:
         index_from_text: a text answer that is not among the choices but a whole number is an
             index (CSV cells are all text).
     """
-    from forgetdiag.probes import ProbeItem
-
     if not isinstance(row, dict):
         raise ProbeError(
             f"{where} is {type(row).__name__}; expected an object with '{fields.prompt}' and '{fields.answer}'"
@@ -159,7 +173,7 @@ def row_item(where: str, row: Any, fields: ProbeFields, *, index_from_text: bool
         values[field] = value
     if not values[fields.answer].strip():
         raise ProbeError(f"{where} has an empty '{fields.answer}'; expected a non-empty answer")
-    return ProbeItem(values[fields.prompt], values[fields.answer], values[fields.group], choices)
+    return (values[fields.prompt], values[fields.answer], values[fields.group], choices)
 
 
 def _choices(where: str, value: Any, fields: ProbeFields) -> tuple[str, ...]:

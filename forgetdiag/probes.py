@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 
 from forgetdiag.errors import ProbeError
+from forgetdiag.probe_rows import ProbeFields, read_rows
 
 Kind = Literal["answer", "choice"]
 METRICS: dict[str, tuple[str, ...]] = {
@@ -93,22 +94,6 @@ def _group_key(item: ProbeItem, index: int) -> str:
     return item.group if item.group is not None else f"\0row{index}"
 
 
-@dataclass(frozen=True)
-class ProbeFields:
-    """The field (column) names of a probe file (CLI: --prompt-field, --answer-field, --group-field)."""
-
-    prompt: str = "prompt"
-    answer: str = "answer"
-    group: str = "group"
-    choices: str = "choices"
-
-    def __post_init__(self) -> None:
-        for name in ("prompt", "answer", "group", "choices"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ProbeError(f"--{name}-field {value!r}: expected a non-empty field name")
-
-
 def load_probe(path: str | Path, *, fields: ProbeFields = ProbeFields(), name: str | None = None) -> Probe:
     """Read a probe file: ``.jsonl``, ``.json`` array, ``.csv`` with a header row, or an
     lm-evaluation-harness task file (``.yaml``/``.yml``, with the ``lm-eval`` extra installed).
@@ -126,14 +111,16 @@ def load_probe(path: str | Path, *, fields: ProbeFields = ProbeFields(), name: s
     Example:
         >>> probe = load_probe("sample_checkpoints/probes/task0_heldout.jsonl")  # doctest: +SKIP
     """
-    from forgetdiag.probe_rows import read_items
-
     path = Path(path)
+    stop_strings: tuple[str, ...] = ()
     if path.suffix.lower() in (".yaml", ".yml"):
-        from forgetdiag.lm_eval_tasks import load_task_probe
+        from forgetdiag.lm_eval_tasks import task_rows
 
-        return load_task_probe(path, name=name)
-    return Probe(name or path.stem, read_items(path, fields), str(path))
+        rows, stop_strings = task_rows(path)
+    else:
+        rows = read_rows(path, fields)
+    items = tuple(ProbeItem(*row) for row in rows)
+    return Probe(name or path.stem, items, str(path), stop_strings=stop_strings)
 
 
 def split_probe(

@@ -38,7 +38,7 @@ import torch
 from forgetdiag.analyses.freeze_code import code_snippets, frozen_parameters
 from forgetdiag.analyses.verdict import wilson_interval
 from forgetdiag.checkpoints import resolve_checkpoints
-from forgetdiag.errors import ForgetdiagError
+from forgetdiag.errors import ForgetdiagError, ProbeError
 from forgetdiag.evaluate import score
 from forgetdiag.models import load_model, shared_tokenizer, tokenize_probe
 from forgetdiag.probes import Probe, split_probe
@@ -324,6 +324,11 @@ def advise(
     if n_layers < 1:
         raise ForgetdiagError(
             f"{before.path}: no decoder layers found (config num_hidden_layers); expected a transformer checkpoint"
+        )
+    if old.kind == "choice":
+        raise ProbeError(
+            f"probe {old.name} is multiple-choice; advise's revert test scores greedy exact match: "
+            "expected prompt/answer rows"
         )
     timings, notes = Timings(), []
     tokenizer = shared_tokenizer([before, after], runtime)

@@ -247,8 +247,9 @@ def recover_sections(result: RecoveryResult) -> list[html.Section]:
                 f"What {result.after} says",
                 [
                     html.paragraph(
-                        f"Greedy answers of the headline after-checkpoint, {result.after}, and of its "
-                        "recovered copy, on the first evaluation items.",
+                        f"{'Likeliest choices' if result.metric in ('acc', 'acc_norm') else 'Greedy answers'} "
+                        f"of the headline after-checkpoint, {result.after}, and of its recovered copy, "
+                        "on the first evaluation items.",
                         cls="note",
                     ),
                     html.table(
