@@ -76,6 +76,7 @@ def test_text_and_index_answers_in_every_format_read_the_same(tmp_path):
     "row, message",
     [
         ({"prompt": "q", "answer": " a", "choices": " a, b"}, "row on line 2: 'choices' is str"),
+        ({"prompt": "q", "answer": " a", "choices": None}, "row on line 2: 'choices' is NoneType"),
         ({"prompt": "q", "answer": " a", "choices": [" a"]}, "line 2: 'choices' has 1 choice(s)"),
         ({"prompt": "q", "answer": " z", "choices": [" a", " b"]}, "line 2: 'answer' ' z' is not among the 2 choices"),
         (
@@ -247,3 +248,14 @@ def test_a_recovery_probe_of_the_other_kind_is_refused(llama_dir, llama_dir_b, m
         app, ["recover", str(llama_dir), str(llama_dir_b), "--probe", str(mc_probe), "--recovery-probe", str(answers)]
     )
     assert_bad_input(out, "prompt/answer rows", "multiple-choice rows")
+
+
+def test_report_takes_a_choice_probe_and_its_metric(llama_dir, llama_dir_b, mc_probe, tmp_path):
+    base = ["report", "--before", str(llama_dir), "--after", str(llama_dir_b), "--probe", str(mc_probe)]
+    base += ["--min-steps", "2", "--out", str(tmp_path / "r.html"), "-q"]  # one pair: recover only
+    out = runner.invoke(app, [*base, "--metric", "acc_norm", "--json", str(tmp_path / "r.json")])
+    assert out.exit_code == 0, out.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["recover"]["metric"] == "acc_norm" and 0 <= data["recover"]["scores"]["after"]["acc_norm"] <= 1
+    assert "metric acc_norm" in (tmp_path / "r.html").read_text()
+    assert_bad_input(runner.invoke(app, [*base, "--metric", "first_token"]), "--metric first_token", "acc, acc_norm")

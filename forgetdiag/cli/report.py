@@ -21,7 +21,7 @@ from forgetdiag.cli.common import (
     warn,
     with_runtime,
 )
-from forgetdiag.cli.recover import ControlOpt, LrOpt, MinStepsOpt, RecoveryProbeOpt, ShotsOpt
+from forgetdiag.cli.recover import ControlOpt, LrOpt, MetricOpt, MinStepsOpt, RecoveryProbeOpt, ShotsOpt
 from forgetdiag.probes import ProbeFields
 from forgetdiag.render.output import guard_outputs
 from forgetdiag.render.report import report_summary, write_report_html
@@ -83,6 +83,7 @@ def report_cmd(
     shots: ShotsOpt = None,
     lr: LrOpt = None,
     min_steps: MinStepsOpt = RecoverySettings.min_steps,
+    metric: MetricOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
     runtime: Runtime = None,
@@ -95,7 +96,7 @@ def report_cmd(
     Analyses whose inputs are missing are skipped with a note.
     """
     settings = ReportSettings(
-        recovery=RecoverySettings(shots=shots, lr=lr, min_steps=min_steps, seed=seed),
+        recovery=RecoverySettings(shots=shots, lr=lr, min_steps=min_steps, metric=metric, seed=seed),
         grid=grid,
         landscape_items=landscape_items,
         feature_items=feature_items,
