@@ -26,10 +26,13 @@ Target: ``score`` at least 3x faster than lm-eval for exact match.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -123,14 +126,15 @@ def run_lm_eval(ckpts: list[Path], task: str, batch_size: int) -> tuple[float, d
     values = {}
     start = time.perf_counter()
     for ckpt in ckpts:
-        out = simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={ckpt},dtype=float32,add_bos_token=True",
-            tasks=[task],
-            task_manager=manager,
-            device="cpu",
-            batch_size=batch_size,
-        )
+        with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's progress bars
+            out = simple_evaluate(
+                model="hf",
+                model_args=f"pretrained={ckpt},dtype=float32,add_bos_token=True",
+                tasks=[task],
+                task_manager=manager,
+                device="cpu",
+                batch_size=batch_size,
+            )
         values[str(ckpt)] = {k.split(",")[0]: v for k, v in out["results"][task].items() if "stderr" not in k}
     return time.perf_counter() - start, values
 
@@ -147,9 +151,8 @@ def compare(name: str, ours: tuple[float, dict], theirs: tuple[float, dict], pai
         for ours_key, theirs_key in pairs:
             a, b = v_ours[path][ours_key], theirs_values[theirs_key]
             agree &= abs(a - b) < 1e-9
-            print(
-                f"    {Path(path).parent.name}/{Path(path).name:<15} {ours_key:<12} forgetdiag {a:.4f}  lm-eval {b:.4f}"
-            )
+            label = f"{Path(path).parent.name}/{Path(path).name}"
+            print(f"    {label:<27} {ours_key:<12} forgetdiag {a:.4f}  lm-eval {b:.4f}")
     print(f"  the same numbers on every checkpoint lm-eval scored: {'yes' if agree else 'NO'}")
     print(f"  ratio (lm-eval / forgetdiag, per checkpoint): {per_theirs / per_ours:.1f}x")
     return per_theirs / per_ours, agree
@@ -162,11 +165,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--mc", action="store_true", help="also compare multiple choice")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # figures appear as they are measured, also in a log file
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' progress bars
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.disable(logging.WARNING)
     import torch
 
