@@ -1,0 +1,187 @@
+"""The remedies side by side: the spurious sample run's task 1 retrained with each, per seed.
+
+For every seed, the sample builder's own pipeline (forgetdiag.samples.build) builds the world,
+pretrains the tiny Llama on group A's biographies and teaches it task 0 (the slow part: about
+15 minutes on one core), and trains the control. Then task 1 of the `spurious` run (QA about new
+people) is trained once per remedy from that same model, with the builder's own code
+(`forgetdiag samples build --remedy R` runs the same function, forgetdiag.samples.build.run_task1):
+the same 300 steps, data order seed, batch and learning rate, changing one thing.
+
+Measured at the end of task 1 on every remedy's final checkpoint (saved in bfloat16, as the
+samples are), with forgetdiag itself:
+
+* old task: greedy exact match on the 1,500 held-out task-0 questions, the same after recovery
+  (one epoch on the other half of group A, lr 1e-4, batch 32: the samples' budget) and
+  forgetdiag's verdict against checkpoint-0 with the control (one `recover` call over every
+  remedy's checkpoint, so the references are shared);
+* new task: exact match and answer-token loss on the task-1 questions (1,500).
+
+The baseline measured in the same run is `none` (the shipped recipe): the table gives each
+remedy's old-task accuracy as a multiple of it. Rows are appended to --json as each seed ends
+(`--table FILE...` prints the table of saved rows without training: run seeds in parallel
+processes, then combine).
+
+Usage::
+
+    python bench/remedies.py [--seeds 0 1 2] [--remedies none freeze ...] [--json PATH]
+    python bench/remedies.py --table seed0.json seed1.json seed2.json
+
+Each seed takes about 40 minutes on one core; checkpoints go to bench/_work/remedies/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from forgetdiag import find_checkpoints, load_probe, recover
+from forgetdiag.evaluate import encode, score
+from forgetdiag.models import load_model, load_tokenizer
+from forgetdiag.runtime import torch_threads
+from forgetdiag.samples import world as bio
+from forgetdiag.samples.build import SampleConfig, prepare, run_task1, save_model, trained_base, write_probe
+from forgetdiag.samples.measure import RECOVERY
+from forgetdiag.samples.remedies import REMEDIES
+
+WORK = Path(__file__).resolve().parent / "_work" / "remedies"
+# name -> (remedy, overrides of the sample config); "lora-10x" shows the learning rate's effect
+VARIANTS = {name: (name, {}) for name in REMEDIES} | {"lora-10x": ("lora", {"lora_lr": 3e-3})}
+DEFAULT = [*REMEDIES, "lora-10x"]
+
+
+def run_seed(seed: int, variants: list[str], work: Path, *, miniature: bool = False) -> list[dict]:
+    """Base and control once, task 1 once per variant, then one recover over every variant."""
+    config = SampleConfig.miniature(seed=seed) if miniature else SampleConfig(seed=seed)
+    config = replace(config, checkpoint_steps=())  # only the last step is kept
+    root = work / f"seed{seed}"
+    shutil.rmtree(root, ignore_errors=True)
+    rows, start = [], time.perf_counter()
+    with torch_threads(config.threads):
+        world, tokenizer, data = prepare(config)
+        for key, name in (("old", "old"), ("recovery", "recovery"), ("spurious", "new")):
+            write_probe(root / "probes" / f"{name}.jsonl", data[key])
+        base = trained_base(
+            tokenizer, world.group_a, data["recovery"], config, seed=1, epochs=config.pretrain_epochs, label="group A"
+        )
+        control_task0 = bio.qa_items(world.c[: len(world.c) // 2])
+        control = trained_base(
+            tokenizer, world.c, control_task0, config, seed=5, epochs=config.control_pretrain_epochs, label="control"
+        )
+        save_model(control, tokenizer, root / "control", dtype=config.dtype)
+        print(f"seed {seed}: base and control in {time.perf_counter() - start:.0f} s", flush=True)
+        finals = []
+        for name in variants:
+            remedy, overrides = VARIANTS[name]
+            cfg = replace(config, remedy=remedy, **overrides)
+            tic = time.perf_counter()
+            notes = run_task1(
+                base,
+                tokenizer,
+                data["spurious_train"],
+                root / name,
+                lr=cfg.spurious_lr,
+                config=cfg,
+                seed=cfg.stage_seed(3),
+                remedy=remedy,
+                data=data,
+            )
+            seconds = time.perf_counter() - tic
+            (final,) = find_checkpoints(root / name / f"checkpoint-{cfg.task1_steps}")
+            finals.append(final.with_label(name))
+            rows.append({"seed": seed, "variant": name, "remedy": remedy, "task1_s": seconds, **notes})
+            print(f"seed {seed}: {name} trained in {seconds:.0f} s {notes}", flush=True)
+        probes = {key: load_probe(root / "probes" / f"{key}.jsonl") for key in ("old", "recovery", "new")}
+        result = recover(
+            root / variants[0] / "checkpoint-0",
+            finals,
+            probes["old"],
+            control=root / "control",
+            recovery_probe=probes["recovery"],
+            settings=RECOVERY,
+        )
+        for row, point, final in zip(rows, result.sequence, finals):
+            tok = load_tokenizer(final)
+            new = score(load_model(final), encode(tok, probes["new"]), pad_id=tok.pad_token_id, batch_size=128)
+            row |= {
+                "old_before": result.scores["before"].exact_match,
+                "old_after": point.after.exact_match,
+                "recovered": point.recovered.exact_match,
+                "verdict": point.decision.verdict,
+                "spurious_fraction": point.decision.spurious_fraction,
+                "new_exact_match": new.exact_match,
+                "new_answer_loss": new.answer_loss,
+                "control_recovered": result.scores["control_recovered"].exact_match,
+            }
+            print(json.dumps(row), flush=True)
+    print(f"seed {seed}: {time.perf_counter() - start:.0f} s in all", flush=True)
+    return rows
+
+
+def spread(values: list[float], fmt: str = ".3f") -> str:
+    """``mean (min-max)`` over the seeds."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{statistics.fmean(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
+def table(rows: list[dict]) -> str:
+    """One line per variant: means over the seeds with their range, verdicts per seed."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    baseline = {r["seed"]: r["old_after"] for r in rows if r["variant"] == "none"}
+    head = ["remedy", "old task after task 1", "x none", "recovered", "verdicts", "new task EM", "new task loss"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for v in variants:
+        mine = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["seed"])
+        ratio = [r["old_after"] / baseline[r["seed"]] for r in mine if baseline.get(r["seed"])]
+        lines.append(
+            " | ".join(
+                [
+                    v,
+                    spread([r["old_after"] for r in mine]),
+                    spread(ratio, ".2f") if ratio else "-",
+                    spread([r["recovered"] for r in mine]),
+                    "/".join(r["verdict"] for r in mine),
+                    spread([r["new_exact_match"] for r in mine]),
+                    spread([r["new_answer_loss"] for r in mine], ".2f"),
+                ]
+            )
+        )
+    before = spread([r["old_before"] for r in rows if r["variant"] == variants[0]])
+    return (
+        f"seeds {', '.join(map(str, seeds))}: mean (min-max); old task before task 1 {before}; "
+        "'x none': old-task accuracy over the shipped recipe's on the same seed\n" + "\n".join(lines)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--remedies", nargs="+", default=DEFAULT, choices=list(VARIANTS))
+    parser.add_argument("--json", type=Path, default=None, help="append rows here as each seed ends")
+    parser.add_argument("--table", type=Path, nargs="+", default=None, help="print the table of saved rows")
+    parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--miniature", action="store_true", help="a seconds-long smoke run (numbers meaningless)")
+    args = parser.parse_args()
+    if args.table:
+        rows = [r for path in args.table for r in json.loads(path.read_text())["rows"]]
+        print(table(rows))
+        return
+    if "none" not in args.remedies:
+        args.remedies.insert(0, "none")  # the baseline
+    rows: list[dict] = []
+    for seed in args.seeds:
+        rows += run_seed(seed, args.remedies, args.work, miniature=args.miniature)
+        if args.json:
+            args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
