@@ -116,14 +116,13 @@ class SelfOutputResult(Result):
 
     def summary(self) -> str:
         c, n = self.counts(), len(self.rows)
-        policy = (
-            f"{c['restated']} restated by the old model, {self.n_rewritten} of them in other words than the target"
-            if self.settings.rewrite_prompt is not None
-            else "no --rewrite-prompt"
-        )
+        head = f"{self.checkpoint} already says the target on {c['same']} of {n} prompts of {self.data}"
+        if self.settings.rewrite_prompt is None:
+            return f"{head}; the other {n - c['same']} keep the target (no --rewrite-prompt): 0 rows rewritten"
         return (
-            f"{self.checkpoint} already says the target on {c['same']} of {n} prompts of {self.data}; "
-            f"{self.n_rewritten} rows rewritten ({policy}); {c['target']} keep the target"
+            f"{head}; its restatement keeps the target answer on {c['restated']} of the other {n - c['same']}, "
+            f"{self.n_rewritten} of them in other words: {self.n_rewritten} rows rewritten; "
+            f"{c['target']} keep the target"
         )
 
     def body(self) -> dict:
