@@ -8,7 +8,6 @@ from collections import Counter
 from fractions import Fraction
 
 import pytest
-from helpers import assert_bad_input, assert_envelope, build, llama_config, make_tokenizer, save, teach, write_jsonl
 from typer.testing import CliRunner
 
 from forgetdiag import ForgetdiagError, load_probe
@@ -17,6 +16,8 @@ from forgetdiag.analyses.self_output import SelfOutputSettings, self_output
 from forgetdiag.cli import app
 from forgetdiag.probes import Probe, ProbeItem
 from forgetdiag.runtime import Runtime
+
+from helpers import assert_bad_input, assert_envelope, build, llama_config, make_tokenizer, save, teach, write_jsonl
 
 runner = CliRunner()
 

@@ -9,7 +9,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import assert_bad_input
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -22,6 +21,8 @@ from forgetdiag.runtime import torch_threads
 from forgetdiag.samples.build import SampleConfig, prepare, run_task1, save_model, trained_base
 from forgetdiag.samples.remedies import task1_plan
 from forgetdiag.training import TrainConfig, completion_loss, train
+
+from helpers import assert_bad_input
 
 CONFIG = SampleConfig.miniature(seed=1)
 LAST = f"checkpoint-{CONFIG.task1_steps}"
