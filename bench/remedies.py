@@ -1,11 +1,19 @@
 """The remedies side by side: the spurious sample run's task 1 retrained with each, per seed.
 
-For every seed, the sample builder's own pipeline (forgetdiag.samples.build) builds the world,
-pretrains the tiny Llama on group A's biographies and teaches it task 0 (the slow part: about
-15 minutes on one core), and trains the control. Then task 1 of the `spurious` run (QA about new
-people) is trained once per remedy from that same model, with the builder's own code
+Task 1 of the `spurious` sample run (QA about new people, 300 steps) is trained once per remedy
+from the same model at the end of task 0, with the sample builder's own code
 (`forgetdiag samples build --remedy R` runs the same function, forgetdiag.samples.build.run_task1):
-the same 300 steps, data order seed, batch and learning rate, changing one thing.
+the same steps, data order seed, batch and learning rate, changing one thing. Where that model
+comes from is ``--base``:
+
+* ``samples`` (the default; about 3 minutes per seed on one core): the shipped model,
+  ``sample_checkpoints/spurious/checkpoint-0`` (seed 0's world; its bf16 weights as float32),
+  with the shipped control. A seed here is task 1's training seed (data order and any random
+  initialisation: seed k trains with the shipped run's seed + 1000 k, so seed 0 is the shipped
+  order), so the spread is over training runs of one pretrained model;
+* ``pretrain`` (the full size; about 40 minutes per seed on one core): for each seed, the
+  builder's whole pipeline (its world, pretraining on group A, task 0 and the control), so the
+  spread is also over worlds and pretrained models.
 
 Measured at the end of task 1 on every remedy's final checkpoint (saved in bfloat16, as the
 samples are), with forgetdiag itself:
@@ -17,16 +25,17 @@ samples are), with forgetdiag itself:
 * new task: exact match and answer-token loss on the task-1 questions (1,500).
 
 The baseline measured in the same run is `none` (the shipped recipe): the table gives each
-remedy's old-task accuracy as a multiple of it. Rows are appended to --json as each seed ends
+remedy's old-task accuracy as a multiple of it. Rows are written to --json as each seed ends
 (`--table FILE...` prints the table of saved rows without training: run seeds in parallel
 processes, then combine).
 
 Usage::
 
     python bench/remedies.py [--seeds 0 1 2] [--remedies none freeze ...] [--json PATH]
+    python bench/remedies.py --base pretrain --seeds 0 1 2     # the full size
     python bench/remedies.py --table seed0.json seed1.json seed2.json
 
-Each seed takes about 40 minutes on one core; checkpoints go to bench/_work/remedies/.
+Checkpoints go to bench/_work/remedies/ (deleted at the end unless --keep).
 """
 
 from __future__ import annotations
@@ -49,30 +58,55 @@ from forgetdiag.samples.measure import RECOVERY
 from forgetdiag.samples.remedies import REMEDIES
 
 WORK = Path(__file__).resolve().parent / "_work" / "remedies"
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 # name -> (remedy, overrides of the sample config); "lora-10x" shows the learning rate's effect
 VARIANTS = {name: (name, {}) for name in REMEDIES} | {"lora-10x": ("lora", {"lora_lr": 3e-3})}
 DEFAULT = [*REMEDIES, "lora-10x"]
 
 
-def run_seed(seed: int, variants: list[str], work: Path, *, miniature: bool = False) -> list[dict]:
-    """Base and control once, task 1 once per variant, then one recover over every variant."""
-    config = SampleConfig.miniature(seed=seed) if miniature else SampleConfig(seed=seed)
+def run_seed(
+    seed: int, variants: list[str], work: Path, *, base_from: str = "samples", miniature: bool = False
+) -> list[dict]:
+    """The base and control (shipped, or built for the seed), task 1 once per variant, then one
+    recover over every variant."""
+    if base_from == "samples":
+        config = SampleConfig(seed=0)  # the shipped world
+        train_seed = config.stage_seed(3) + 1000 * seed  # seed 0: the shipped run's data order
+    else:
+        config = SampleConfig.miniature(seed=seed) if miniature else SampleConfig(seed=seed)
+        train_seed = config.stage_seed(3)
     config = replace(config, checkpoint_steps=())  # only the last step is kept
-    root = work / f"seed{seed}"
+    root = work / f"{base_from}-seed{seed}"
     shutil.rmtree(root, ignore_errors=True)
     rows, start = [], time.perf_counter()
     with torch_threads(config.threads):
         world, tokenizer, data = prepare(config)
         for key, name in (("old", "old"), ("recovery", "recovery"), ("spurious", "new")):
             write_probe(root / "probes" / f"{name}.jsonl", data[key])
-        base = trained_base(
-            tokenizer, world.group_a, data["recovery"], config, seed=1, epochs=config.pretrain_epochs, label="group A"
-        )
-        control_task0 = bio.qa_items(world.c[: len(world.c) // 2])
-        control = trained_base(
-            tokenizer, world.c, control_task0, config, seed=5, epochs=config.control_pretrain_epochs, label="control"
-        )
-        save_model(control, tokenizer, root / "control", dtype=config.dtype)
+        if base_from == "samples":
+            base, tokenizer, control_dir = shipped_base(data)
+        else:
+            base = trained_base(
+                tokenizer,
+                world.group_a,
+                data["recovery"],
+                config,
+                seed=1,
+                epochs=config.pretrain_epochs,
+                label="group A",
+            )
+            control_task0 = bio.qa_items(world.c[: len(world.c) // 2])
+            control = trained_base(
+                tokenizer,
+                world.c,
+                control_task0,
+                config,
+                seed=5,
+                epochs=config.control_pretrain_epochs,
+                label="control",
+            )
+            control_dir = root / "control"
+            save_model(control, tokenizer, control_dir, dtype=config.dtype)
         print(f"seed {seed}: base and control in {time.perf_counter() - start:.0f} s", flush=True)
         finals = []
         for name in variants:
@@ -86,7 +120,7 @@ def run_seed(seed: int, variants: list[str], work: Path, *, miniature: bool = Fa
                 root / name,
                 lr=cfg.spurious_lr,
                 config=cfg,
-                seed=cfg.stage_seed(3),
+                seed=train_seed,
                 remedy=remedy,
                 data=data,
             )
@@ -100,7 +134,7 @@ def run_seed(seed: int, variants: list[str], work: Path, *, miniature: bool = Fa
             root / variants[0] / "checkpoint-0",
             finals,
             probes["old"],
-            control=root / "control",
+            control=control_dir,
             recovery_probe=probes["recovery"],
             settings=RECOVERY,
         )
@@ -108,6 +142,8 @@ def run_seed(seed: int, variants: list[str], work: Path, *, miniature: bool = Fa
             tok = load_tokenizer(final)
             new = score(load_model(final), encode(tok, probes["new"]), pad_id=tok.pad_token_id, batch_size=128)
             row |= {
+                "base": base_from,
+                "train_seed": train_seed,
                 "old_before": result.scores["before"].exact_match,
                 "old_after": point.after.exact_match,
                 "recovered": point.recovered.exact_match,
@@ -120,6 +156,18 @@ def run_seed(seed: int, variants: list[str], work: Path, *, miniature: bool = Fa
             print(json.dumps(row), flush=True)
     print(f"seed {seed}: {time.perf_counter() - start:.0f} s in all", flush=True)
     return rows
+
+
+def shipped_base(data: dict) -> tuple:
+    """The shipped spurious run's checkpoint-0 (float32 copy of its bf16 weights), its tokenizer
+    and the shipped control; checks that seed 0's world gives the shipped probes."""
+    for key, name in (("old", "task0_heldout"), ("recovery", "task0_recovery"), ("spurious", "task1_spurious")):
+        shipped = load_probe(SAMPLES / "probes" / f"{name}.jsonl").items
+        if [(i.prompt, i.answer, i.group) for i in shipped] != [(i.prompt, i.answer, i.group) for i in data[key]]:
+            raise SystemExit(f"sample_checkpoints/probes/{name}.jsonl is not seed 0's world: rebuild the samples")
+    (ckpt,) = find_checkpoints(SAMPLES / "spurious" / "checkpoint-0")
+    model = load_model(ckpt).float().train()
+    return model, load_tokenizer(ckpt), SAMPLES / "control"
 
 
 def spread(values: list[float], fmt: str = ".3f") -> str:
@@ -165,20 +213,32 @@ def main() -> None:
     parser.add_argument("--remedies", nargs="+", default=DEFAULT, choices=list(VARIANTS))
     parser.add_argument("--json", type=Path, default=None, help="append rows here as each seed ends")
     parser.add_argument("--table", type=Path, nargs="+", default=None, help="print the table of saved rows")
+    parser.add_argument(
+        "--base",
+        choices=["samples", "pretrain"],
+        default="samples",
+        help="samples: the shipped model, seeds are task 1's training seeds (minutes); "
+        "pretrain: every seed's own world and pretraining (the full size, ~40 min per seed)",
+    )
     parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints in --work")
     parser.add_argument("--miniature", action="store_true", help="a seconds-long smoke run (numbers meaningless)")
     args = parser.parse_args()
     if args.table:
         rows = [r for path in args.table for r in json.loads(path.read_text())["rows"]]
         print(table(rows))
         return
+    if args.miniature:
+        args.base = "pretrain"  # the miniature world has no shipped model
     if "none" not in args.remedies:
         args.remedies.insert(0, "none")  # the baseline
     rows: list[dict] = []
     for seed in args.seeds:
-        rows += run_seed(seed, args.remedies, args.work, miniature=args.miniature)
+        rows += run_seed(seed, args.remedies, args.work, base_from=args.base, miniature=args.miniature)
         if args.json:
             args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        if not args.keep:
+            shutil.rmtree(args.work / f"{args.base}-seed{seed}", ignore_errors=True)
     print()
     print(table(rows))
 
