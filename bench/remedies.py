@@ -6,13 +6,14 @@ from the same model at the end of task 0, with the sample builder's own code
 the same steps, data order seed, batch and learning rate, changing one thing. Where that model
 comes from is ``--base``:
 
-* ``samples`` (the default; about 3 minutes per seed on one core): the shipped model,
-  ``sample_checkpoints/spurious/checkpoint-0`` (seed 0's world; its bf16 weights as float32),
+* ``samples`` (the default): the shipped model, ``sample_checkpoints/spurious/checkpoint-0`` (seed 0's world; its bf16 weights as float32),
   with the shipped control. A seed here is task 1's training seed (data order and any random
   initialisation: seed k trains with the shipped run's seed + 1000 k, so seed 0 is the shipped
-  order), so the spread is over training runs of one pretrained model;
-* ``pretrain`` (the full size; about 40 minutes per seed on one core): for each seed, the
-  builder's whole pipeline (its world, pretraining on group A, task 0 and the control), so the
+  order), so the spread is over training runs of one pretrained model. Seven task-1 runs and
+  their evaluation took 19-21 minutes per seed with three seeds in parallel on a shared 2-core
+  machine (a task-1 run took 34-38 s before the load rose);
+* ``pretrain`` (the full size; the base alone takes about 15 minutes per seed on one core): for
+  each seed, the builder's whole pipeline (its world, pretraining on group A, task 0 and the control), so the
   spread is also over worlds and pretrained models.
 
 Measured at the end of task 1 on every remedy's final checkpoint (saved in bfloat16, as the

@@ -1,6 +1,6 @@
 """Experience replay as data: the new task's rows with a seeded share of old-task rows mixed in.
 
-docs/remedies.md. Replay (rehearsal) keeps a little of the old task in the new task's training
+docs/remedy.md. Replay (rehearsal) keeps a little of the old task in the new task's training
 data, so that every few steps the gradient also asks for the old answers. Here it is a file,
 not a training loop: any trainer that reads the probe format (prompt, answer, group) can use it.
 

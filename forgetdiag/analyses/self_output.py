@@ -1,6 +1,6 @@
 """Self-output data: the new task's targets next to what the old model says, in its own words.
 
-docs/remedies.md. Fine-tuning on text the model would produce itself moves it less than
+docs/remedy.md. Fine-tuning on text the model would produce itself moves it less than
 fine-tuning on someone else's wording of the same content (self-distillation fine-tuning,
 Yang et al., ACL 2024; Ren et al., 2024). For every prompt of the new data this module asks the
 OLD model (the one about to be fine-tuned) for its greedy answer, and writes a row per prompt:

@@ -35,7 +35,7 @@ def build_cmd(
         str,
         typer.Option(
             "--remedy",
-            help=f"Train the spurious run's task 1 with this remedy: {', '.join(REMEDIES)} (docs/remedies.md).",
+            help=f"Train the spurious run's task 1 with this remedy: {', '.join(REMEDIES)} (docs/remedy.md).",
         ),
     ] = "none",
     freeze: Annotated[

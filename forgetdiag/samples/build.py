@@ -87,7 +87,7 @@ class SampleConfig:
     spurious_after: int = 100  # the named after-checkpoints (steps)
     real_after: int = 300  # the last step: the cleanest real loss (recovery near the control)
     landscape_x: int = 100  # task-1 step where task 0 has collapsed (landscape x end)
-    # the spurious run's task 1 with a remedy (forgetdiag.samples.remedies; docs/remedies.md)
+    # the spurious run's task 1 with a remedy (forgetdiag.samples.remedies; docs/remedy.md)
     remedy: str = "none"
     freeze_layers: int | None = None  # freeze: the embedding and the bottom N layers (default 1)
     replay_ratio: float = 0.1  # replay: task-0 rows' share of the training rows

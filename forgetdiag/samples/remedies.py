@@ -2,7 +2,7 @@
 
 Every remedy starts from the same model (the end of task 0) and trains the same steps with the
 same data order seed, batch size and learning rate as the shipped run, changing one thing
-(docs/remedies.md has each one's reference and the measured outcome):
+(docs/remedy.md has each one's reference and the measured outcome):
 
 * ``none``: the shipped recipe;
 * ``freeze``: the input embedding and the bottom ``freeze_layers`` layers frozen
