@@ -15,8 +15,10 @@ from forgetdiag.analyses.inspect import InspectSettings, inspect_checkpoints
 from forgetdiag.analyses.landscape import LandscapeSettings, landscape
 from forgetdiag.analyses.magnitudes import MagnitudeSettings, magnitude_overlap
 from forgetdiag.analyses.recovery import RecoverySettings, recover
+from forgetdiag.analyses.replay import ReplaySettings, replay_mix
 from forgetdiag.analyses.report import ReportSettings, build_report
 from forgetdiag.analyses.score import ScoreSettings, score_checkpoints
+from forgetdiag.analyses.self_output import SelfOutputSettings, self_output
 from forgetdiag.analyses.tokens import TokenSettings, token_difficulty
 from forgetdiag.analyses.verdict import Thresholds, decide
 from forgetdiag.checkpoints import find_checkpoints, find_sequence, resolve_checkpoints
@@ -77,4 +79,8 @@ __all__ = [
     "advise",
     "AdviceSettings",
     "freeze_bottom",
+    "replay_mix",
+    "ReplaySettings",
+    "self_output",
+    "SelfOutputSettings",
 ]

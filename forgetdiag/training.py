@@ -78,14 +78,31 @@ def lr_factor(step: int, total: int, *, schedule: str, warmup: int) -> float:
     raise ValueError(f"unknown schedule {schedule!r}; expected constant, linear or cosine")
 
 
-def completion_loss(model, items: Sequence[Encoded], pad_id: int) -> torch.Tensor:
-    """Mean cross-entropy over the completion tokens of a batch (prompt and padding masked)."""
+def completion_loss(
+    model, items: Sequence[Encoded], pad_id: int, keep: Sequence[Sequence[bool]] | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy over the completion tokens of a batch (prompt and padding masked).
+
+    ``keep`` (one flag per completion token of each item) drops the tokens flagged False from
+    the loss (selective token masking); they stay in the input as context. A batch whose every
+    token is dropped gives a zero loss (and zero gradients).
+    """
     device = next(model.parameters()).device
     batch = collate(items, pad_id, device)
-    width = batch.targets.shape[1]
+    targets = batch.targets  # (B, C) completion tokens right-aligned
+    width = targets.shape[1]
+    if keep is not None:
+        drop = torch.zeros_like(targets, dtype=torch.bool)
+        for b, flags in enumerate(keep):
+            if len(flags) != len(items[b].completion_ids):
+                raise ValueError(f"keep mask of {len(flags)} flags for a completion of {len(items[b].completion_ids)}")
+            drop[b, width - len(flags) :] = ~torch.tensor(list(flags), dtype=torch.bool)
+        targets = targets.masked_fill(drop.to(device), IGNORE)
     logits = model(**batch.model_inputs(), use_cache=False).logits[:, -width - 1 : -1]  # (B, C, V)
+    if keep is not None and not bool((targets != IGNORE).any()):
+        return logits.float().sum() * 0.0  # nothing left to learn in this batch
     return torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), batch.targets.reshape(-1), ignore_index=IGNORE
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
     )
 
 
@@ -97,6 +114,7 @@ def train(
     pad_id: int = 0,
     on_step: Callable[[int, float], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    keep: Sequence[Sequence[bool]] | None = None,
 ) -> list[float]:
     """Fine-tune ``model`` in place on ``encoded`` and return the loss of every step.
 
@@ -110,10 +128,14 @@ def train(
         pad_id: any valid token id.
         on_step: called as ``on_step(step, loss)`` after every optimiser step (1-based).
         progress: called as ``progress("training", step, total)``.
+        keep: per item, one flag per completion token; tokens flagged False are left out of
+            the loss (selective token masking, :func:`completion_loss`). None: every token.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params or not encoded:
         return []
+    if keep is not None and len(keep) != len(encoded):
+        raise ValueError(f"{len(keep)} keep masks for {len(encoded)} items")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total = config.total_steps(len(encoded))
     generator = torch.Generator().manual_seed(config.seed)
@@ -128,12 +150,13 @@ def train(
             for start in range(0, len(order), config.batch_size):
                 if step >= total:
                     break
-                batch = [encoded[k] for k in order[start : start + config.batch_size]]
+                picked = order[start : start + config.batch_size]
+                batch = [encoded[k] for k in picked]
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * lr_factor(
                         step, total, schedule=config.schedule, warmup=config.warmup_steps
                     )
-                loss = completion_loss(model, batch, pad_id)
+                loss = completion_loss(model, batch, pad_id, None if keep is None else [keep[k] for k in picked])
                 loss.backward()
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)

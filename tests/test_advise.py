@@ -334,8 +334,11 @@ def test_cli_advise_json_html_and_untouched_inputs(planted, tmp_path):
     assert data["evidence"][1]["reverted_accuracy"] == 1.0
     assert "requires_grad_(False)" in data["code"]["torch"]
     assert "Freeze the input embedding and the bottom 1 of 4 layers" in " ".join(result.stdout.split())
+    # the measured alternatives come next to the freeze advice, with where they were measured
+    assert "docs/remedy.md" in "".join(result.stdout.split())
     page = (tmp_path / "a.html").read_text()
     assert "Evidence per depth" in page and "plotly" in page and "requires_grad_(False)" in page
+    assert "docs/remedy.md" in page
     assert tree_digest(root) == digest
 
 

@@ -157,7 +157,8 @@ def test_build_is_deterministic(miniature, tmp_path):
 
 
 def test_freeze_keeps_the_embedding_and_bottom_layers_of_task1(tmp_path):
-    """--freeze 1: task 1 leaves the embedding and layer 0 bit-identical, trains layer 1."""
+    """--freeze 1 (the remedy freeze): the spurious run's task 1 leaves the embedding and
+    layer 0 bit-identical and trains layer 1; the real run is trained as shipped."""
     from dataclasses import replace
 
     from safetensors.torch import load_file
@@ -168,8 +169,11 @@ def test_freeze_keeps_the_embedding_and_bottom_layers_of_task1(tmp_path):
         start = load_file(out / run / "checkpoint-0" / "model.safetensors")
         end = load_file(out / run / "checkpoint-6" / "model.safetensors")
         same = {k for k in start if torch.equal(start[k], end[k])}
-        assert {k for k in start if "embed_tokens" in k or ".layers.0." in k} <= same
+        bottom = {k for k in start if "embed_tokens" in k or ".layers.0." in k}
+        assert bottom <= same if run == "spurious" else not bottom & same
         assert not {k for k in start if ".layers.1." in k and k.endswith("proj.weight")} & same
+    record = json.loads((out / "measurements.json").read_text())
+    assert record["config"]["remedy"] == "freeze" and record["remedy"]["frozen_tensors"] == len(bottom)
 
 
 def test_build_refuses_a_non_empty_directory(tmp_path):

@@ -9,6 +9,7 @@ from forgetdiag.cli import (
     landscape,  # noqa: F401
     magnitudes,  # noqa: F401
     recover,  # noqa: F401
+    remedy,  # noqa: F401  (registers its commands)
     report,  # noqa: F401
     samples,  # noqa: F401  (registers its commands)
     score,  # noqa: F401

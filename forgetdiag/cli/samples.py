@@ -17,6 +17,7 @@ from forgetdiag.cli.common import JsonOpt, QuietOpt, SeedOpt, command, print_ren
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 from forgetdiag.samples.build import SampleConfig, build_samples
 from forgetdiag.samples.measure import Truth, measure_samples
+from forgetdiag.samples.remedies import REMEDIES
 
 samples_app = typer.Typer(
     name="samples", no_args_is_help=True, help="The sample checkpoints: runs whose forgetting is known."
@@ -30,12 +31,19 @@ def build_cmd(
         Path, typer.Option("--out", help="Directory to create (must not exist, or be empty).", show_default=False)
     ],
     seed: SeedOpt = 0,
+    remedy: Annotated[
+        str,
+        typer.Option(
+            "--remedy",
+            help=f"Train the spurious run's task 1 with this remedy: {', '.join(REMEDIES)} (docs/remedy.md).",
+        ),
+    ] = "none",
     freeze: Annotated[
         int | None,
         typer.Option(
             "--freeze",
             min=0,
-            help="Train task 1 with the input embedding and the bottom N layers frozen (the remedy forgetdiag advise suggests).",
+            help="Depth of --remedy freeze: the input embedding and the bottom N layers (default 1, what forgetdiag advise suggests); alone it means --remedy freeze.",
             show_default=False,
         ),
     ] = None,
@@ -46,14 +54,18 @@ def build_cmd(
     write the probes and run descriptions, then measure the truths each run carries.
 
     Takes about 15 minutes on one CPU core. The tree is built next to --out and renamed at
-    the end; seed 0 gives the shipped sample_checkpoints/.
+    the end; seed 0 gives the shipped sample_checkpoints/. --remedy changes one thing of the
+    spurious run's task 1 (the same base, steps and data order otherwise).
     """
     start = time.perf_counter()
+    config = SampleConfig(seed=seed, remedy=remedy, freeze_layers=freeze)
     with progress_bar(quiet) as progress:
-        truths = build_samples(out, SampleConfig(seed=seed, freeze_layers=freeze), progress=progress)
+        truths = build_samples(out, config, progress=progress)
     stdout.print(truths_table(truths))
-    frozen = "" if freeze is None else f", task 1 with the embedding and {freeze} bottom layers frozen"
-    stdout.print(f"built {out} (seed {seed}{frozen}) in {time.perf_counter() - start:.0f} s")
+    how = "" if config.remedy == "none" else f", the spurious run's task 1 with --remedy {config.remedy}"
+    if config.remedy == "freeze":
+        how += f" (the embedding and {config.freeze_layers} bottom layers frozen)"
+    stdout.print(f"built {out} (seed {seed}{how}) in {time.perf_counter() - start:.0f} s")
 
 
 @command(samples_app, "measure")

@@ -67,6 +67,16 @@ FOOTNOTE = (
     "knowledge that is really overwritten needs replay."
 )
 
+# What the other remedies did on the spurious sample run (bench/remedies.py; the table is in
+# docs/remedy.md): shown next to a freeze advice, and worded no wider than that one setting
+ALTERNATIVES = (
+    "Alternatives measured on forgetdiag's tiny spurious sample run only (3 training seeds; "
+    "docs/remedy.md): this freeze kept 0.64 of the old task against 0.16 as shipped; replaying "
+    "10% old-task rows (forgetdiag remedy replay) kept as much (0.66) at less cost to the new "
+    "task; LoRA at the same learning rate kept 0.90 but learned the new task about as little as "
+    "the freeze; token masking and self-output did not help there."
+)
+
 
 def advice_renderable(advice: Advice) -> Group:
     """The advice in words, the per-depth evidence table and the code to paste."""
@@ -87,7 +97,7 @@ def advice_renderable(advice: Advice) -> Group:
         table.add_row(*row)
     parts = [Text(headline(advice), style=style), table]
     if advice.advised:
-        parts.append(Text(frozen_line(advice)))
+        parts += [Text(frozen_line(advice)), Text(ALTERNATIVES)]
         for key, title in CODE_TITLES.items():
             parts += [Text(title, style="bold"), Syntax(advice.code[key], "python", theme="ansi_dark")]
     parts += [Text(n, style="yellow") for n in advice.warnings]
@@ -127,7 +137,7 @@ def write_advice_html(path: str | Path, advice: Advice) -> Path:
     kind = "spurious" if advice.advised else "mixed"  # green: advice given; amber: none
     main = html.Section("Advice", [html.banner(headline(advice), kind)])
     if advice.advised:
-        main.parts.append(html.paragraph(frozen_line(advice)))
+        main.parts += [html.paragraph(frozen_line(advice)), html.paragraph(ALTERNATIVES, cls="note")]
     evidence = html.Section(
         "Evidence per depth",
         [

@@ -39,8 +39,10 @@ from forgetdiag.probes import ProbeItem
 from forgetdiag.runtime import torch_threads
 from forgetdiag.samples import world as bio
 from forgetdiag.samples.measure import Truth, measure_samples
+from forgetdiag.samples.remedies import REMEDIES, task1_plan
 from forgetdiag.samples.tokenizer import train_tokenizer
-from forgetdiag.training import TrainConfig, freeze_bottom, train
+from forgetdiag.training import TrainConfig, train
+from forgetdiag.validate import check_choice, check_number
 
 Progress = Callable[[str, int, int], None]
 PROBES = {
@@ -85,15 +87,33 @@ class SampleConfig:
     spurious_after: int = 100  # the named after-checkpoints (steps)
     real_after: int = 300  # the last step: the cleanest real loss (recovery near the control)
     landscape_x: int = 100  # task-1 step where task 0 has collapsed (landscape x end)
-    freeze_layers: int | None = None  # task 1 with the embedding and the bottom N layers frozen
+    # the spurious run's task 1 with a remedy (forgetdiag.samples.remedies; docs/remedy.md)
+    remedy: str = "none"
+    freeze_layers: int | None = None  # freeze: the embedding and the bottom N layers (default 1)
+    replay_ratio: float = 0.1  # replay: task-0 rows' share of the training rows
+    rewrite_prompt: str = "{prompt}{answer}\n{prompt}"  # self-output: the old model restates
+    mask_threshold: float = 0.01  # mask: tokens the old model gives less probability are dropped
+    lora_rank: int = 16  # lora: rank (alpha = 2 x rank, every linear layer of the blocks)
+    lora_lr: float | None = None  # lora: learning rate (default: the run's own)
     threads: int = 1  # torch threads while building (1 is fastest for models this small)
     dtype: str = "bfloat16"  # saved weights
 
     def __post_init__(self) -> None:
-        if self.freeze_layers is not None and not 0 <= self.freeze_layers <= self.n_layers:
-            raise ForgetdiagError(
-                f"--freeze {self.freeze_layers}: expected 0 to {self.n_layers} (the model has {self.n_layers} layers)"
-            )
+        check_choice("--remedy", self.remedy, REMEDIES)
+        if self.freeze_layers is not None:
+            if self.remedy not in ("none", "freeze"):
+                raise ForgetdiagError(f"--freeze {self.freeze_layers}: goes with --remedy freeze, not {self.remedy}")
+            if not 0 <= self.freeze_layers <= self.n_layers:
+                raise ForgetdiagError(
+                    f"--freeze {self.freeze_layers}: expected 0 to {self.n_layers} (the model has {self.n_layers} layers)"
+                )
+            object.__setattr__(self, "remedy", "freeze")  # --freeze N alone is --remedy freeze
+        elif self.remedy == "freeze":
+            object.__setattr__(self, "freeze_layers", 1)  # what advise recommends on the shipped run
+        check_number("--replay-ratio", self.replay_ratio, low=0, high=1, low_open=True, high_open=True)
+        check_number("--mask-threshold", self.mask_threshold, low=0, high=1, low_open=True, high_open=True)
+        check_number("--lora-rank", self.lora_rank, low=1, integer=True)
+        check_number("--lora-lr", self.lora_lr, low=0, low_open=True, optional=True)
 
     def stage_seed(self, k: int) -> int:
         return self.seed * 100 + k
@@ -153,9 +173,9 @@ def build_samples(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         with torch_threads(config.threads):
-            build_tree(work, config, progress=progress)
+            remedy = build_tree(work, config, progress=progress)
             truths = measure_samples(work, progress=progress)
-        record = {"config": asdict(config), "truths": [t.to_dict() for t in truths]}
+        record = {"config": asdict(config), "remedy": remedy, "truths": [t.to_dict() for t in truths]}
         (work / "measurements.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         if out.is_dir():
             out.rmdir()  # empty, checked above
@@ -165,8 +185,9 @@ def build_samples(
     return truths
 
 
-def build_tree(root: Path, config: SampleConfig, *, progress: Progress | None = None) -> None:
-    """Everything of :func:`build_samples`, written into the existing directory ``root``."""
+def build_tree(root: Path, config: SampleConfig, *, progress: Progress | None = None) -> dict:
+    """Everything of :func:`build_samples`, written into the existing directory ``root``;
+    returns what the spurious run's remedy did (:func:`run_task1`)."""
     world, tokenizer, data = prepare(config)
     for key, items in data.items():
         if key in PROBES:
@@ -182,9 +203,10 @@ def build_tree(root: Path, config: SampleConfig, *, progress: Progress | None = 
         label="group A",
         progress=progress,
     )
+    remedy = {}
     for name, lr in (("spurious", config.spurious_lr), ("real", config.real_lr)):
         items = data[f"{name}_train"]
-        run_task1(
+        remedy[name] = run_task1(
             base,
             tokenizer,
             items,
@@ -192,6 +214,8 @@ def build_tree(root: Path, config: SampleConfig, *, progress: Progress | None = 
             lr=lr,
             config=config,
             seed=config.stage_seed(3 if name == "spurious" else 4),
+            remedy=config.remedy if name == "spurious" else "none",
+            data=data,
             progress=_labelled(progress, f"task 1 ({name})"),
         )
         after = config.spurious_after if name == "spurious" else config.real_after
@@ -209,6 +233,7 @@ def build_tree(root: Path, config: SampleConfig, *, progress: Progress | None = 
         progress=progress,
     )
     save_model(control, tokenizer, root / "control", dtype=config.dtype)
+    return {"name": config.remedy, **remedy["spurious"]}
 
 
 def prepare(config: SampleConfig):
@@ -313,26 +338,32 @@ def run_task1(
     lr: float,
     config: SampleConfig,
     seed: int,
+    remedy: str = "none",
+    data: dict[str, list[ProbeItem]] | None = None,
     progress: Progress | None = None,
-) -> None:
+) -> dict:
     """Fine-tune a copy of ``base`` on ``items`` (constant lr) and save ``checkpoint-N`` at
     every step of :meth:`SampleConfig.saved_steps` (``checkpoint-0`` is ``base`` itself).
 
-    With ``config.freeze_layers`` set, the input embedding and the bottom layers stay frozen
-    (:func:`forgetdiag.training.freeze_bottom`), the remedy ``forgetdiag advise`` suggests.
+    ``remedy`` changes one thing of the recipe (:mod:`forgetdiag.samples.remedies`; ``data`` is
+    :func:`task_data`, which replay draws from). Returns what the remedy did, in numbers.
     """
-    model = copy.deepcopy(base)
-    if config.freeze_layers is not None:
-        freeze_bottom(model, config.freeze_layers)
+    save_model(base, tokenizer, run_dir / "checkpoint-0", dtype=config.dtype)
+    plan = task1_plan(
+        base, tokenizer, items, remedy=remedy, config=config, data=data or {}, old_checkpoint=run_dir / "checkpoint-0"
+    )
     steps = set(config.saved_steps())
-    save_model(model, tokenizer, run_dir / "checkpoint-0", dtype=config.dtype)
 
     def on_step(step: int, loss: float) -> None:
         if step in steps:
-            save_model(model, tokenizer, run_dir / f"checkpoint-{step}", dtype=config.dtype)
+            save_model(plan.merged(), tokenizer, run_dir / f"checkpoint-{step}", dtype=config.dtype)
 
+    if remedy == "lora" and config.lora_lr is not None:
+        lr = config.lora_lr
     task1 = TrainConfig(lr=lr, batch_size=config.qa_batch, max_steps=config.task1_steps, seed=seed)
-    train(model, encode(tokenizer, items), task1, pad_id=tokenizer.pad_token_id, on_step=on_step, progress=progress)
+    pad = tokenizer.pad_token_id
+    train(plan.model, plan.encoded, task1, pad_id=pad, on_step=on_step, progress=progress, keep=plan.keep)
+    return plan.notes
 
 
 def save_model(model, tokenizer, path: Path, *, dtype: str = "bfloat16") -> None:
