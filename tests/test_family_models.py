@@ -7,6 +7,9 @@ decides; vocabularies grown before fine-tuning."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -216,3 +219,57 @@ def test_a_different_tokenizer_exits_2_naming_the_option(grown, probe):
         app, ["features", str(grown["before"]), str(grown["stranger"]), "--probe", str(probe), "--k", "2"]
     )
     assert_bad_input(result, "--tokenizer")
+
+
+# --- advise's freeze and evidence on MoE layers; duplicates ----------------------------------------
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral", "gemma3"])
+def test_freeze_code_freezes_whole_moe_layers_and_leaves_towers_alone(name, tmp_path):
+    """The printed loop, run on the model, freezes exactly the embedding and every parameter of
+    text layer 0 (router, shared expert, fused 3-D experts), never the vision tower's layer 0."""
+    from forgetdiag.analyses.freeze_code import code_snippets
+
+    model = build(config(name))
+    (ckpt,) = find_checkpoints(save(model, tmp_path / name))
+    namespace = {"model": model}
+    exec(code_snippets(ckpt, 1, True)["torch"], namespace)
+    embedding = model.get_input_embeddings().weight
+    for param_name, param in model.named_parameters():
+        in_layer_0 = re.search(r"(^model\.|language_model\.)layers\.0\.", param_name) is not None
+        assert param.requires_grad == (not in_layer_0 and param is not embedding), param_name
+
+
+def test_advise_counts_a_components_experts_once():
+    """Layer evidence is the mean over the layer's matrices with the routed experts of a
+    component counted once, by their median: (10 + median(20, 30, 40, 80, 90)) / 2 = 25."""
+    from forgetdiag.analyses.advise import angle_evidence
+
+    def record(component, angle, expert=None):
+        return SimpleNamespace(
+            status="ok",
+            angle_deg=angle,
+            baseline_deg=60.0,
+            layer=0,
+            component=component,
+            expert=expert,
+            param=component,
+        )
+
+    records = [record("q", 10.0), *(record("up", a, e) for e, a in enumerate([20.0, 30.0, 40.0, 80.0, 90.0]))]
+    assert angle_evidence(records)[0] == (pytest.approx(25.0), pytest.approx(60.0))
+
+
+def test_identical_checkpoints_are_reported_as_duplicates(tmp_path):
+    model, generator = build(llama_config()), torch.Generator().manual_seed(0)
+    c0 = save(model, tmp_path / "c0")
+    c1 = save(perturbed(model, generator, 0.1), tmp_path / "c1")
+    c2 = shutil.copytree(c1, tmp_path / "c2")
+    result = runner.invoke(app, ["inspect", str(c0), str(c1), str(c2), "--json", "-"])
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)["checkpoints"]
+    assert info[0]["duplicate_of"] is None and info[1]["duplicate_of"] is None
+    assert info[2]["duplicate_of"] == info[1]["label"]
+    angles = compute_angles([c0, c1, c2])
+    assert any("identical bytes" in w for w in angles.warnings)
+    assert all(r.status == "no_update_b" for r in angles.records)  # the zero update, as said
