@@ -160,16 +160,12 @@ def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
     safetensors file otherwise (names, dtypes, shapes and offsets); ``sample_sha256`` hashes the
     first and last MiB of each weight file, which tells checkpoints of one layout apart.
     """
-    digest, sample = hashlib.sha256(), hashlib.sha256()
+    digest = hashlib.sha256()
     for file in sorted(checkpoint.weight_files):
         if file.suffix == ".safetensors":
             digest.update(read_header(file).raw)
         else:
             digest.update(f"{file.name}:{file.stat().st_size}".encode())
-        with open(file, "rb") as handle:  # the first and last MiB: tells weights apart cheaply
-            sample.update(handle.read(1 << 20))
-            handle.seek(max(0, file.stat().st_size - (1 << 20)))
-            sample.update(handle.read())
     index = checkpoint.path / SAFETENSORS_INDEX
     if index.is_file():
         digest.update(index.read_bytes())
@@ -181,9 +177,20 @@ def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
         "format": checkpoint.format,
         "size_bytes": checkpoint.size_bytes,
         "index_sha256": digest.hexdigest()[:16],
-        "sample_sha256": sample.hexdigest()[:16],
+        "sample_sha256": _sample_digest(checkpoint),
         "config_sha256": config_hash,
     }
+
+
+def _sample_digest(checkpoint: Checkpoint) -> str:
+    """sha256 of the first and last MiB of each weight file: tells weights apart cheaply."""
+    sample = hashlib.sha256()
+    for file in sorted(checkpoint.weight_files):
+        with open(file, "rb") as handle:
+            sample.update(handle.read(1 << 20))
+            handle.seek(max(0, file.stat().st_size - (1 << 20)))
+            sample.update(handle.read())
+    return sample.hexdigest()[:16]
 
 
 _COMPARE_BLOCK = 1 << 24  # bytes read at a time when two weight files are compared
@@ -193,15 +200,15 @@ def duplicates(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, int]]:
     """Pairs ``(i, j)``, i < j, of checkpoints in a sequence that hold the same weights byte for
     byte (e.g. a Trainer run's ``final`` saved from its last ``checkpoint-N``).
 
-    Candidates share a :func:`fingerprint` (sizes, headers, the first and last MiB of each
-    file, the same base for adapters); each candidate pair is then confirmed by comparing every
-    byte of its weight files, so a match is never a guess from a sample.
+    Candidates share their format, size, the first and last MiB of each weight file (as in
+    :func:`fingerprint`, whose header hash is left out: the bytes are compared next) and, for
+    adapters, their base; each candidate pair is then confirmed by comparing every byte of its
+    weight files, so a match is never a guess from a sample.
     """
     keys = []
     for c in checkpoints:
-        f = fingerprint(c)
         base = None if c.base is None else str(c.base.path.resolve())
-        keys.append((f["format"], f["size_bytes"], f["index_sha256"], f["sample_sha256"], base))
+        keys.append((c.format, c.size_bytes, _sample_digest(c), base))
     found = []
     for j in range(len(checkpoints)):
         for i in range(j):

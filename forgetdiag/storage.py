@@ -162,7 +162,16 @@ class Checkpoint:
         return list(self.source.meta)
 
     def parse(self, name: str) -> TensorName:
-        return parse_name(name, self.family)
+        """``name`` by layer, component and expert (parsed once per name: a 64-expert model has
+        thousands of tensors, each asked about several times)."""
+        parsed = self._parsed.get(name)
+        if parsed is None:
+            parsed = self._parsed[name] = parse_name(name, self.family)
+        return parsed
+
+    @cached_property
+    def _parsed(self) -> dict[str, TensorName]:
+        return {}
 
     def get(
         self, name: str, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"

@@ -400,3 +400,33 @@ def test_different_expert_counts_exit_2_in_one_line(tmp_path):
     del cfg["num_experts"]  # the tensors still tell
     (eight / "config.json").write_text(json.dumps(cfg))
     assert_bad_input(runner.invoke(app, ["inspect", str(four), str(eight)]), "layer 0 holds 4 experts")
+
+
+@pytest.mark.parametrize("energy", [None, 0.9])
+def test_batched_experts_equal_one_matrix_at_a_time(energy, tmp_path, monkeypatch):
+    """The routed experts' bases and angles computed in batch (angle_batch) are those of the
+    per-matrix path (linalg.update_basis, principal_angles, direction_angles), expert by expert,
+    on a run where every expert changes."""
+    import forgetdiag.analyses.angles as angles_module
+    from forgetdiag.analyses.angles import AngleSettings
+
+    def noise(params, k):
+        g = torch.Generator().manual_seed(k)
+        for p in params.values():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+
+    paths = planted_run(tmp_path, config("qwen2_moe"), noise)
+    settings = AngleSettings(energy=energy)
+    batched = compute_angles(paths, settings=settings).records
+    monkeypatch.setattr(angles_module, "group_key", lambda *args: None)
+    single = compute_angles(paths, settings=settings).records
+    assert [(r.param, r.part, r.expert) for r in batched] == [(r.param, r.part, r.expert) for r in single]
+    experts = [(b, s) for b, s in zip(batched, single) if s.expert is not None]
+    assert len(experts) == 2 * 3 * 4 and all(s.ok for _, s in experts)
+    for b, s in experts:
+        assert (b.status, b.rank_a, b.rank_b, b.method_a) == (s.status, s.rank_a, s.rank_b, s.method_a)
+        assert b.norm_a == pytest.approx(s.norm_a, rel=1e-6) and b.energy_b == pytest.approx(s.energy_b, rel=1e-9)
+        np.testing.assert_allclose(b.direction_deg, s.direction_deg, atol=1e-9)
+        np.testing.assert_allclose(b.principal_deg, s.principal_deg, atol=1e-9)
+        assert b.direction == pytest.approx(s.direction, abs=1e-9)
+        assert b.principal_baseline_deg == s.principal_baseline_deg and b.baseline_deg == s.baseline_deg

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+
 from forgetdiag.analyses.angle_pairs import PairSpec
 from forgetdiag.linalg import Basis, direction_angles, principal_angles, summarize
 from forgetdiag.nulls import baseline_direction_angle, baseline_principal_angles
@@ -76,7 +78,12 @@ class AngleRecord:
 
 
 def angle_record(
-    part: MatrixPart, pair: PairSpec, a: tuple[Basis | None, float], b: tuple[Basis | None, float], d: int
+    part: MatrixPart,
+    pair: PairSpec,
+    a: tuple[Basis | None, float],
+    b: tuple[Basis | None, float],
+    d: int,
+    angles: tuple[torch.Tensor, torch.Tensor, dict[str, float]] | None = None,
 ) -> AngleRecord:
     """The record of ``part`` for ``pair``.
 
@@ -85,6 +92,8 @@ def angle_record(
         pair: the two updates compared.
         a, b: (basis or None for "no update", Frobenius norm of the update) of A and B.
         d: the hidden size, the dimension of the space the bases live in.
+        angles: (direction angles, principal angles, their summary) when already computed
+            (in a batch of experts, :mod:`.angle_batch`); else computed here.
 
     Returns:
         An :class:`AngleRecord`; all angles None unless both updates exist.
@@ -126,10 +135,13 @@ def angle_record(
             principal_baseline_mean_deg=None,
         )
     ra, rb = basis_a.rank, basis_b.rank
-    directions = direction_angles(basis_a.q, basis_b.q).cpu()  # (rb,) B's directions to span(A)
-    principal = principal_angles(basis_a.q, basis_b.q).cpu()  # (min(ra, rb),)
+    if angles is None:
+        directions = direction_angles(basis_a.q, basis_b.q).cpu()  # (rb,) B's directions to span(A)
+        principal = principal_angles(basis_a.q, basis_b.q).cpu()  # (min(ra, rb),)
+        stats = summarize(directions)
+    else:
+        directions, principal, stats = angles
     null = baseline_principal_angles(ra, rb, d, samples=baseline_samples(min(ra, rb)))
-    stats = summarize(directions)
     return AngleRecord(
         **common,
         status="ok",

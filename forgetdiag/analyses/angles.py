@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from forgetdiag.analyses.angle_batch import expert_group_records, group_key
 from forgetdiag.analyses.angle_pairs import PairSpec, Update, parse_pairs
 from forgetdiag.analyses.angle_records import AngleRecord, angle_record, summarize_experts
 from forgetdiag.architectures import GENERIC, component_order
@@ -315,21 +316,41 @@ def _run(checkpoints, specs, targets, check, settings, device, pool_size, progre
         if progress is not None:
             progress("computing angles", len(records) // len(specs), total)
 
+    # Routed experts of one layer wait here, grouped by component and shape, and go to the pool
+    # as one batched job per group when the stream leaves the layer (see .angle_batch).
+    groups: dict[tuple, list] = {}
+    group_layer = None
+
+    def flush_groups() -> None:
+        for group in groups.values():
+            pending.append(pool.submit(expert_group_records, group, specs, settings))
+        groups.clear()
+
     with ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="angles") as pool:
         try:
             for tensor, deltas in stream:
+                if tensor.layer != group_layer:
+                    flush_groups()
+                    group_layer = tensor.layer
                 by_update = {u: deltas[(u.i, u.j)] for u in updates}
                 for part in parts_of[tensor.name]:
+                    key = group_key(part, shapes[tensor.name], settings)
+                    if key is not None:
+                        groups.setdefault(key, []).append((part, shapes[tensor.name], by_update))
+                        continue
                     pending.append(pool.submit(part_records, part, shapes[tensor.name], by_update, specs, settings))
                 del deltas, by_update  # the jobs hold what they need
                 while len(pending) > 2 * pool_size:  # bounds the updates held in memory
                     collect_oldest()
+            flush_groups()
             while pending:
                 collect_oldest()
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
+    order = {(p.tensor.name, p.part, p.expert): k for k, p in enumerate(p for ps in parts_of.values() for p in ps)}
+    records.sort(key=lambda r: order[(r.param, r.part, r.expert)])  # stable: pairs keep their order
     return records
 
 
