@@ -377,7 +377,8 @@ def test_fused_qkv_parts_are_the_rows_the_modelling_code_uses(name):
 def test_table_fits_80_columns_and_summarises_experts(tmp_path):
     paths = planted_run(tmp_path, config("qwen2_moe"), lambda p, k: plant_in(p, k, PLANTS["qwen2_moe"]))
     out = tmp_path / "a.json"
-    result = runner.invoke(app, ["angles", *map(str, paths), "--json", str(out), "--quiet"])
+    page = tmp_path / "a.html"
+    result = runner.invoke(app, ["angles", *map(str, paths), "--json", str(out), "--html", str(page), "--quiet"])
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80 and "…" not in result.stdout
@@ -388,6 +389,8 @@ def test_table_fits_80_columns_and_summarises_experts(tmp_path):
     data = json.loads(out.read_text())
     assert sum(r["expert"] is not None for r in data["records"]) == 2 * 3 * 4
     assert all("expert" in r for r in data["records"])
+    html = page.read_text()
+    assert "Routed experts per layer and component" in html and "mlp.experts.1.up_proj" not in html
 
 
 def test_different_expert_counts_exit_2_in_one_line(tmp_path):

@@ -273,3 +273,15 @@ def test_identical_checkpoints_are_reported_as_duplicates(tmp_path):
     angles = compute_angles([c0, c1, c2])
     assert any("identical bytes" in w for w in angles.warnings)
     assert all(r.status == "no_update_b" for r in angles.records)  # the zero update, as said
+
+
+def test_magnitudes_leave_experts_and_routers_out_with_a_note(probe, tokenizer, tmp_path):
+    from forgetdiag.analyses.magnitudes import magnitude_overlap
+
+    path = save(build(config("qwen2_moe"), seed=2), tmp_path / "moe", tokenizer=tokenizer)
+    rows = probe.read_text().splitlines()
+    halves = [write_jsonl(tmp_path / f"t{k}.jsonl", [json.loads(r) for r in rows[k::2]]) for k in range(2)]
+    result = magnitude_overlap(path, [load_probe(h) for h in halves])
+    measured = {(m.layer, m.component, m.units) for m in result.checkpoints[0].modules}
+    assert measured == {(layer, c, u) for layer in (0, 1) for c, u in (("q", 32), ("k", 16), ("v", 16), ("o", 32))}
+    assert any("routed experts (4 per layer in 2 layers) and their routers" in w for w in result.warnings)

@@ -315,8 +315,8 @@ def summary_text(result: MagnitudesResult) -> str:
 
 def _skipped_notes(ckpt: Checkpoint, skipped: set[str]) -> list[str]:
     """What was not measured, in words: a wrapper's towers (text never runs them), routed
-    experts (each sees only the tokens routed to it; the router's units, one per expert, are
-    measured), and other modules whose output is not one vector per token."""
+    experts and their routers, and other modules whose output is not one vector per token
+    (Qwen2-MoE's shared expert runs on the flattened tokens)."""
     towers = {n for n in skipped if tower_of(n) is not None}
     routed = {n for n in skipped - towers if (ckpt.parse(f"{n}.weight").spec or _NONE).routed}
     other = skipped - towers - routed
@@ -325,8 +325,9 @@ def _skipped_notes(ckpt: Checkpoint, skipped: set[str]) -> list[str]:
         notes.append(f"{len(towers)} linear layers of the wrapper's non-text towers never run on text: left out")
     if ckpt.experts:
         notes.append(
-            f"the routed experts ({max(ckpt.experts.values())} per layer in {len(ckpt.experts)} layers) are not "
-            "measured: each sees only the tokens routed to it; the routers' units, one per expert, are"
+            f"the routed experts ({max(ckpt.experts.values())} per layer in {len(ckpt.experts)} layers) and their "
+            "routers are not measured: each expert sees only the tokens routed to it, and transformers' routers "
+            "are not linear layers whose output is one vector per token"
         )
     if other:
         notes.append(
