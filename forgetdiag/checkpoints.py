@@ -18,8 +18,9 @@ checkpoints with :func:`resolve_checkpoints`, the one way in. Reading tensors is
 from __future__ import annotations
 
 import hashlib
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -159,16 +160,12 @@ def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
     safetensors file otherwise (names, dtypes, shapes and offsets); ``sample_sha256`` hashes the
     first and last MiB of each weight file, which tells checkpoints of one layout apart.
     """
-    digest, sample = hashlib.sha256(), hashlib.sha256()
+    digest = hashlib.sha256()
     for file in sorted(checkpoint.weight_files):
         if file.suffix == ".safetensors":
             digest.update(read_header(file).raw)
         else:
             digest.update(f"{file.name}:{file.stat().st_size}".encode())
-        with open(file, "rb") as handle:  # the first and last MiB: tells weights apart cheaply
-            sample.update(handle.read(1 << 20))
-            handle.seek(max(0, file.stat().st_size - (1 << 20)))
-            sample.update(handle.read())
     index = checkpoint.path / SAFETENSORS_INDEX
     if index.is_file():
         digest.update(index.read_bytes())
@@ -180,6 +177,80 @@ def fingerprint(checkpoint: Checkpoint) -> dict[str, Any]:
         "format": checkpoint.format,
         "size_bytes": checkpoint.size_bytes,
         "index_sha256": digest.hexdigest()[:16],
-        "sample_sha256": sample.hexdigest()[:16],
+        "sample_sha256": _sample_digest(checkpoint),
         "config_sha256": config_hash,
     }
+
+
+def _sample_digest(checkpoint: Checkpoint) -> str:
+    """sha256 of the first and last MiB of each weight file: tells weights apart cheaply."""
+    sample = hashlib.sha256()
+    for file in sorted(checkpoint.weight_files):
+        with open(file, "rb") as handle:
+            sample.update(handle.read(1 << 20))
+            handle.seek(max(0, file.stat().st_size - (1 << 20)))
+            sample.update(handle.read())
+    return sample.hexdigest()[:16]
+
+
+_COMPARE_BLOCK = 1 << 24  # bytes read at a time when two weight files are compared
+
+
+def duplicates(checkpoints: Sequence[Checkpoint]) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)``, i < j, of checkpoints in a sequence that hold the same weights byte for
+    byte (e.g. a Trainer run's ``final`` saved from its last ``checkpoint-N``).
+
+    Candidates share their format, size, the first and last MiB of each weight file (as in
+    :func:`fingerprint`, whose header hash is left out: the bytes are compared next) and, for
+    adapters, their base; each candidate pair is then confirmed by comparing every byte of its
+    weight files, so a match is never a guess from a sample.
+    """
+    keys = []
+    for c in checkpoints:
+        base = None if c.base is None else str(c.base.path.resolve())
+        keys.append((c.format, c.size_bytes, _sample_digest(c), base))
+    found = []
+    for j in range(len(checkpoints)):
+        for i in range(j):
+            if keys[i] == keys[j] and _same_bytes(checkpoints[i], checkpoints[j]):
+                found.append((i, j))
+                break  # j duplicates its first equal; later pairs follow from that one
+    return found
+
+
+def _same_bytes(a: Checkpoint, b: Checkpoint) -> bool:
+    files_a, files_b = sorted(a.weight_files), sorted(b.weight_files)
+    if [f.name for f in files_a] != [f.name for f in files_b]:
+        return False
+    for fa, fb in zip(files_a, files_b):
+        if fa.resolve() == fb.resolve():
+            continue
+        if fa.stat().st_size != fb.stat().st_size:
+            return False
+        with open(fa, "rb") as ha, open(fb, "rb") as hb:
+            while True:
+                block = ha.read(_COMPARE_BLOCK)
+                if block != hb.read(_COMPARE_BLOCK):
+                    return False
+                if not block:
+                    break
+    return True
+
+
+def duplicate_notes(checkpoints: Sequence[Checkpoint], pairs: Sequence[tuple[int, int]] | None = None) -> list[str]:
+    """One line per checkpoint that repeats an earlier one of the sequence (``pairs``: from
+    :func:`duplicates`, found here if None), in words."""
+    return [
+        f"{checkpoints[j].label} holds the same weights as {checkpoints[i].label} (identical bytes): "
+        f"the update between them is zero"
+        for i, j in (duplicates(checkpoints) if pairs is None else pairs)
+    ]
+
+
+def tower_notes(checkpoint: Checkpoint) -> list[str]:
+    """A wrapper's non-text towers, left out of the text analyses, in words."""
+    return [
+        f"{len(names)} tensors of the {tower} ({sum(math.prod(checkpoint.meta[n].shape) for n in names):,} "
+        "parameters) are not part of the text model and are left out"
+        for tower, names in checkpoint.towers.items()
+    ]

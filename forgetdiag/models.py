@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from forgetdiag.architectures import config_int
 from forgetdiag.errors import CheckpointError
 from forgetdiag.runtime import Runtime
 from forgetdiag.storage import Checkpoint
@@ -60,13 +61,11 @@ def load_model(checkpoint: Checkpoint, runtime: Runtime | None = None):
             the checkpoint (transformers would fill it with random values), or a weight holds
             NaN or Inf.
     """
-    from transformers import AutoModelForCausalLM
-
     runtime = runtime or Runtime()
     source = checkpoint.base or checkpoint
     with _LOAD_LOCK, quiet_transformers():
         try:
-            model, info = AutoModelForCausalLM.from_pretrained(
+            model, info = model_class(source).from_pretrained(
                 str(source.path),
                 dtype=runtime.torch_dtype,
                 local_files_only=True,
@@ -89,6 +88,27 @@ def load_model(checkpoint: Checkpoint, runtime: Runtime | None = None):
         _merge_adapter(model, checkpoint)
     _require_finite_parameters(model, checkpoint)
     return model.to(runtime.torch_device).eval()
+
+
+def model_class(checkpoint: Checkpoint):
+    """The transformers auto class that loads ``checkpoint`` for text analyses.
+
+    ``AutoModelForCausalLM``, which also loads some multimodal wrappers whole (Gemma 3) or as
+    their text model (Llama 4); a wrapper it does not know (Mistral 3, Qwen2-VL) is loaded
+    whole with ``AutoModelForImageTextToText``: text-only inputs run its language model, and
+    the vision tower sits idle.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_type = checkpoint.model_type
+    known = model_type in CONFIG_MAPPING and CONFIG_MAPPING[model_type] in MODEL_FOR_CAUSAL_LM_MAPPING
+    if known or "text_config" not in checkpoint.config:
+        return AutoModelForCausalLM
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
 
 
 @torch.no_grad()
@@ -159,22 +179,48 @@ def same_tokenizer(a, b) -> bool:
     return a.get_vocab() == b.get_vocab() and a.all_special_ids == b.all_special_ids
 
 
-def shared_tokenizer(checkpoints, runtime: Runtime):
-    """The tokenizer of ``checkpoints[0]``, after checking that every other one uses the same.
+def extends(big, small) -> bool:
+    """True when ``big``'s vocabulary holds every token of ``small`` under the same id, and more
+    (tokens added before fine-tuning: chat or tool tokens, embeddings resized)."""
+    old, new = small.get_vocab(), big.get_vocab()
+    return len(new) > len(old) and all(new.get(token) == i for token, i in old.items())
 
-    With ``runtime.tokenizer`` set, that one tokenizer serves all and nothing is compared.
+
+def shared_tokenizer(checkpoints, runtime: Runtime, *, warn=None):
+    """The one tokenizer that serves every checkpoint of ``checkpoints``.
+
+    Every checkpoint's own tokenizer must be the first one's, or extend it (or be extended by
+    it): the vocabulary grew, the old tokens kept their ids. The largest is then used for every
+    model (``warn`` says so): a probe of the old task tokenizes the same with both, and
+    :func:`tokenize_probe` refuses ids a checkpoint's vocabulary does not hold. With
+    ``runtime.tokenizer`` set, that one tokenizer serves all and nothing is compared.
 
     Raises:
-        CheckpointError: two checkpoints ship different tokenizers.
+        CheckpointError: two checkpoints ship different tokenizers (the message names
+            ``--tokenizer``).
     """
-    tokenizer = load_tokenizer(checkpoints[0], runtime)
-    if runtime.tokenizer is None:
-        for other in checkpoints[1:]:
-            if other.tokenizer_dir is not None and not same_tokenizer(tokenizer, load_tokenizer(other, runtime)):
-                raise CheckpointError(
-                    f"{checkpoints[0].label} and {other.label} use different "
-                    "tokenizers; expected one tokenizer for every checkpoint compared"
-                )
+    tokenizer, owner = load_tokenizer(checkpoints[0], runtime), checkpoints[0]
+    if runtime.tokenizer is not None:
+        return tokenizer
+    first = tokenizer
+    for other in checkpoints[1:]:
+        if other.tokenizer_dir is None:
+            continue
+        theirs = load_tokenizer(other, runtime)
+        if same_tokenizer(tokenizer, theirs) or extends(tokenizer, theirs):
+            continue
+        if not extends(theirs, tokenizer):
+            raise CheckpointError(
+                f"{owner.label} and {other.label} use different tokenizers (neither vocabulary extends the "
+                "other with the same ids); expected one tokenizer for every checkpoint compared: pass "
+                "--tokenizer DIR to use one tokenizer for all"
+            )
+        tokenizer, owner = theirs, other
+    if tokenizer is not first and warn is not None:
+        warn(
+            f"the tokenizer of {owner.label} extends that of {checkpoints[0].label} ({len(tokenizer)} tokens "
+            f"against {len(first)}; the old tokens keep their ids): it tokenizes the probes for every checkpoint"
+        )
     return tokenizer
 
 
@@ -273,7 +319,7 @@ def tokenize_probe(tokenizer, probe, checkpoint: Checkpoint, runtime: Runtime, *
     if probe.stop_strings:
         stops = Stops(stops.primary, stops.accepted | stop_string_ids(tokenizer, probe.stop_strings))
     common = {
-        "max_length": model_context(checkpoint.config),
+        "max_length": model_context(checkpoint.text_config),
         "truncate": runtime.truncate_prompts,
         "canonical": not runtime.chat_template,
         "warn": warn,
@@ -281,5 +327,30 @@ def tokenize_probe(tokenizer, probe, checkpoint: Checkpoint, runtime: Runtime, *
     if probe.kind == "choice":
         from forgetdiag.choices import encode_choices
 
-        return encode_choices(tokenizer, probe.items, **common), stops
-    return encode(tokenizer, probe, stop_id=stops.primary, **common), stops
+        encoded = encode_choices(tokenizer, probe.items, **common)
+        rows = [[id_ for o in e.options for id_ in (*o.prompt_ids, *o.completion_ids)] for e in encoded]
+    else:
+        encoded = encode(tokenizer, probe, stop_id=stops.primary, **common)
+        rows = [[*e.prompt_ids, *e.completion_ids] for e in encoded]
+    require_known_ids(rows, checkpoint)
+    return encoded, stops
+
+
+def require_known_ids(rows, checkpoint: Checkpoint) -> None:
+    """Refuse token ids beyond ``checkpoint``'s vocabulary (a token added after it), naming the row."""
+    vocab = checkpoint_vocabulary(checkpoint)
+    for row, ids in enumerate(rows, start=1):
+        if vocab is not None and ids and max(ids) >= vocab:
+            raise CheckpointError(
+                f"probe row {row} uses token id {max(ids)}, which {checkpoint.label}'s vocabulary of {vocab} "
+                "does not hold (a token added after it); expected probes written with the tokens every "
+                "checkpoint knows"
+            )
+
+
+def checkpoint_vocabulary(checkpoint: Checkpoint) -> int | None:
+    """Rows of the checkpoint's input embedding (its vocabulary as stored), else the config's."""
+    for name, meta in (checkpoint.base or checkpoint).meta.items():
+        if checkpoint.parse(name).component == "embed" and len(meta.shape) == 2:
+            return meta.shape[0]
+    return config_int(checkpoint.config, "vocab_size")

@@ -13,19 +13,33 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from forgetdiag.architectures import Family, TensorName, config_int, family_for, parse_name, tied_by_default
+from forgetdiag.architectures import (
+    Family,
+    TensorName,
+    config_int,
+    family_for,
+    parse_name,
+    text_config,
+    tied_by_default,
+)
 from forgetdiag.errors import CheckpointError
+from forgetdiag.parts import experts_per_layer
+from forgetdiag.sources import (  # noqa: F401 - re-exported: the sources are part of storage's API
+    Header,
+    PickleSource,
+    SafetensorsSource,
+    TensorMeta,
+    load_pickle_weights,
+    open_safetensors,
+    read_header,
+)
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -38,157 +52,6 @@ EXPECTED = (
     "model.safetensors.index.json), a Trainer output directory with checkpoint-N "
     "subdirectories, or a PEFT adapter directory (adapter_config.json)"
 )
-
-_DTYPE_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-_MAX_HEADER = 100_000_000  # bytes; the format's own limit
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """Shape and dtype of a stored tensor, read from the file header without loading data."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    file: Path | None
-
-
-@dataclass(frozen=True)
-class Header:
-    """A safetensors file's header: its raw bytes and where each tensor's data lies.
-
-    The format: an 8-byte little-endian header length, the JSON header, then the data, which
-    each entry's ``data_offsets`` locate relative to the end of the header.
-    """
-
-    raw: bytes
-    spans: dict[str, tuple[int, int]]  # name -> absolute byte range in the file
-
-
-def read_header(file: Path) -> Header:
-    """The header of one safetensors file (the one place the format is parsed by hand)."""
-    try:
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > _MAX_HEADER:
-                raise ValueError(f"header of {length} bytes")
-            raw = handle.read(length)
-        entries = json.loads(raw)
-        spans = {
-            name: (8 + length + e["data_offsets"][0], 8 + length + e["data_offsets"][1])
-            for name, e in entries.items()
-            if name != "__metadata__"
-        }
-    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise CheckpointError(
-            f"{file}: not a readable safetensors file ({exc}); expected a "
-            "complete safetensors file as written by save_pretrained"
-        ) from None
-    return Header(raw, spans)
-
-
-class SafetensorsSource:
-    """Tensors of one or several safetensors files; headers are read once, data per call."""
-
-    def __init__(self, files_by_name: dict[str, Path]) -> None:
-        self.files = sorted(set(files_by_name.values()))
-        self.meta: dict[str, TensorMeta] = {}
-        self._headers: dict[Path, Header] = {}
-        for file in self.files:
-            with _open_safetensors(file) as handle:  # validates the whole file, not only its header
-                for name in handle.keys():  # noqa: SIM118 - a safetensors handle is not iterable
-                    if files_by_name.get(name, file) != file:
-                        continue
-                    view = handle.get_slice(name)
-                    dtype = view.get_dtype()
-                    self.meta[name] = TensorMeta(tuple(view.get_shape()), _DTYPE_NAMES.get(dtype, dtype.lower()), file)
-        missing = sorted(set(files_by_name) - set(self.meta))
-        if missing:
-            raise CheckpointError(
-                f"{self.files[0].parent}: the index names {len(missing)} tensors "
-                f"that its shards do not hold (first: {missing[0]})"
-            )
-
-    def header(self, file: Path) -> Header:
-        if file not in self._headers:
-            self._headers[file] = read_header(file)
-        return self._headers[file]
-
-    def prefetch(self, name: str) -> None:
-        """Ask the kernel to start reading ``name``'s bytes in the background.
-
-        ``posix_fadvise(WILLNEED)`` on the tensor's byte range: a later :meth:`get` from a cold
-        page cache then finds the bytes read in large requests while other work went on,
-        instead of faulting the memory map in 4 KiB pages. Advice only: a no-op where the OS
-        has no ``posix_fadvise``, and errors are ignored.
-        """
-        if not hasattr(os, "posix_fadvise"):
-            return
-        file = self.meta[name].file
-        start, end = self.header(file).spans[name]
-        try:
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-
-    def get(self, name: str) -> torch.Tensor:
-        # Open per call: the mapping is released as soon as the tensor is copied out, so
-        # resident memory stays at the tensors in flight, not the files touched so far.
-        file = self.meta[name].file
-        with _open_safetensors(file) as handle:
-            try:
-                return handle.get_tensor(name)
-            except SafetensorError as exc:  # pragma: no cover - header was validated on open
-                raise CheckpointError(f"{file}: cannot read tensor {name}: {exc}") from None
-
-
-class PickleSource:
-    """Tensors of ``pytorch_model.bin`` files, loaded only with ``weights_only=True``."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self.files = files
-        self.tensors: dict[str, torch.Tensor] = {}
-        for file in files:
-            self.tensors.update(load_pickle_weights(file))
-        self.meta = {
-            name: TensorMeta(tuple(t.shape), str(t.dtype).removeprefix("torch."), None)
-            for name, t in self.tensors.items()
-        }
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-
-def load_pickle_weights(file: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a pickle file, refusing anything but tensors (never runs code)."""
-    try:
-        # weights_only=True: the unpickler only rebuilds tensors and plain containers.
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{file}: refused to load: torch.load(weights_only=True) failed "
-            f"({first[:200]}); expected a plain state dict of tensors"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{file}: expected a state dict of tensors, found {type(state).__name__}")
-    return state
 
 
 class Checkpoint:
@@ -237,7 +100,15 @@ class Checkpoint:
 
     @cached_property
     def family(self) -> Family:
-        return family_for(self.model_type)
+        """The family of the text model (a wrapper's ``text_config.model_type`` first)."""
+        inner = text_config(self.config).get("model_type")
+        family = family_for(inner)
+        return family if family.model_types or inner == self.model_type else family_for(self.model_type)
+
+    @cached_property
+    def text_config(self) -> dict[str, Any]:
+        """The text model's settings (a wrapper's ``text_config`` over its top-level fields)."""
+        return text_config(self.config)
 
     @property
     def n_layers(self) -> int | None:
@@ -247,12 +118,40 @@ class Checkpoint:
     def hidden_size(self) -> int | None:
         return config_int(self.config, "hidden_size")
 
-    @property
+    @cached_property
     def tied_embeddings(self) -> bool:
-        """Whether lm_head is the input embedding: the config's ``tie_word_embeddings``, else the
-        model class's default (as transformers decides)."""
-        tied = self.config.get("tie_word_embeddings")
-        return tied_by_default(self.config) if tied is None else bool(tied)
+        """Whether lm_head is the input embedding, as transformers decides: the config's
+        ``tie_word_embeddings`` (a wrapper's top level, else its ``text_config``), else the model
+        class's default; and never when both are stored with different values (transformers
+        then keeps them apart)."""
+        tied = self.config.get("tie_word_embeddings", self.text_config.get("tie_word_embeddings"))
+        tied = tied_by_default(self.config) if tied is None else bool(tied)
+        if tied:
+            stored = {self.parse(n).component: n for n in self.names if self.parse(n).kind == "weight"}
+            if "embed" in stored and "lm_head" in stored:
+                tied = self._same_values(stored["embed"], stored["lm_head"])
+        return tied
+
+    def _same_values(self, a: str, b: str) -> bool:
+        if self.meta[a].shape != self.meta[b].shape:
+            return False
+        first, second = self.get(a, dtype=None), self.get(b, dtype=None)
+        return first.dtype == second.dtype and torch.equal(first, second)
+
+    @cached_property
+    def experts(self) -> dict[int, int]:
+        """Routed experts per mixture-of-experts layer (empty for a dense model)."""
+        return experts_per_layer({n: m.shape for n, m in self.meta.items()}, self.family)
+
+    @cached_property
+    def towers(self) -> dict[str, list[str]]:
+        """A wrapper's non-text towers (vision tower, projector...) and their tensor names."""
+        out: dict[str, list[str]] = {}
+        for name in self.names:
+            tower = self.parse(name).tower
+            if tower is not None:
+                out.setdefault(tower, []).append(name)
+        return out
 
     @property
     def meta(self) -> dict[str, TensorMeta]:
@@ -263,10 +162,21 @@ class Checkpoint:
         return list(self.source.meta)
 
     def parse(self, name: str) -> TensorName:
-        return parse_name(name, self.family)
+        """``name`` by layer, component and expert (parsed once per name: a 64-expert model has
+        thousands of tensors, each asked about several times)."""
+        parsed = self._parsed.get(name)
+        if parsed is None:
+            parsed = self._parsed[name] = parse_name(name, self.family)
+        return parsed
 
-    def get(self, name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The tensor ``name`` as ``dtype`` on ``device``."""
+    @cached_property
+    def _parsed(self) -> dict[str, TensorName]:
+        return {}
+
+    def get(
+        self, name: str, *, dtype: torch.dtype | None = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
+        """The tensor ``name`` as ``dtype`` (None: as stored) on ``device``."""
         if name not in self.source.meta:
             raise CheckpointError(f"{self.path}: no tensor named {name}")
         return self.source.get(name).to(device=device, dtype=dtype)
@@ -313,16 +223,6 @@ def numel(shape: Iterable[int]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _open_safetensors(file: Path):
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(
-            f"{file}: not a readable safetensors file ({exc}); expected a complete "
-            "safetensors file as written by save_pretrained"
-        ) from None
 
 
 def read_json(file: Path, what: str) -> dict[str, Any]:
@@ -383,7 +283,7 @@ def load_model_dir(
 
 def safetensors_names(file: Path) -> dict[str, Path]:
     """Every tensor name in one safetensors file, mapped to that file."""
-    with _open_safetensors(file) as handle:
+    with open_safetensors(file) as handle:
         return {name: file for name in handle.keys()}  # noqa: SIM118 - not iterable
 
 

@@ -13,22 +13,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from forgetdiag.architectures import TensorName
+from forgetdiag.architectures import TensorName, config_int
 from forgetdiag.errors import CheckpointError
 from forgetdiag.runtime import ProgressFn
 from forgetdiag.storage import Checkpoint
 
-# Config fields that must agree for two checkpoints to be one architecture.
+# Config fields that must agree for two checkpoints to be one architecture (canonical names:
+# GPT-2's n_embd/n_layer/n_head and a wrapper's text_config are read through config_int).
 _ARCH_FIELDS = (
-    "model_type",
     "hidden_size",
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
     "intermediate_size",
-    "n_embd",
-    "n_layer",
-    "n_head",
+    "num_experts",
 )
 _VOCAB_COMPONENTS = ("embed", "lm_head")
 _BLOCK = 1 << 18  # elements per block of _difference's conversion: 1 MiB of float32
@@ -61,6 +59,7 @@ def check_sequence(checkpoints: Sequence[Checkpoint]) -> SequenceCheck:
     first = checkpoints[0]
     for other in checkpoints[1:]:
         _check_architecture(first, other)
+        _check_experts(first, other)
     shared = [n for n in first.names if all(n in c.meta for c in checkpoints[1:])]
     notes, rows = [], {}
     only_some = sorted({n for c in checkpoints for n in c.names} - set(shared))
@@ -89,13 +88,30 @@ def check_sequence(checkpoints: Sequence[Checkpoint]) -> SequenceCheck:
 
 
 def _check_architecture(a: Checkpoint, b: Checkpoint) -> None:
+    if a.model_type is not None and b.model_type is not None and a.model_type != b.model_type:
+        raise CheckpointError(
+            f"checkpoints of different architectures: {a.label} is {_describe(a)} but {b.label} is "
+            f"{_describe(b)} (model_type {a.model_type} vs {b.model_type}); expected one architecture throughout"
+        )
     for key in _ARCH_FIELDS:
-        va, vb = a.config.get(key), b.config.get(key)
+        va, vb = config_int(a.config, key), config_int(b.config, key)
         if va is not None and vb is not None and va != vb:
             raise CheckpointError(
                 f"checkpoints of different architectures: {a.label} is "
                 f"{_describe(a)} but {b.label} is {_describe(b)} ({key} "
                 f"{va} vs {vb}); expected one architecture throughout"
+            )
+
+
+def _check_experts(a: Checkpoint, b: Checkpoint) -> None:
+    """Refuse checkpoints whose mixture-of-experts layers hold different numbers of experts
+    (counted from the tensors, whatever the configs say)."""
+    ea, eb = a.experts, b.experts
+    for layer in sorted(set(ea) | set(eb)):
+        if ea.get(layer) != eb.get(layer):
+            raise CheckpointError(
+                f"checkpoints differ in their experts: layer {layer} holds {ea.get(layer, 0)} experts in "
+                f"{a.label} and {eb.get(layer, 0)} in {b.label}; expected one architecture throughout"
             )
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from forgetdiag.architectures import LAYER_PATTERN
+from forgetdiag.architectures import LAYER_PATTERN, tower_of
 from forgetdiag.evaluate import IGNORE, Encoded, collate
 from forgetdiag.validate import check_choice, check_number, check_seed, choices
 
@@ -185,7 +185,8 @@ def freeze_bottom(model, n_layers: int, *, embedding: bool = True) -> list[str]:
     frozen = []
     for name, param in model.named_parameters():
         match = LAYER_PATTERN.search(name)
-        if id(param) in embed_params or (match and int(match.group(1)) < n_layers):
+        in_text_layer = match and int(match.group(1)) < n_layers and tower_of(name) is None
+        if id(param) in embed_params or in_text_layer:
             param.requires_grad_(False)
             frozen.append(name)
     return frozen

@@ -102,10 +102,14 @@ def neox_config(*, layers=2, hidden=32, heads=4, inter=64, vocab=64):
 
 
 def build(config, seed=0):
-    """A randomly initialised causal LM for ``config`` (seeded), in eval mode."""
-    from transformers import AutoModelForCausalLM
+    """A randomly initialised causal LM for ``config`` (seeded), in eval mode; a multimodal
+    wrapper (a config with a ``vision_config``) is built whole, vision tower included, as its
+    published checkpoints are (AutoModelForCausalLM would build Llama 4's text model alone)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
+    if getattr(config, "vision_config", None) is not None:
+        return AutoModelForImageTextToText.from_config(config).eval()
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -281,3 +285,36 @@ def assert_envelope(data: dict, analysis: str) -> dict:
     assert all(isinstance(v, float) and v >= 0 for v in data["timings_s"].values())
     assert not {"seconds", "wall_s", "notes"} & set(data)
     return data
+
+
+# --- planted updates of known angle --------------------------------------------------------
+HIDDEN = 32
+LOW, HIGH = (0.0, 30.0, 60.0), (30.0, 60.0, 90.0)  # planted principal angles, rank 3
+SINGULAR = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) * 0.05
+
+
+def orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator)).Q
+
+
+def planted_updates(thetas, n: int, seed: int, hidden: int = HIDDEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (hidden, n) rank-3 updates U1 S V1^T and U2 S V2^T whose hidden-side bases have the
+    principal angles ``thetas``: u2_i = cos t_i u1_i + sin t_i w_i, w orthogonal to U1."""
+    g = torch.Generator().manual_seed(seed)
+    frame = orthonormal(hidden, 6, g)  # (hidden, 6)
+    t = torch.deg2rad(torch.tensor(thetas, dtype=torch.float64))
+    u1, u2 = frame[:, :3], frame[:, :3] * torch.cos(t) + frame[:, 3:] * torch.sin(t)
+    return ((u1 * SINGULAR) @ orthonormal(n, 3, g).T, (u2 * SINGULAR) @ orthonormal(n, 3, g).T)
+
+
+def planted_run(root, config, plant, seed=0, **save_kwargs):
+    """Save C0, C1 = C0 + dW1, C2 = C1 + dW2, where ``plant(state, k)`` adds update k in place
+    to the model's parameters (written here by hand for each family's layout)."""
+    model = build(config, seed=seed)
+    paths = []
+    for k in range(3):
+        if k:
+            with torch.no_grad():
+                plant(dict(model.named_parameters()), k - 1)
+        paths.append(save(model, root / f"c{k}", **save_kwargs))
+    return paths

@@ -26,54 +26,24 @@ from forgetdiag.runtime import Runtime
 from forgetdiag.storage import SafetensorsSource
 
 from helpers import (
+    HIDDEN,
+    HIGH,
+    LOW,
     assert_bad_input,
     assert_envelope,
-    build,
     gpt2_config,
     llama_config,
     neox_config,
-    save,
+    planted_run,
+    planted_updates,
     tree_digest,
 )
 
 runner = CliRunner()
-HIDDEN = 32
-LOW, HIGH = (0.0, 30.0, 60.0), (30.0, 60.0, 90.0)  # planted principal angles, rank 3
-SINGULAR = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) * 0.05
 
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-# --- planted updates -------------------------------------------------------------------------
-
-
-def orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=generator)).Q
-
-
-def planted_updates(thetas, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two (HIDDEN, n) rank-3 updates U1 S V1^T and U2 S V2^T whose hidden-side bases have the
-    principal angles ``thetas``: u2_i = cos t_i u1_i + sin t_i w_i, w orthogonal to U1."""
-    g = torch.Generator().manual_seed(seed)
-    frame = orthonormal(HIDDEN, 6, g)  # (HIDDEN, 6)
-    t = torch.deg2rad(torch.tensor(thetas, dtype=torch.float64))
-    u1, u2 = frame[:, :3], frame[:, :3] * torch.cos(t) + frame[:, 3:] * torch.sin(t)
-    return ((u1 * SINGULAR) @ orthonormal(n, 3, g).T, (u2 * SINGULAR) @ orthonormal(n, 3, g).T)
-
-
-def planted_run(root, config, plant, seed=0):
-    """Save C0, C1 = C0 + dW1, C2 = C1 + dW2, where ``plant(state, k)`` adds update k in place
-    to the stored tensors (written here by hand for each family's layout)."""
-    model = build(config, seed=seed)
-    paths = []
-    for k in range(3):
-        if k:
-            with torch.no_grad():
-                plant(dict(model.named_parameters()), k - 1)
-        paths.append(save(model, root / f"c{k}"))
-    return paths
 
 
 def plant_llama(params, k):

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from forgetdiag import CheckpointError, check_sequence, find_checkpoints, find_sequence
-from forgetdiag.architectures import family_for, matrix_parts, parse_name
+from forgetdiag.architectures import family_for, parse_name
+from forgetdiag.parts import matrix_parts
 from forgetdiag.streaming import stream_tensors, stream_updates
 
 from helpers import build, save

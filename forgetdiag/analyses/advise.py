@@ -29,6 +29,7 @@ prevent it).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +38,7 @@ import torch
 
 from forgetdiag.analyses.freeze_code import code_snippets, frozen_parameters
 from forgetdiag.analyses.verdict import wilson_interval
+from forgetdiag.binding import bind
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import ForgetdiagError, ProbeError
 from forgetdiag.evaluate import score
@@ -227,18 +229,25 @@ def decide_freeze(
 
 
 def angle_evidence(records: Sequence) -> dict[int, tuple[float, float]]:
-    """Per depth (-1 = embedding): mean early/late angle and its mean chance baseline."""
-    by_layer: dict[int, list] = {}
+    """Per depth (-1 = embedding): mean early/late angle and its mean chance baseline over the
+    layer's matrices; a component's routed experts count once, by their medians (64 experts
+    would otherwise outweigh the attention)."""
+    by_layer: dict[int, dict[tuple, list]] = {}
     for r in records:
         if r.status != "ok" or r.angle_deg is None or r.baseline_deg is None:
             continue
         if r.layer is None and r.component != "embed":
             continue  # lm_head, position embeddings: not part of the freeze
-        by_layer.setdefault(EMBEDDING if r.layer is None else r.layer, []).append(r)
-    return {
-        layer: (sum(r.angle_deg for r in rs) / len(rs), sum(r.baseline_deg for r in rs) / len(rs))
-        for layer, rs in by_layer.items()
-    }
+        key = (r.component, r.param) if r.expert is None else (r.component, "experts")
+        by_layer.setdefault(EMBEDDING if r.layer is None else r.layer, {}).setdefault(key, []).append(r)
+    out = {}
+    for layer, groups in by_layer.items():
+        pairs = [
+            (statistics.median(r.angle_deg for r in g), statistics.median(r.baseline_deg for r in g))
+            for g in groups.values()
+        ]
+        out[layer] = (sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs))
+    return out
 
 
 def revert_series(
@@ -261,14 +270,13 @@ def revert_series(
     Returns:
         ``(before Scores, after Scores, [Scores at d = 0, 1, ...])``.
     """
-    from forgetdiag.analyses.plane import parameter_targets
-
     load = lambda c: load_model(c, runtime)
     run = lambda m: score(m, encoded, pad_id=pad_id, batch_size=runtime.batch_size, stops=stops, progress=progress)
     before_scores = run(load(before))
     model = load(after)
     after_scores = run(model)
-    targets, _ = parameter_targets(model, before.names)
+    # by name, a wrapper's prefix or as blocks of fused expert parameters (forgetdiag.binding)
+    targets = bind(model, before.names, {n: m.shape for n, m in before.meta.items()}).targets
     groups: dict[int, list[str]] = {}
     for name in targets:
         tensor = before.parse(name)
@@ -279,8 +287,7 @@ def revert_series(
     with torch.no_grad():
         for depth in range(depths + 1):
             for name in groups.get(depth, []):
-                param = targets[name]
-                param.copy_(before.get(name, dtype=param.dtype, device=param.device).reshape(param.shape))
+                targets[name].write(before.get(name))
             series.append(run(model))
     return before_scores, after_scores, series
 
@@ -331,7 +338,7 @@ def advise(
             "expected prompt/answer rows"
         )
     timings, notes = Timings(), []
-    tokenizer = shared_tokenizer([before, after], runtime)
+    tokenizer = shared_tokenizer([before, after], runtime, warn=notes.append)
     evaluation = (
         old
         if len(old) <= settings.eval_items

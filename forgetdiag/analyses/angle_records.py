@@ -11,15 +11,20 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+
 from forgetdiag.analyses.angle_pairs import PairSpec
-from forgetdiag.architectures import MatrixPart
 from forgetdiag.linalg import Basis, direction_angles, principal_angles, summarize
 from forgetdiag.nulls import baseline_direction_angle, baseline_principal_angles
+from forgetdiag.parts import MatrixPart
 
 
 @dataclass(frozen=True)
 class AngleRecord:
     """One (pair, parameter, part): the angles between updates A and B of one matrix.
+
+    ``expert`` is the routed expert's index for an expert's matrix (``component`` is then its
+    ``gate``, ``up`` or ``down``), None elsewhere.
 
     ``status`` is ``ok``, ``no_update_a``, ``no_update_b`` or ``no_update`` (neither changed);
     unless ``ok``, every angle is None: a matrix that did not change has no subspace.
@@ -35,6 +40,7 @@ class AngleRecord:
     part: str | None
     layer: int | None
     component: str
+    expert: int | None
     d: int
     status: str
     rank_a: int | None
@@ -72,7 +78,12 @@ class AngleRecord:
 
 
 def angle_record(
-    part: MatrixPart, pair: PairSpec, a: tuple[Basis | None, float], b: tuple[Basis | None, float], d: int
+    part: MatrixPart,
+    pair: PairSpec,
+    a: tuple[Basis | None, float],
+    b: tuple[Basis | None, float],
+    d: int,
+    angles: tuple[torch.Tensor, torch.Tensor, dict[str, float]] | None = None,
 ) -> AngleRecord:
     """The record of ``part`` for ``pair``.
 
@@ -81,6 +92,8 @@ def angle_record(
         pair: the two updates compared.
         a, b: (basis or None for "no update", Frobenius norm of the update) of A and B.
         d: the hidden size, the dimension of the space the bases live in.
+        angles: (direction angles, principal angles, their summary) when already computed
+            (in a batch of experts, :mod:`.angle_batch`); else computed here.
 
     Returns:
         An :class:`AngleRecord`; all angles None unless both updates exist.
@@ -94,6 +107,7 @@ def angle_record(
         part=part.part,
         layer=part.layer,
         component=part.component,
+        expert=part.expert,
         d=d,
         norm_a=norm_a,
         norm_b=norm_b,
@@ -121,10 +135,13 @@ def angle_record(
             principal_baseline_mean_deg=None,
         )
     ra, rb = basis_a.rank, basis_b.rank
-    directions = direction_angles(basis_a.q, basis_b.q).cpu()  # (rb,) B's directions to span(A)
-    principal = principal_angles(basis_a.q, basis_b.q).cpu()  # (min(ra, rb),)
+    if angles is None:
+        directions = direction_angles(basis_a.q, basis_b.q).cpu()  # (rb,) B's directions to span(A)
+        principal = principal_angles(basis_a.q, basis_b.q).cpu()  # (min(ra, rb),)
+        stats = summarize(directions)
+    else:
+        directions, principal, stats = angles
     null = baseline_principal_angles(ra, rb, d, samples=baseline_samples(min(ra, rb)))
-    stats = summarize(directions)
     return AngleRecord(
         **common,
         status="ok",
@@ -149,3 +166,70 @@ def baseline_samples(k: int) -> int:
     """Monte Carlo samples of the principal-angle baseline: 16 for small subspaces, fewer for
     large ones (each sample already averages k sorted angles, and costs O(k^3))."""
     return max(1, min(16, math.ceil(512 / max(k, 1))))
+
+
+@dataclass(frozen=True)
+class ExpertSummary:
+    """The routed experts of one (pair, layer, component), summarised.
+
+    ``median_deg``, ``min_deg`` and ``max_deg`` run over the experts whose matrix changed in
+    both updates (``n_ok`` of ``n_experts``); ``baseline_deg`` is the median of their null
+    baselines. ``moved_most`` lists the experts with the largest update B (Frobenius norm),
+    largest first, and ``norm_share`` the share of the component's squared update B they hold.
+    """
+
+    pair: str
+    layer: int
+    component: str
+    n_experts: int
+    n_ok: int
+    median_deg: float | None
+    min_deg: float | None
+    max_deg: float | None
+    baseline_deg: float | None
+    moved_most: tuple[int, ...]
+    norm_share: float | None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["moved_most"] = list(self.moved_most)
+        return out
+
+
+def summarize_experts(records, *, top: int = 3) -> list[ExpertSummary]:
+    """One :class:`ExpertSummary` per (pair, layer, component) of the routed experts in
+    ``records`` (records of other matrices are ignored), in the records' order."""
+    groups: dict[tuple, list[AngleRecord]] = {}
+    for r in records:
+        if r.expert is not None:
+            groups.setdefault((r.pair, r.layer, r.component), []).append(r)
+    out = []
+    for (pair, layer, component), rs in groups.items():
+        ok = [r for r in rs if r.ok]
+        angles = sorted(r.angle_deg for r in ok)
+        energy = [r.norm_b**2 for r in rs]
+        moved = sorted((r for r in rs if r.norm_b > 0), key=lambda r: -r.norm_b)[:top]
+        total = sum(energy)
+        out.append(
+            ExpertSummary(
+                pair=pair,
+                layer=layer,
+                component=component,
+                n_experts=len(rs),
+                n_ok=len(ok),
+                median_deg=_median(angles),
+                min_deg=angles[0] if angles else None,
+                max_deg=angles[-1] if angles else None,
+                baseline_deg=_median(sorted(r.baseline_deg for r in ok)),
+                moved_most=tuple(r.expert for r in moved),
+                norm_share=sum(r.norm_b**2 for r in moved) / total if total > 0 else None,
+            )
+        )
+    return out
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import torch
 
+from forgetdiag.analyses.angle_batch import expert_group_records, group_key
 from forgetdiag.analyses.angle_pairs import PairSpec, Update, parse_pairs
-from forgetdiag.analyses.angle_records import AngleRecord, angle_record
-from forgetdiag.architectures import GENERIC, MatrixPart, component_order, matrix_parts
-from forgetdiag.checkpoints import resolve_checkpoints
+from forgetdiag.analyses.angle_records import AngleRecord, angle_record, summarize_experts
+from forgetdiag.architectures import GENERIC, component_order
+from forgetdiag.checkpoints import duplicate_notes, resolve_checkpoints, tower_notes
 from forgetdiag.errors import CheckpointError, ForgetdiagError
 from forgetdiag.linalg import Basis, update_basis
+from forgetdiag.parts import MatrixPart, matrix_parts
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn, torch_threads
 from forgetdiag.storage import Checkpoint
@@ -164,6 +166,7 @@ class AnglesResult(Result):
                 "device": self.device,
                 "workers": self.workers,
             },
+            "experts": [e.to_dict() for e in summarize_experts(self.records)],
             "records": [r.to_dict() for r in self.records],
         }
 
@@ -203,7 +206,8 @@ def compute_angles(
     found = resolve_checkpoints(checkpoints, runtime)
     specs = parse_pairs(settings.compare, len(found), labels=[c.label for c in found])
     check = check_sequence(found)
-    targets, notes = comparable_parts(found[0], check)
+    targets, notes = comparable_parts(found[0], check, tied=all(c.tied_embeddings for c in found))
+    notes = duplicate_notes(found) + notes
     torch_device = runtime.torch_device
     pool_size, threads = plan_threads(runtime.threads, torch_device)
     with timings.phase("angles"), torch_threads(threads):
@@ -246,10 +250,14 @@ def plan_threads(workers: int | None, device: torch.device) -> tuple[int, int | 
 def comparable_parts(
     checkpoint: Checkpoint,
     check: SequenceCheck,
+    *,
+    tied: bool | None = None,
 ) -> tuple[list[tuple[str, list[MatrixPart], tuple[int, ...]]], list[str]]:
     """The weight matrices to compare, per stored tensor, in forward-pass order.
 
-    Embeddings and lm_head are included, lm_head only when not tied to the input embedding.
+    Embeddings and lm_head are included, lm_head only when not tied to the input embedding
+    (``tied``: default the checkpoint's own). A wrapper's vision tower and projector are left
+    out (a note says so).
 
     Returns:
         ([(tensor name, its parts, its shape as compared)], notes).
@@ -258,13 +266,14 @@ def comparable_parts(
         CheckpointError: the checkpoints hold no weight matrix forgetdiag recognises.
     """
     guess = checkpoint.family is GENERIC
-    found, notes = [], []
+    tied = checkpoint.tied_embeddings if tied is None else tied
+    found, notes = [], tower_notes(checkpoint)
     for name in check.names:
         tensor = checkpoint.parse(name)
         shape = checkpoint.meta[name].shape
         if name in check.rows:
             shape = (check.rows[name], *shape[1:])
-        if tensor.component == "lm_head" and checkpoint.tied_embeddings and tensor.kind == "weight":
+        if tensor.component == "lm_head" and tied and tensor.kind == "weight":
             notes.append(f"{name} is tied to the input embedding (tie_word_embeddings): reported once, as embed")
             continue
         try:
@@ -286,7 +295,7 @@ def comparable_parts(
 
 def _forward_key(part: MatrixPart) -> tuple:
     if part.layer is not None:
-        return (1, part.layer, component_order(part.component))
+        return (1, part.layer, component_order(part.component), part.expert is not None, part.expert or 0)
     return (0 if part.component in _GLOBAL_FIRST else 2, 0, component_order(part.component))
 
 
@@ -307,21 +316,41 @@ def _run(checkpoints, specs, targets, check, settings, device, pool_size, progre
         if progress is not None:
             progress("computing angles", len(records) // len(specs), total)
 
+    # Routed experts of one layer wait here, grouped by component and shape, and go to the pool
+    # as one batched job per group when the stream leaves the layer (see .angle_batch).
+    groups: dict[tuple, list] = {}
+    group_layer = None
+
+    def flush_groups() -> None:
+        for group in groups.values():
+            pending.append(pool.submit(expert_group_records, group, specs, settings))
+        groups.clear()
+
     with ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="angles") as pool:
         try:
             for tensor, deltas in stream:
+                if tensor.layer != group_layer:
+                    flush_groups()
+                    group_layer = tensor.layer
                 by_update = {u: deltas[(u.i, u.j)] for u in updates}
                 for part in parts_of[tensor.name]:
+                    key = group_key(part, shapes[tensor.name], settings)
+                    if key is not None:
+                        groups.setdefault(key, []).append((part, shapes[tensor.name], by_update))
+                        continue
                     pending.append(pool.submit(part_records, part, shapes[tensor.name], by_update, specs, settings))
                 del deltas, by_update  # the jobs hold what they need
                 while len(pending) > 2 * pool_size:  # bounds the updates held in memory
                     collect_oldest()
+            flush_groups()
             while pending:
                 collect_oldest()
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
+    order = {(p.tensor.name, p.part, p.expert): k for k, p in enumerate(p for ps in parts_of.values() for p in ps)}
+    records.sort(key=lambda r: order[(r.param, r.part, r.expert)])  # stable: pairs keep their order
     return records
 
 

@@ -37,7 +37,7 @@ from forgetdiag.analyses.hidden import encode_prompts, extract_features
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import CheckpointError, ForgetdiagError
 from forgetdiag.evaluate import Encoded, model_context
-from forgetdiag.models import load_model, shared_tokenizer
+from forgetdiag.models import load_model, require_known_ids, shared_tokenizer
 from forgetdiag.probes import Probe, with_chat_template
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
@@ -245,17 +245,19 @@ def _prompts(
     checkpoints: Sequence[Checkpoint], probe: Probe, runtime: Runtime, warn: Warn | None
 ) -> tuple[list[Encoded], int]:
     """Encoded prompts and the pad id, after checking that every checkpoint shares a tokenizer."""
-    tokenizer = shared_tokenizer(checkpoints, runtime)
+    tokenizer = shared_tokenizer(checkpoints, runtime, warn=warn)
     if runtime.chat_template:
         probe = with_chat_template(probe, tokenizer)
     encoded = encode_prompts(
         tokenizer,
         probe,
-        max_length=model_context(checkpoints[0].config),
+        max_length=model_context(checkpoints[0].text_config),
         truncate=runtime.truncate_prompts,
         canonical=not runtime.chat_template,
         warn=warn,
     )
+    for checkpoint in checkpoints:
+        require_known_ids([e.prompt_ids for e in encoded], checkpoint)
     return encoded, tokenizer.pad_token_id
 
 

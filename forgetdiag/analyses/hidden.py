@@ -62,11 +62,17 @@ def encode_prompts(
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder blocks of a causal LM: the ModuleList of ``num_hidden_layers`` equal blocks."""
+    """The decoder blocks of a causal LM: the ModuleList of ``num_hidden_layers`` equal blocks,
+    looked for in its text decoder first (a multimodal wrapper's vision tower has layers too)."""
     n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    for module in model.base_model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n and len({type(m) for m in module}) == 1:
-            return module
+    try:
+        roots = [model.get_decoder()]
+    except (AttributeError, NotImplementedError, TypeError):
+        roots = []
+    for root in [*roots, model.base_model]:
+        for module in root.modules():
+            if isinstance(module, torch.nn.ModuleList) and len(module) == n and len({type(m) for m in module}) == 1:
+                return module
     raise CheckpointError(
         f"cannot find the {n} decoder layers of {type(model).__name__}; "
         "expected a ModuleList of num_hidden_layers blocks (use method "

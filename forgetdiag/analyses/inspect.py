@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from forgetdiag.architectures import GENERIC, component_order, matrix_parts
-from forgetdiag.checkpoints import resolve_checkpoints
+from forgetdiag.architectures import GENERIC, component_order
+from forgetdiag.checkpoints import duplicate_notes, duplicates, resolve_checkpoints, tower_notes
+from forgetdiag.parts import matrix_parts
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
 from forgetdiag.storage import Checkpoint
@@ -36,6 +37,10 @@ class CheckpointInfo:
     tied_embeddings: bool
     lora: dict | None
     values_checked: bool
+    experts: int | None = None  # routed experts per mixture-of-experts layer (the most of any layer)
+    moe_layers: int = 0
+    towers: dict[str, int] = field(default_factory=dict)  # a wrapper's non-text towers: tensors each
+    duplicate_of: str | None = None  # an earlier checkpoint of the sequence with the same bytes
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,9 @@ class InspectResult(Result):
         }
 
 
-def describe(checkpoint: Checkpoint, *, values_checked: bool = False) -> CheckpointInfo:
+def describe(
+    checkpoint: Checkpoint, *, values_checked: bool = False, duplicate_of: str | None = None
+) -> CheckpointInfo:
     """An :class:`CheckpointInfo` from headers and config only (no tensor data read)."""
     components: dict[str, None] = {}
     unrecognised = 0
@@ -117,6 +124,10 @@ def describe(checkpoint: Checkpoint, *, values_checked: bool = False) -> Checkpo
         tied_embeddings=checkpoint.tied_embeddings,
         lora=lora,
         values_checked=values_checked,
+        experts=max(checkpoint.experts.values()) if checkpoint.experts else None,
+        moe_layers=len(checkpoint.experts),
+        towers={tower: len(names) for tower, names in checkpoint.towers.items()},
+        duplicate_of=duplicate_of,
     )
 
 
@@ -153,9 +164,14 @@ def inspect_checkpoints(
                     done += 1
                     if progress is not None:
                         progress("checking values", done, total)
+    pairs = duplicates(checkpoints)
+    copies = {j: checkpoints[i].label for i, j in pairs}
     return InspectResult(
-        tuple(describe(c, values_checked=settings.check_values) for c in checkpoints),
+        tuple(
+            describe(c, values_checked=settings.check_values, duplicate_of=copies.get(k))
+            for k, c in enumerate(checkpoints)
+        ),
         len(check.names),
-        check.notes,
+        (*check.notes, *duplicate_notes(checkpoints, pairs), *tower_notes(checkpoints[0])),
         dict(timings),
     )

@@ -29,7 +29,7 @@ from forgetdiag.analyses.plane import NEARLY_PARALLEL_DEG, RANDOM, Placement, Pl
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import ForgetdiagError, ProbeError
 from forgetdiag.evaluate import answer_loss, collate_batches
-from forgetdiag.models import load_model, load_tokenizer, tokenize_probe
+from forgetdiag.models import load_model, shared_tokenizer, tokenize_probe
 from forgetdiag.probes import Probe, load_probe
 from forgetdiag.results import Result
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
@@ -257,10 +257,11 @@ def _unique_names(probes: Sequence[Probe]) -> list[Probe]:
 
 
 def _prepare_probes(
-    origin: Checkpoint, model, probes: Sequence[Probe], runtime: Runtime, device, warn: Warn
+    anchors: Sequence[Checkpoint], model, probes: Sequence[Probe], runtime: Runtime, device, warn: Warn
 ) -> tuple[list[ProbeInfo], list[list]]:
-    """Tokenize each probe with the origin's tokenizer and collate its batches once."""
-    tokenizer = load_tokenizer(origin, runtime)
+    """Tokenize each probe with the anchors' shared tokenizer and collate its batches once."""
+    origin = anchors[0]
+    tokenizer = shared_tokenizer(anchors, runtime, warn=warn)
     infos, batches = [], []
     for probe in probes:
         encoded, _ = tokenize_probe(tokenizer, probe, origin, runtime, warn=warn)
@@ -312,6 +313,14 @@ def _evaluate(
             on_partial(frame.result(grid))
         if progress is not None:
             progress(GRID_DESCRIPTION, k + 1, len(todo))
+
+
+def _largest_vocabulary(anchors: Sequence[Checkpoint]) -> int:
+    """The anchor the model is loaded from: the origin, unless the vocabulary grew along the
+    anchors (tokens added before fine-tuning); then the last anchor with the most rows, whose
+    new rows the plane holds fixed while it moves the common ones."""
+    rows = [next((m.shape[0] for n, m in c.meta.items() if c.parse(n).component == "embed"), 0) for c in anchors]
+    return 0 if rows[0] == max(rows) else max(k for k, r in enumerate(rows) if r == max(rows))
 
 
 def _anchors(origin, x_end, y_end, trajectory, settings: LandscapeSettings, runtime: Runtime):
@@ -382,12 +391,13 @@ def landscape(
         raise ProbeError("no probe given; expected at least one probe file (--probe)")
     check_sequence([*anchors, *placed])  # different architectures fail before anything loads
     device = runtime.torch_device
+    loaded = _largest_vocabulary(anchors)
     with runtime.threads_for(anchors[0].n_params):
         start = time.perf_counter()
-        model = load_model(anchors[0], runtime).requires_grad_(False)
-        infos, batches = _prepare_probes(anchors[0], model, probes, runtime, device, warn)
+        model = load_model(anchors[loaded], runtime).requires_grad_(False)
+        infos, batches = _prepare_probes(anchors, model, probes, runtime, device, warn)
         plane, info, placements, notes = build_plane(
-            model, anchors, placed, mode=settings.directions, seed=settings.seed, progress=progress
+            model, anchors, placed, mode=settings.directions, seed=settings.seed, loaded=loaded, progress=progress
         )
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         frame = _Frame(

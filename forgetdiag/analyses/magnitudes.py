@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from forgetdiag.analyses.activations import Magnitudes, unit_magnitudes
+from forgetdiag.architectures import Component, tower_of
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import CheckpointError, ForgetdiagError
 from forgetdiag.evaluate import Encoded
@@ -168,7 +169,7 @@ def _encode_tasks(
 ) -> tuple[list[list[list[Encoded]]], int]:
     """Per task, its items encoded in two halves split by group (one part for a single group),
     and the pad id, after checking that one tokenizer serves every checkpoint."""
-    tokenizer = shared_tokenizer(checkpoints, runtime)
+    tokenizer = shared_tokenizer(checkpoints, runtime, warn=warn)
     out = []
     for probe in probes:
         halves = [h for h in split_probe(probe, seed=0) if len(h)] if len(probe.groups) > 1 else [probe]
@@ -312,6 +313,32 @@ def summary_text(result: MagnitudesResult) -> str:
     return text
 
 
+def _skipped_notes(ckpt: Checkpoint, skipped: set[str]) -> list[str]:
+    """What was not measured, in words: a wrapper's towers (text never runs them), routed
+    experts and their routers, and other modules whose output is not one vector per token
+    (Qwen2-MoE's shared expert runs on the flattened tokens)."""
+    towers = {n for n in skipped if tower_of(n) is not None}
+    routed = {n for n in skipped - towers if (ckpt.parse(f"{n}.weight").spec or _NONE).routed}
+    other = skipped - towers - routed
+    notes = []
+    if towers:
+        notes.append(f"{len(towers)} linear layers of the wrapper's non-text towers never run on text: left out")
+    if ckpt.experts:
+        notes.append(
+            f"the routed experts ({max(ckpt.experts.values())} per layer in {len(ckpt.experts)} layers) and their "
+            "routers are not measured: each expert sees only the tokens routed to it, and transformers' routers "
+            "are not linear layers whose output is one vector per token"
+        )
+    if other:
+        notes.append(
+            f"{len(other)} linear layers whose output is not one vector per token were left out (first: {min(other)})"
+        )
+    return notes
+
+
+_NONE = Component("")
+
+
 def _checkpoint_overlap(ckpt: Checkpoint, parts: Sequence[Sequence[Magnitudes]], quantile: float) -> CheckpointOverlap:
     modules = compare_tasks(parts, quantile=quantile, parse=ckpt.parse)
     if not modules:
@@ -378,14 +405,10 @@ def magnitude_overlap(
             del model
             skipped.update(name for p in parts for m in p for name in m.skipped)
             results.append(_checkpoint_overlap(ckpt, parts, settings.quantile))
-    notes = []
-    if skipped:
-        notes.append(
-            f"{len(skipped)} linear layers whose output is not one vector per token "
-            f"were left out (first: {min(skipped)})"
-        )
-        if warn is not None:
-            warn(notes[-1])
+    notes = _skipped_notes(cks[0], skipped)
+    if warn is not None:
+        for note in notes:
+            warn(note)
     return MagnitudesResult(
         tasks,
         tuple(len(p) for p in probes),

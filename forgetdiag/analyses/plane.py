@@ -24,11 +24,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from forgetdiag.architectures import TensorName
+from forgetdiag.architectures import TensorName, tower_of
+from forgetdiag.binding import Target, bind
 from forgetdiag.errors import CheckpointError
 from forgetdiag.runtime import ProgressFn
 from forgetdiag.storage import Checkpoint
-from forgetdiag.streaming import SequenceCheck, check_sequence, require_finite, stream_tensors
+from forgetdiag.streaming import check_sequence, require_finite, stream_tensors
 
 RAW = "raw"
 RANDOM = "filter-normalized-random"
@@ -98,19 +99,38 @@ class Placement:
 
 
 class ModelPlane:
-    """A model whose weights are set in place to theta_0 + alpha d_x + beta d_y."""
+    """A model whose weights are set in place to theta_0 + alpha d_x + beta d_y.
+
+    ``params[k]`` is set from ``origin[k]``, ``dx[k]`` and ``dy[k]``, held in its dtype and on
+    its device. A parameter that several checkpoint tensors fill (the experts of a fused 3-D
+    parameter, the old rows of a grown vocabulary) is held whole: the blocks no tensor sets
+    keep the loaded values, with zero directions.
+    """
 
     def __init__(self) -> None:
         self.params: list[torch.nn.Parameter] = []
         self.origin: list[torch.Tensor] = []
         self.dx: list[torch.Tensor] = []
         self.dy: list[torch.Tensor] = []
+        self._slot: dict[int, int] = {}
 
-    def bind(self, param: torch.nn.Parameter, origin: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> None:
-        """Hold ``origin``, ``dx``, ``dy`` for ``param`` in its dtype and on its device."""
-        for values, t in ((self.origin, origin), (self.dx, dx), (self.dy, dy)):
-            values.append(t.to(device=param.device, dtype=param.dtype))
-        self.params.append(param)
+    def bind(self, target: Target, origin: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor) -> None:
+        """Hold ``origin``, ``dx``, ``dy`` for the block of the parameter ``target`` names."""
+        param = target.param
+        if target.index is None and not target.transposed:
+            for values, t in ((self.origin, origin), (self.dx, dx), (self.dy, dy)):
+                values.append(t.reshape(param.shape).to(device=param.device, dtype=param.dtype))
+            self.params.append(param)
+            return
+        k = self._slot.get(id(param))
+        if k is None:
+            k = self._slot[id(param)] = len(self.params)
+            self.params.append(param)
+            self.origin.append(param.detach().clone())  # blocks no tensor sets keep these values
+            self.dx.append(torch.zeros_like(param, requires_grad=False))
+            self.dy.append(torch.zeros_like(param, requires_grad=False))
+        for whole, value in ((self.origin[k], origin), (self.dx[k], dx), (self.dy[k], dy)):
+            target.write(value, whole)
 
     @torch.no_grad()
     def set(self, alpha: float, beta: float) -> None:
@@ -180,45 +200,6 @@ def filter_normalized(origin: torch.Tensor, tensor: TensorName, generator: torch
     return d * (o_norm / d_norm.clamp_min(torch.finfo(torch.float32).tiny))
 
 
-def parameter_targets(
-    model: torch.nn.Module,
-    names: Sequence[str],
-) -> tuple[dict[str, torch.nn.Parameter], list[str]]:
-    """The model parameter each checkpoint tensor sets.
-
-    Tied parameters are set once: the first name that reaches a parameter owns it, and later
-    names that reach it are returned as aliases. A name that differs from the parameter's only
-    by the model's ``base_model_prefix`` still matches. Names without a parameter are in neither.
-
-    Returns:
-        ``(targets, aliases)``: name -> parameter, and the names of tied duplicates.
-    """
-    params = dict(model.named_parameters(remove_duplicate=False))
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    owner: dict[int, str] = {}
-    targets, aliases = {}, []
-    for name in names:
-        candidates = [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")] if prefix else [name]
-        param = next((params[c] for c in candidates if c in params), None)
-        if param is None:
-            continue
-        if id(param) in owner:
-            aliases.append(name)
-            continue
-        owner[id(param)] = name
-        targets[name] = param
-    return targets, aliases
-
-
-def _same_shapes(check: SequenceCheck, what: str) -> None:
-    if check.rows:
-        name = next(iter(check.rows))
-        raise CheckpointError(
-            f"{what}: {name} changes shape along the checkpoints (vocabulary "
-            "resized); a loss plane needs every checkpoint to have the same shapes"
-        )
-
-
 def build_plane(
     model: torch.nn.Module,
     anchors: Sequence[Checkpoint],
@@ -226,52 +207,59 @@ def build_plane(
     *,
     mode: str = RAW,
     seed: int = 0,
+    loaded: int = 0,
     progress: ProgressFn | None = None,
 ) -> tuple[ModelPlane, PlaneInfo, list[Placement], list[str]]:
     """Stream the anchors once: bind the plane to ``model`` and place ``trajectory`` on it.
 
     Args:
-        model: the loaded origin; its parameters are bound (not yet changed).
+        model: the loaded model (from ``anchors[loaded]``); its parameters are bound (not yet
+            changed).
         anchors: ``[origin, x_end, y_end]`` for raw directions, ``[origin]`` for random ones.
         trajectory: checkpoints to place on the plane.
         mode: ``raw`` or ``filter-normalized-random``.
         seed: seed of the random directions.
+        loaded: which anchor the model was loaded from: every binding is checked against its
+            values, so that the plane's anchors are the checkpoints exactly.
         progress: ``progress("reading checkpoints", done, total)``.
 
     Returns:
         The bound plane, its :class:`PlaneInfo`, one :class:`Placement` per trajectory
-        checkpoint, and notes (tensors the model has no parameter for, tied duplicates).
+        checkpoint, and notes (tensors the model has no parameter for, tied duplicates, a
+        wrapper's towers, a grown vocabulary).
 
     Raises:
         CheckpointError: different architectures or shapes; a tensor that changes between the
-            anchors but that the model has no parameter for; NaN/Inf weights.
+            anchors but that the model has no parameter for, or holds otherwise than stored;
+            NaN/Inf weights.
     """
     check = check_sequence(anchors)
-    _same_shapes(check, "the landscape checkpoints")
     shared = set(check.names)
+    full = check
     if trajectory:
         full = check_sequence([*anchors, *trajectory])
-        _same_shapes(full, "the trajectory checkpoints")
         shared = set(full.names)
-    binder = _Binder(model, check.names)
-    names = [n for n in check.names if n not in set(binder.aliases)]
+    shapes = {n: (check.rows.get(n, anchors[0].meta[n].shape[0]), *anchors[0].meta[n].shape[1:]) for n in check.names}
+    binder = _Binder(model, check.names, shapes)
+    names = [n for n in check.names if n not in set(binder.skipped)]
     plane, plane_gram, traj_gram = ModelPlane(), _Gram(0), _Gram(len(trajectory))
     generator = torch.Generator().manual_seed(seed)
     for tensor, values in stream_tensors(anchors, names, check=check, progress=progress):
         origin = values[0]
-        param = binder.param(tensor.name, origin)
-        dx, dy = _directions(mode, values, tensor, param is not None, generator)
+        target = binder.target(tensor.name, values[loaded])
+        dx, dy = _directions(mode, values, tensor, target is not None, generator)
         del values
         plane_gram.add_directions(dx, dy)
         plane_gram.add_origin(origin)
         if trajectory and tensor.name in shared:
             traj_gram.add_directions(dx, dy)
+            rows = full.rows.get(tensor.name)
             for k, c in enumerate(trajectory):
                 theta = require_finite(c.get(tensor.name), tensor.name, c)
-                traj_gram.add_point(k, origin, theta, dx, dy)
+                traj_gram.add_point(k, origin, theta if rows is None else theta[:rows], dx, dy)
                 del theta
-        if param is not None:
-            plane.bind(param, origin, dx, dy)
+        if target is not None:
+            plane.bind(target, origin, dx, dy)
         elif bool(dx.any()) or bool(dy.any()):
             raise CheckpointError(
                 f"{tensor.name} changes between the landscape checkpoints but the "
@@ -281,9 +269,14 @@ def build_plane(
         else:
             binder.unbound.append(tensor.name)
         del origin, dx, dy
-    info = _info(plane_gram, mode, seed, anchors[0], names)
+    info = _info(plane_gram, mode, seed, shapes, names)
     require_directions(info)
-    return plane, info, _placements(traj_gram, trajectory), binder.notes()
+    notes = binder.notes() + [
+        f"the vocabulary grew along the checkpoints: {name} is compared on its first {rows} rows; the "
+        f"new rows keep the values of {anchors[loaded].label}, from which the model was loaded"
+        for name, rows in check.rows.items()
+    ]
+    return plane, info, _placements(traj_gram, trajectory), notes
 
 
 def _directions(
@@ -298,28 +291,45 @@ def _directions(
 
 
 class _Binder:
-    """Which model parameter each checkpoint tensor sets: by name, else by the origin's values.
+    """Which model parameter (and block of it) each checkpoint tensor sets: by name, through a
+    wrapper's or transformers 5's layout (:mod:`forgetdiag.binding`), else by the values of the
+    checkpoint the model was loaded from. Every binding is checked against those values.
 
     transformers may rename tensors on loading (GPT-NeoX ``embed_out`` is ``lm_head`` in
-    transformers 5). The model was loaded from the origin, so a renamed tensor is the one
-    parameter, among those no name reaches, that holds exactly the origin's values.
+    transformers 5). The model was loaded from one anchor, so a renamed tensor is the one
+    parameter, among those no name reaches, that holds exactly that anchor's values.
     """
 
-    def __init__(self, model: torch.nn.Module, names: Sequence[str]) -> None:
+    def __init__(self, model: torch.nn.Module, names: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> None:
         self.model = model
-        self.targets, self.aliases = parameter_targets(model, names)
-        bound = {id(p) for p in self.targets.values()}
+        binding = bind(model, names, shapes)
+        self.targets, self.aliases, self.mapped, self.towers = (
+            binding.targets,
+            binding.aliases,
+            binding.mapped,
+            binding.towers,
+        )
+        self.skipped = set(self.aliases) | set(self.towers)
+        bound = {id(t.param) for t in self.targets.values()}
         self.free = [(n, p) for n, p in model.named_parameters() if id(p) not in bound]
         self.renamed: list[str] = []
         self.unbound: list[str] = []
 
-    def param(self, name: str, origin: torch.Tensor) -> torch.nn.Parameter | None:
+    def target(self, name: str, loaded: torch.Tensor) -> Target | None:
+        """The target of ``name``, checked against ``loaded``, its value in the loaded checkpoint."""
         if name in self.targets:
-            return self.targets[name]
+            target = self.targets[name]
+            if not target.matches(loaded):
+                where = target.param_name + ("" if target.index is None else " (a block of it)")
+                raise CheckpointError(
+                    f"{name}: the loaded {type(self.model).__name__} holds other values in {where} than "
+                    "the checkpoint it was loaded from; cannot set the plane's weights exactly"
+                )
+            return target
         same = [
             (n, p)
             for n, p in self.free
-            if tuple(p.shape) == tuple(origin.shape) and torch.equal(p.detach().cpu(), origin.to(p.dtype))
+            if tuple(p.shape) == tuple(loaded.shape) and torch.equal(p.detach().cpu(), loaded.to(p.dtype))
         ]
         if len(same) > 1:
             raise CheckpointError(
@@ -330,9 +340,9 @@ class _Binder:
         if not same:
             return None
         self.free.remove(same[0])
-        self.targets[name] = same[0][1]
+        self.targets[name] = Target(name, same[0][0], same[0][1])
         self.renamed.append(f"{name} -> {same[0][0]}")
-        return same[0][1]
+        return self.targets[name]
 
     def notes(self) -> list[str]:
         notes = []
@@ -340,6 +350,17 @@ class _Binder:
             notes.append(
                 f"{len(self.renamed)} checkpoint tensors are named differently in the loaded "
                 f"model and were matched by their values ({', '.join(self.renamed[:3])})"
+            )
+        experts = [n for n in self.mapped if self.targets[n].index is not None and self.targets[n].param.dim() == 3]
+        if experts:
+            notes.append(
+                f"{len(experts)} expert tensors of the checkpoints are blocks of fused expert parameters "
+                f"in the loaded model (first: {experts[0]} -> {self.targets[experts[0]].param_name})"
+            )
+        if self.towers:
+            notes.append(
+                f"{len(self.towers)} tensors of the wrapper's non-text towers (first: {self.towers[0]}) are "
+                "left out of the plane: text probes never run them"
             )
         if self.unbound:
             notes.append(
@@ -351,12 +372,12 @@ class _Binder:
                 f"{len(self.aliases)} tensors duplicate a tied parameter and are counted once "
                 f"(first: {self.aliases[0]})"
             )
-        bound = {id(p) for p in self.targets.values()}
-        fixed = [n for n, p in self.model.named_parameters() if id(p) not in bound]
+        bound = {id(t.param) for t in self.targets.values()}
+        fixed = [n for n, p in self.model.named_parameters() if id(p) not in bound and tower_of(n) is None]
         if fixed:
             notes.append(
                 f"{len(fixed)} model parameters are not in the checkpoints and keep the "
-                f"origin's values (first: {fixed[0]})"
+                f"values they were loaded with (first: {fixed[0]})"
             )
         return notes
 
@@ -381,11 +402,11 @@ def require_directions(info: PlaneInfo) -> None:
         )
 
 
-def _info(gram: _Gram, mode: str, seed: int, origin: Checkpoint, names: Sequence[str]) -> PlaneInfo:
+def _info(gram: _Gram, mode: str, seed: int, shapes: dict, names: Sequence[str]) -> PlaneInfo:
     g = gram.g
     norm_x, norm_y = math.sqrt(g[0, 0]), math.sqrt(g[1, 1])
     cos = g[0, 1] / (norm_x * norm_y) if norm_x > 0 and norm_y > 0 else float("nan")
-    n_params = sum(math.prod(origin.meta[n].shape) for n in names)
+    n_params = sum(math.prod(shapes[n]) for n in names)
     return PlaneInfo(
         mode,
         seed if mode == RANDOM else None,

@@ -293,7 +293,7 @@ def recover(
         note(
             "the control is the same checkpoint as AFTER: it cannot measure what the recovery budget teaches by itself"
         )
-    tokenizer = shared_tokenizer(everything, runtime)
+    tokenizer = shared_tokenizer(everything, runtime, warn=note)
     rec, ev = recovery_split(
         probe,
         recovery_probe,

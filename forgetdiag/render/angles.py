@@ -18,6 +18,8 @@ from forgetdiag.analyses.angle_pairs import PairSpec
 from forgetdiag.analyses.angles import AngleRecord, AnglesResult
 from forgetdiag.analyses.inspect import component_order
 from forgetdiag.render import html
+from forgetdiag.render.angle_experts import EXPERT_COLUMNS, expert_figure, expert_rows, experts_table
+from forgetdiag.render.fit import FitColumns
 from forgetdiag.render.fmt import MISSING
 
 BELOW, ABOVE = "▼", "▲"
@@ -54,8 +56,9 @@ def column_baseline(records: list[AngleRecord | None]) -> float | None:
 
 
 def layer_grid(records: list[AngleRecord]) -> tuple[list[int], list[str], dict]:
-    """(layers, components in forward order, {(layer, component): record}) of layer matrices."""
-    grid = {(r.layer, r.component): r for r in records if r.layer is not None}
+    """(layers, components in forward order, {(layer, component): record}) of the layer
+    matrices that are not routed experts (those are summarised by :mod:`.angle_experts`)."""
+    grid = {(r.layer, r.component): r for r in records if r.layer is not None and r.expert is None}
     layers = sorted({layer for layer, _ in grid})
     components = sorted({c for _, c in grid}, key=component_order)
     return layers, components, grid
@@ -74,26 +77,31 @@ def pair_title(result: AnglesResult, pair: PairSpec) -> str:
     )
 
 
-def pair_table(result: AnglesResult, pair: PairSpec) -> Table:
-    """Layers as rows, components as columns; each cell the mean angle (baseline) and marker."""
+def pair_table(result: AnglesResult, pair: PairSpec) -> FitColumns:
+    """Layers as rows, components as columns; each cell the mean angle (baseline) and marker.
+    Shown as several tables side by side in time when the console is too narrow for all."""
     records = result.for_pair(pair)
     layers, components, grid = layer_grid(records)
     far = result.settings.far_deg
-    table = Table(box=box.SIMPLE_HEAD, title=Text(pair_title(result, pair)), title_justify="left", pad_edge=False)
-    table.add_column("layer", justify="right", no_wrap=True, min_width=5)
-    for component in components:
-        table.add_column(component, justify="right", no_wrap=True)
     shown = [column_baseline([grid.get((layer, c)) for layer in layers]) for c in components]
-    table.add_row(
-        Text("null", style="dim"),
-        *(Text("" if b is None else f"({b:.1f})", style="dim") for b in shown),
-        end_section=True,
-    )
-    for layer in layers:
+
+    def build(columns, first: bool) -> Table:
+        title = Text(pair_title(result, pair)) if first else None
+        table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+        table.add_column("layer", justify="right", no_wrap=True, min_width=5)
+        for k in columns:
+            table.add_column(components[k], justify="right", no_wrap=True)
         table.add_row(
-            str(layer), *(cell_text(grid.get((layer, c)), far, shown_baseline=b) for c, b in zip(components, shown))
+            Text("null", style="dim"),
+            *(Text("" if shown[k] is None else f"({shown[k]:.1f})", style="dim") for k in columns),
+            end_section=True,
         )
-    return table
+        for layer in layers:
+            cells = [cell_text(grid.get((layer, components[k])), far, shown_baseline=shown[k]) for k in columns]
+            table.add_row(str(layer), *cells)
+        return table
+
+    return FitColumns(build, len(components))
 
 
 def globals_line(result: AnglesResult, pair: PairSpec) -> Text | None:
@@ -157,6 +165,9 @@ def angles_table(result: AnglesResult) -> Group:
         line = globals_line(result, pair)
         if line is not None:
             parts.append(line)
+        experts = experts_table(result, pair)
+        if experts is not None:
+            parts.append(experts)
         parts.append(Text(rank_summary(result.for_pair(pair)), style="dim"))
     parts.append(Text(legend(result), style="dim"))
     parts.append(
@@ -328,19 +339,31 @@ def angles_sections(result: AnglesResult) -> list[html.Section]:
     ]
     for pair in result.pairs:
         records = result.for_pair(pair)
-        sections.append(
-            html.Section(
-                f"Weight-update angles, pair {pair.label}",
-                [
-                    html.paragraph(pair_title(result, pair)),
-                    html.paragraph(rank_summary(records), cls="note"),
-                    html.figure(heatmaps(result, pair), height=max(360, 24 * (len(layer_grid(records)[0]) + 6))),
-                    html.figure(distributions(result, pair), height=420),
-                    html.figure(principal_curve(result, pair), height=360),
-                    html.table(columns, _rows(records), left=4),
-                ],
-            )
-        )
+        parts = [
+            html.paragraph(pair_title(result, pair)),
+            html.paragraph(rank_summary(records), cls="note"),
+            html.figure(heatmaps(result, pair), height=max(360, 24 * (len(layer_grid(records)[0]) + 6))),
+        ]
+        experts = expert_figure(result, pair)
+        if experts is not None:
+            n_parts = len({r.component for r in records if r.expert is not None})
+            n_layers = len({r.layer for r in records if r.expert is not None})
+            parts += [
+                html.figure(experts, height=max(360, n_parts * (24 * n_layers + 120))),
+                html.paragraph(
+                    "Routed experts per layer and component: the median and range of the experts' "
+                    "mean angles, and the experts with the largest update B (share of its ||dW||²). "
+                    "The JSON holds every expert's record.",
+                    cls="note",
+                ),
+                html.table(EXPERT_COLUMNS, expert_rows(result, pair), left=2),
+            ]
+        parts += [
+            html.figure(distributions(result, pair), height=420),
+            html.figure(principal_curve(result, pair), height=360),
+            html.table(columns, _rows([r for r in records if r.expert is None]), left=4),
+        ]
+        sections.append(html.Section(f"Weight-update angles, pair {pair.label}", parts))
     notes = [
         html.paragraph(legend(result), cls="note"),
         html.paragraph(

@@ -45,6 +45,18 @@ def inspect_table(result: InspectResult) -> Group:
             "yes" if c.tokenizer else "no",
         )
     lines = [head, table]
+    if first.experts:
+        lines.append(
+            Text(
+                f"Mixture of experts: {first.experts} routed experts in {first.moe_layers} of {first.n_layers} "
+                "layers (angles summarises them per layer and component; the JSON keeps each)."
+            )
+        )
+    for tower, count in first.towers.items():
+        lines.append(Text(f"Not text: {tower} ({count} tensors), left out of the text analyses."))
+    for c in result.checkpoints:
+        if c.duplicate_of is not None:
+            lines.append(Text(f"{c.label} is a duplicate of {c.duplicate_of}: the same bytes.", style="yellow"))
     for c in {c.components: c for c in result.checkpoints}.values():
         text = f"Weight matrices understood: {' '.join(c.components) or 'none'}"
         if c.unrecognised:
