@@ -40,6 +40,7 @@ from forgetdiag.runtime import torch_threads
 from forgetdiag.samples import world as bio
 from forgetdiag.samples.measure import Truth, measure_samples
 from forgetdiag.samples.tokenizer import train_tokenizer
+from forgetdiag.storage import enclosing_checkpoint
 from forgetdiag.training import TrainConfig, freeze_bottom, train
 
 Progress = Callable[[str, int, int], None]
@@ -143,6 +144,12 @@ def build_samples(
         ForgetdiagError: ``out`` is a file or a non-empty directory.
     """
     out = Path(out)
+    inside = enclosing_checkpoint(out)
+    if inside is not None:
+        raise ForgetdiagError(
+            f"{out}: refusing to build inside the checkpoint directory {inside}; forgetdiag never "
+            "writes into checkpoints, choose another directory"
+        )
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ForgetdiagError(
             f"{out}: refusing to build into an existing "
