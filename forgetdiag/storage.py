@@ -238,6 +238,30 @@ def read_json(file: Path, what: str) -> dict[str, Any]:
     return data
 
 
+# Sizes the analyses read from a config: each must be a whole number where present.
+_CONFIG_SIZES = (
+    "num_hidden_layers",
+    "n_layer",
+    "hidden_size",
+    "n_embd",
+    "d_model",
+    "num_attention_heads",
+    "n_head",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def _check_config_sizes(config: dict[str, Any], file: Path) -> None:
+    for key in _CONFIG_SIZES:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise CheckpointError(f"{file}: '{key}' must be a whole number >= 0, found {value!r}")
+
+
 def load_model_dir(
     path: Path, *, allow_pickle: bool = False, label: str | None = None, step: int | None = None
 ) -> Checkpoint:
@@ -246,6 +270,7 @@ def load_model_dir(
     if not config_file.is_file():
         raise CheckpointError(f"{path}: no config.json; {EXPECTED}")
     config = read_json(config_file, "config.json")
+    _check_config_sizes(config, config_file)
     if (path / SAFETENSORS_INDEX).is_file():
         index = read_json(path / SAFETENSORS_INDEX, SAFETENSORS_INDEX)
         weight_map = index.get("weight_map")
@@ -287,9 +312,25 @@ def safetensors_names(file: Path) -> dict[str, Path]:
         return {name: file for name in handle.keys()}  # noqa: SIM118 - not iterable
 
 
+def enclosing_checkpoint(path: Path) -> Path | None:
+    """The nearest directory at or above ``path`` that is a checkpoint (it holds config.json or
+    adapter_config.json), or None."""
+    for directory in (path.resolve(), *path.resolve().parents):
+        if (directory / "config.json").is_file() or (directory / ADAPTER_CONFIG).is_file():
+            return directory
+    return None
+
+
 def _pickle_files(path: Path) -> list[Path]:
     if (path / PICKLE_INDEX).is_file():
         index = read_json(path / PICKLE_INDEX, PICKLE_INDEX)
-        shards = sorted(set((index.get("weight_map") or {}).values()))
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{path / PICKLE_INDEX}: expected a 'weight_map' of tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
+        absent = [s for s in shards if not (path / s).is_file()]
+        if absent:
+            # transformers would read the index too: never load another file than it names
+            raise CheckpointError(f"{path}: shard {absent[0]} named in {PICKLE_INDEX} is missing")
         return [path / s for s in shards]
     return [path / PICKLE_FILE] if (path / PICKLE_FILE).is_file() else []

@@ -19,16 +19,8 @@ from forgetdiag.cli.app import app
 
 
 def main() -> None:
-    """Entry point of the ``forgetdiag`` console script.
-
-    Library warnings (transformers' and torch's log lines and Python warnings) are silenced
-    here, for the command line only: stderr carries forgetdiag's own lines, one per problem.
-    """
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    """Entry point of the ``forgetdiag`` console script (each command silences library warnings
+    itself: :func:`forgetdiag.cli.common.command_context`)."""
     app(prog_name="forgetdiag")
 
 

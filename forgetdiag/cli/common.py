@@ -51,7 +51,8 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args, **kw):
             try:
-                return fn(*args, **kw)
+                with command_context():
+                    return fn(*args, **kw)
             except ForgetdiagError as exc:
                 raise fail(exc.message, exc.exit_code) from None
             except (typer.Exit, typer.Abort):
@@ -74,6 +75,37 @@ def command(app: typer.Typer, name: str | None = None, **kwargs) -> Callable:
         return app.command(name, **kwargs)(wrapper)
 
     return decorate
+
+
+@contextlib.contextmanager
+def command_context() -> Iterator[None]:
+    """What a command runs inside: library warnings silenced (transformers' log lines and
+    Python warnings; stderr carries forgetdiag's own lines, one per problem), and SIGTERM turned
+    into an interrupt so that temporary files and half-built trees are cleaned up as on Ctrl-C."""
+    import logging
+    import signal
+    import threading
+    import warnings
+
+    transformers_log = logging.getLogger("transformers")
+    level = transformers_log.level
+    transformers_log.setLevel(logging.ERROR)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if in_main else None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if in_main:
+        signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers_log.setLevel(level)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # Options shared by commands (Annotated aliases keep signatures short).

@@ -41,6 +41,7 @@ from forgetdiag.samples import world as bio
 from forgetdiag.samples.measure import Truth, measure_samples
 from forgetdiag.samples.remedies import REMEDIES, task1_plan
 from forgetdiag.samples.tokenizer import train_tokenizer
+from forgetdiag.storage import enclosing_checkpoint
 from forgetdiag.training import TrainConfig, train
 from forgetdiag.validate import check_choice, check_number
 
@@ -163,6 +164,12 @@ def build_samples(
         ForgetdiagError: ``out`` is a file or a non-empty directory.
     """
     out = Path(out)
+    inside = enclosing_checkpoint(out)
+    if inside is not None:
+        raise ForgetdiagError(
+            f"{out}: refusing to build inside the checkpoint directory {inside}; forgetdiag never "
+            "writes into checkpoints, choose another directory"
+        )
     if out.is_file() or (out.is_dir() and any(out.iterdir())):
         raise ForgetdiagError(
             f"{out}: refusing to build into an existing "
