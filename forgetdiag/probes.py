@@ -22,8 +22,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from forgetdiag.errors import ProbeError
 from forgetdiag.probe_rows import ProbeFields, read_rows
 
@@ -169,6 +167,8 @@ def split_probe(
 
 def _shuffled_groups(probe: Probe, seed: int) -> list[str]:
     groups = probe.groups
+    import torch  # here, not at import: the CLI reads probe fields without loading torch
+
     generator = torch.Generator().manual_seed(seed)
     return [groups[k] for k in torch.randperm(len(groups), generator=generator).tolist()]
 

@@ -5,6 +5,9 @@ says where and how models run and how checkpoints are read; ``progress`` and ``w
 two callbacks (defined here once) through which an analysis talks to whoever called it. The
 CLI's shared options are generated from :class:`Runtime`'s fields (their ``help`` metadata and
 defaults), so the defaults live here only.
+
+torch is imported where a device, dtype or thread count is used, not at import: the CLI builds
+its options and refuses bad input before torch is loaded.
 """
 
 from __future__ import annotations
@@ -13,9 +16,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.validate import check_choice, check_number, choices
@@ -23,8 +24,10 @@ from forgetdiag.validate import check_choice, check_number, choices
 ProgressFn = Callable[[str, int, int], None]  # (description, completed, total)
 Warn = Callable[[str], None]  # receives one warning line
 
+if TYPE_CHECKING:
+    import torch
+
 Dtype = Literal["float32", "bfloat16", "float16"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # Below this many parameters a forward pass is too small to gain from a second CPU thread
@@ -79,11 +82,14 @@ class Runtime:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, os.fspath(value))
-        self.torch_device  # noqa: B018 - validates the device now, not at the first model load
+        if self.device != "cpu":
+            self.torch_device  # noqa: B018 - validates the device now, not at the first model load
 
     @property
     def torch_device(self) -> torch.device:
         """The device: ``auto`` is CUDA when available, else the CPU."""
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -96,7 +102,9 @@ class Runtime:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        return getattr(torch, self.dtype)
 
     def auto_threads(self, n_params: int) -> int | None:
         """Torch CPU threads for a model of ``n_params`` (None: leave torch's default)."""
@@ -119,6 +127,8 @@ def torch_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
+    import torch
+
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -30,6 +30,14 @@ from forgetdiag.architectures import (
     tied_by_default,
 )
 from forgetdiag.errors import CheckpointError
+from forgetdiag.layout import (  # noqa: F401 - re-exported: the file names are part of storage's API
+    ADAPTER_CONFIG,
+    PICKLE_FILE,
+    PICKLE_INDEX,
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    TOKENIZER_FILES,
+)
 from forgetdiag.parts import experts_per_layer
 from forgetdiag.sources import (  # noqa: F401 - re-exported: the sources are part of storage's API
     Header,
@@ -41,12 +49,6 @@ from forgetdiag.sources import (  # noqa: F401 - re-exported: the sources are pa
     read_header,
 )
 
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_FILE = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-ADAPTER_CONFIG = "adapter_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 EXPECTED = (
     "expected a model directory (config.json + model.safetensors or a sharded "
     "model.safetensors.index.json), a Trainer output directory with checkpoint-N "
@@ -310,15 +312,6 @@ def safetensors_names(file: Path) -> dict[str, Path]:
     """Every tensor name in one safetensors file, mapped to that file."""
     with open_safetensors(file) as handle:
         return {name: file for name in handle.keys()}  # noqa: SIM118 - not iterable
-
-
-def enclosing_checkpoint(path: Path) -> Path | None:
-    """The nearest directory at or above ``path`` that is a checkpoint (it holds config.json or
-    adapter_config.json), or None."""
-    for directory in (path.resolve(), *path.resolve().parents):
-        if (directory / "config.json").is_file() or (directory / ADAPTER_CONFIG).is_file():
-            return directory
-    return None
 
 
 def _pickle_files(path: Path) -> list[Path]:

@@ -215,7 +215,7 @@ def test_console_script_and_module_entry_point(llama_dir):
 
 
 def test_internal_errors_exit_1_without_traceback(llama_dir, monkeypatch):
-    import forgetdiag.cli.inspect as cmd
+    import forgetdiag.analyses.inspect as cmd  # the command imports it when it runs
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")

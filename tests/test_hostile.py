@@ -491,3 +491,48 @@ def test_sigterm_during_samples_build_removes_the_half_built_tree(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "forgetdiag: error: interrupted"
     assert list(tmp_path.iterdir()) == []
+
+
+# --- a refused command is cheap: no model code is imported before the guard --------------------------------
+
+_REFUSALS = """
+import json, sys
+from typer.testing import CliRunner
+from forgetdiag.cli import app
+S = "sample_checkpoints/spurious"; C0, C1, C2 = (f"{S}/checkpoint-{n}" for n in (0, 50, 100))
+P = "sample_checkpoints/probes/task0_heldout.jsonl"; X = f"{C0}/x.json"
+cases = [
+    ["inspect", C0, "--json", X],
+    ["angles", C0, C1, C2, "--json", X],
+    ["recover", C0, C1, "--probe", P, "--json", X],
+    ["gate", C0, C1, "--probe", P, "--max-forgetting", "0.5", "--json", X],
+    ["report", S, "--json", X],
+    ["landscape", C0, C1, C2, "--probe", P, "--json", X],
+    ["features", C0, C1, "--probe", P, "--json", X],
+    ["magnitudes", C0, C1, "--probe", P, "--json", X],
+    ["tokens", C0, "--data", P, "--json", X],
+    ["advise", S, "--json", X],
+    ["score", C0, "--probe", P, "--json", X],
+]
+out = []
+for args in cases:
+    result = CliRunner().invoke(app, args)
+    out.append([args[0], result.exit_code, "torch" in sys.modules, result.stderr])
+print(json.dumps(out))
+"""
+
+
+def test_a_refused_output_never_imports_torch():
+    """The guard and the option checks run before any model code is imported: a refused
+    command costs the CLI's start (about half a second), not torch's import (over a second)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _REFUSALS], cwd=root, env={"PYTHONPATH": str(root)}, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name, code, torch_loaded, stderr in json.loads(proc.stdout):
+        assert code == 2 and "inside the checkpoint directory" in stderr, (name, stderr)
+        assert not torch_loaded, f"{name} imported torch before refusing its output"

@@ -184,10 +184,10 @@ def test_build_refuses_a_non_empty_directory(tmp_path):
 
 
 def test_cli_builds_and_refuses(tmp_path, monkeypatch):
-    import forgetdiag.cli.samples as cli_samples
+    import forgetdiag.samples.build as build  # the command imports it when it runs
     from forgetdiag.cli import app
 
-    monkeypatch.setattr(cli_samples, "SampleConfig", SampleConfig.miniature)
+    monkeypatch.setattr(build, "SampleConfig", SampleConfig.miniature)
     runner = CliRunner()
     out = tmp_path / "empty"
     out.mkdir()  # an existing empty directory is fine

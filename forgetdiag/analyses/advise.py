@@ -47,47 +47,11 @@ from forgetdiag.probes import Probe, split_probe
 from forgetdiag.results import Result, Timings
 from forgetdiag.runfile import RunSpec, landscape_triple
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.settings import AdviceSettings
 from forgetdiag.storage import Checkpoint
 from forgetdiag.streaming import check_sequence
-from forgetdiag.validate import check_number, check_seed
 
 EMBEDDING = -1  # the input embedding's row in the evidence
-
-
-@dataclass(frozen=True)
-class AdviceSettings:
-    """Thresholds and sizes of the advice (CLI options of the same names).
-
-    Attributes:
-        restore_min: advise the smallest depth whose revert restores at least this share of
-            the old task's lost accuracy.
-        max_share: never advise freezing more than this share of the layers.
-        eval_items: old-task probe rows scored per depth (a seeded sample of whole groups).
-        feature_items: probe prompts for the feature shifts.
-        rank: top-k directions per update for the angles.
-        seed: sampling seed.
-        skip: context analyses not to run (``angles``, ``features``).
-    """
-
-    restore_min: float = 0.5
-    max_share: float = 0.5
-    eval_items: int = 1000
-    feature_items: int = 500
-    rank: int = 16
-    seed: int = 0
-    skip: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        check_number("--restore-min", self.restore_min, low=0, high=1, low_open=True)
-        check_number("--max-share", self.max_share, low=0, high=1, low_open=True)
-        check_number("--eval-items", self.eval_items, low=1, integer=True)
-        check_number("feature_items", self.feature_items, low=2, integer=True)
-        check_number("rank", self.rank, low=1, integer=True)
-        check_seed("--seed", self.seed)
-        object.__setattr__(self, "skip", tuple(self.skip))
-        unknown = set(self.skip) - {"angles", "features"}
-        if unknown:
-            raise ForgetdiagError(f"--skip {sorted(unknown)[0]}: expected angles or features")
 
 
 @dataclass(frozen=True)

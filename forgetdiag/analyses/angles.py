@@ -28,80 +28,16 @@ from forgetdiag.analyses.angle_pairs import PairSpec, Update, parse_pairs
 from forgetdiag.analyses.angle_records import AngleRecord, angle_record, summarize_experts
 from forgetdiag.architectures import GENERIC, component_order
 from forgetdiag.checkpoints import duplicate_notes, resolve_checkpoints, tower_notes
-from forgetdiag.errors import CheckpointError, ForgetdiagError
+from forgetdiag.errors import CheckpointError
 from forgetdiag.linalg import Basis, update_basis
 from forgetdiag.parts import MatrixPart, matrix_parts
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn, torch_threads
+from forgetdiag.settings import AngleSettings
 from forgetdiag.storage import Checkpoint
 from forgetdiag.streaming import SequenceCheck, check_sequence, stream_updates
-from forgetdiag.validate import check_number, check_seed
 
-DEFAULT_RANK = 32
 _GLOBAL_FIRST = ("embed", "pos_embed")  # global matrices shown before layer 0; others after
-
-
-@dataclass(frozen=True)
-class AngleSettings:
-    """Which updates are compared and how their bases are chosen (CLI options of the same
-    names; ``far_deg`` is ``--far``).
-
-    Attributes:
-        compare: which updates to compare, ``A:B`` pairs (see :mod:`.angle_pairs`), e.g.
-            ``0-1:1-2``; default: consecutive updates.
-        rank: keep the top ``rank`` directions of each update (the fast default, 32; randomized
-            SVD when ``rank + oversample`` is at most 1/8 of the matrix's smaller side).
-        energy: instead keep the fewest directions holding this share of ||dW||_F^2 (the
-            paper's rule, 0.99; exact SVD). Give at most one of rank and energy.
-        rtol: drop directions whose singular value is <= rtol * the largest (float32 rounding
-            leaves ~1e-7), so a rank-3 update gives a rank-3 basis whatever ``rank`` is.
-        min_update: an update whose root-mean-square entry is <= this is "no update" (default
-            0: only a matrix that did not change at all).
-        standardize: subtract each update's scalar mean and divide by its scalar std first,
-            as the paper did (the mean shift adds a rank-one term; off by default).
-        seed: seed of the randomized SVD.
-        oversample: extra range-finder columns of the randomized SVD (default: ``rank``).
-        niter: power iterations of the randomized SVD.
-        far_deg: renderers mark a mean angle further than this from its null baseline.
-    """
-
-    compare: str | None = None
-    rank: int | None = None
-    energy: float | None = None
-    rtol: float = 1e-4
-    min_update: float = 0.0
-    standardize: bool = False
-    seed: int = 0
-    oversample: int | None = None
-    niter: int = 3
-    far_deg: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.rank is not None and self.energy is not None:
-            raise ForgetdiagError(
-                "give --rank or --energy, not both (rank: fixed top-k, "
-                "randomized SVD; energy: the paper's share of ||dW||^2, exact SVD)"
-            )
-        if self.compare is not None and not isinstance(self.compare, str):
-            raise ForgetdiagError(f"--compare {self.compare!r}: expected text such as 0-1:1-2")
-        check_number("--rank", self.rank, low=1, integer=True, optional=True)
-        check_number("--energy", self.energy, low=0.0, high=1.0, low_open=True, optional=True)
-        check_number("--rtol", self.rtol, low=0.0, high=1.0, high_open=True)
-        check_number("--min-update", self.min_update, low=0.0)
-        check_seed("--seed", self.seed)
-        check_number("--oversample", self.oversample, low=0, integer=True, optional=True)
-        check_number("--niter", self.niter, low=0, integer=True)
-        check_number("--far", self.far_deg, low=0.0, high=90.0)
-
-    @property
-    def mode(self) -> str:
-        """``"rank"`` or ``"energy"``."""
-        return "energy" if self.energy is not None else "rank"
-
-    @property
-    def top_k(self) -> int | None:
-        """The fixed rank in rank mode (``DEFAULT_RANK`` unless given), else None."""
-        return None if self.energy is not None else (self.rank or DEFAULT_RANK)
 
 
 @dataclass(frozen=True)

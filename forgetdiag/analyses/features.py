@@ -17,10 +17,8 @@ float64 on the CPU whatever the model's device and dtype.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
 
 import torch
 
@@ -41,54 +39,12 @@ from forgetdiag.models import load_model, require_known_ids, shared_tokenizer
 from forgetdiag.probes import Probe, with_chat_template
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.settings import FeatureSettings
+from forgetdiag.settings.weights import parse_pairs  # noqa: F401 - part of this module's API
 from forgetdiag.storage import Checkpoint
 from forgetdiag.streaming import check_sequence
-from forgetdiag.validate import check_choice, check_number, check_seed, choices
 
-Method = Literal["hooks", "output_hidden_states"]
 TIE = 0.9  # PC2 holding >= 90% of PC1's variance: PC1 alone is ill-defined (a note says so)
-
-
-@dataclass(frozen=True)
-class FeatureSettings:
-    """What is compared and where the shift is said to start (CLI options of the same names).
-
-    Attributes:
-        pairs: (i, j) indices into the expanded checkpoint list to compare, before i and after
-            j (CLI: ``--pairs 0:1,0:3``); default: consecutive checkpoints.
-        k: top principal components compared per layer (angles of matching PCs, principal
-            angles between the top-k subspaces). The probe needs more than k prompts.
-        pc_shift_min: a layer whose top-k PC subspace turns by at least this many degrees (mean
-            principal angle) has shifted. Not the PC1 angle: PCs of nearly equal variance swap
-            or rotate in their common plane, which turns PC1 while the subspace stays put.
-        cka_drop_min: a layer whose linear CKA falls by at least this much (1 - CKA) has
-            shifted. The shift starts at the lowest layer where either clears its threshold.
-        max_points: prompts shown per checkpoint in the HTML scatter (a seeded sample).
-        seed: seed of that sample.
-        method: ``hooks`` (last token only, the default) or ``output_hidden_states``
-            (transformers' own output: every token of every layer; for checks and benchmarks).
-    """
-
-    pairs: tuple[tuple[int, int], ...] | None = None
-    k: int = 8
-    pc_shift_min: float = 10.0
-    cka_drop_min: float = 0.05
-    max_points: int = 500
-    seed: int = 0
-    method: Method = "hooks"
-
-    def __post_init__(self) -> None:
-        if self.pairs is not None:
-            object.__setattr__(self, "pairs", tuple(tuple(p) for p in self.pairs))
-            for pair in self.pairs:
-                if len(pair) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) for k in pair):
-                    raise ForgetdiagError(f"--pairs {pair!r}: expected I:J pairs of checkpoint indices")
-        check_number("--k", self.k, low=1, integer=True)
-        check_number("--max-points", self.max_points, low=0, integer=True)
-        check_number("--pc-shift-min", self.pc_shift_min, low=0, high=90, low_open=True)
-        check_number("--cka-drop-min", self.cka_drop_min, low=0, high=1, low_open=True)
-        check_seed("--seed", self.seed)
-        check_choice("method", self.method, choices(Method))
 
 
 @dataclass(frozen=True)
@@ -210,20 +166,6 @@ def compare_features(
 
 
 # ------------------------------------------------------------------------------ the analysis
-
-
-def parse_pairs(text: str) -> list[tuple[int, int]]:
-    """``"0:1,1:3"`` (or ``0-1``) -> [(0, 1), (1, 3)]: indices into the checkpoint list."""
-    pairs = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(\d+)\s*[:-]\s*(\d+)", part)
-        if match is None:
-            raise ForgetdiagError(
-                f"--pairs: cannot read {part!r}; expected I:J pairs of checkpoint "
-                "indices separated by commas, e.g. 0:1,1:3"
-            )
-        pairs.append((int(match.group(1)), int(match.group(2))))
-    return pairs
 
 
 def check_pairs(pairs: Sequence[tuple[int, int]] | None, n: int) -> list[tuple[int, int]]:

@@ -26,6 +26,7 @@ from forgetdiag.errors import ForgetdiagError
 from forgetdiag.probes import Probe
 from forgetdiag.results import Result
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.settings import GateThresholds
 from forgetdiag.validate import check_number
 
 
@@ -73,30 +74,6 @@ class GateResult(Result):
             "checks": [asdict(c) for c in self.checks],
             "numbers": self.numbers,
         }
-
-
-@dataclass(frozen=True)
-class GateThresholds:
-    """Thresholds on a recovery probe's numbers, each a share in [0, 1] (None: not checked)."""
-
-    max_alignment_loss: float | None = None
-    max_knowledge_loss: float | None = None
-    min_accuracy: float | None = None
-    max_forgetting: float | None = None
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            check_number("--" + name.replace("_", "-"), value, low=0, high=1, optional=True)
-
-    def any(self) -> bool:
-        return any(v is not None for v in asdict(self).values())
-
-    def require_one(self) -> None:
-        if not self.any():
-            raise ForgetdiagError(
-                "no threshold given; expected at least one of --max-alignment-loss, "
-                "--max-knowledge-loss, --min-accuracy, --max-forgetting"
-            )
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from forgetdiag.checkpoints import duplicate_notes, duplicates, resolve_checkpoi
 from forgetdiag.parts import matrix_parts
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.settings import InspectSettings
 from forgetdiag.storage import Checkpoint
 from forgetdiag.streaming import check_sequence, require_finite
 
@@ -41,17 +42,6 @@ class CheckpointInfo:
     moe_layers: int = 0
     towers: dict[str, int] = field(default_factory=dict)  # a wrapper's non-text towers: tensors each
     duplicate_of: str | None = None  # an earlier checkpoint of the sequence with the same bytes
-
-
-@dataclass(frozen=True)
-class InspectSettings:
-    """What ``inspect`` reads.
-
-    Attributes:
-        check_values: read every tensor once and refuse NaN or Inf (named in the error).
-    """
-
-    check_values: bool = True
 
 
 @dataclass(frozen=True)

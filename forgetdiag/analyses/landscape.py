@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +33,9 @@ from forgetdiag.models import load_model, shared_tokenizer, tokenize_probe
 from forgetdiag.probes import Probe, load_probe
 from forgetdiag.results import Result
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.settings import LandscapeSettings
 from forgetdiag.storage import Checkpoint
 from forgetdiag.streaming import check_sequence
-from forgetdiag.validate import check_choice, check_number, check_seed, choices
 
 __all__ = [
     "AnchorPoint",
@@ -48,53 +48,7 @@ __all__ = [
     "read_saved",
 ]
 
-Directions = Literal["raw", "filter-normalized-random"]
 GRID_DESCRIPTION = "evaluating grid points"
-
-
-@dataclass(frozen=True)
-class LandscapeSettings:
-    """What surface to compute.
-
-    Attributes:
-        directions: ``raw`` (d_x = X_END - ORIGIN, d_y = Y_END - X_END) or
-            ``filter-normalized-random`` (Li et al. 2018, seeded).
-        seed: seed of random directions.
-        grid: points along alpha (x) and beta (y).
-        x_range, y_range: the alpha and beta ranges, ends included.
-    """
-
-    directions: Directions = "raw"
-    seed: int = 0
-    grid: tuple[int, int] = (21, 21)
-    x_range: tuple[float, float] = (-0.5, 1.5)
-    y_range: tuple[float, float] = (-0.5, 1.5)
-
-    def __post_init__(self) -> None:
-        check_choice("--directions", self.directions, choices(Directions))
-        check_seed("--seed", self.seed)
-        if not isinstance(self.grid, (tuple, list)) or len(self.grid) != 2:
-            raise ForgetdiagError(f"--grid {self.grid!r}: expected two counts, points along alpha and beta")
-        for n in self.grid:
-            check_number("--grid", n, low=1, integer=True)
-        for name, (lo, hi) in (("x range", self.x_range), ("y range", self.y_range)):
-            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ForgetdiagError(f"{name} must be two finite numbers LO < HI, got {lo}, {hi}")
-
-    @property
-    def alphas(self) -> tuple[float, ...]:
-        return axis(*self.x_range, self.grid[0])
-
-    @property
-    def betas(self) -> tuple[float, ...]:
-        return axis(*self.y_range, self.grid[1])
-
-
-def axis(lo: float, hi: float, n: int) -> tuple[float, ...]:
-    """``n`` evenly spaced values from ``lo`` to ``hi`` (rounded to 12 decimals, so that a grid
-    over -0.5..1.5 holds 0 and 1 exactly; one point: the middle)."""
-    values = np.linspace(lo, hi, n) if n > 1 else np.array([(lo + hi) / 2])
-    return tuple(float(v) for v in np.round(values, 12) + 0.0)  # + 0.0 turns -0.0 into 0.0
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,9 @@ from forgetdiag.models import load_model, shared_tokenizer, tokenize_probe
 from forgetdiag.probes import Probe, split_probe
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.settings import MagnitudeSettings
 from forgetdiag.storage import Checkpoint
 from forgetdiag.streaming import check_sequence
-from forgetdiag.validate import check_number
 
 TOKENS_USED = "prompt + answer + EOS tokens of every item (padding masked)"
 
@@ -175,23 +175,6 @@ def _encode_tasks(
         halves = [h for h in split_probe(probe, seed=0) if len(h)] if len(probe.groups) > 1 else [probe]
         out.append([tokenize_probe(tokenizer, h, checkpoints[0], runtime, warn=warn)[0] for h in halves])
     return out, tokenizer.pad_token_id
-
-
-@dataclass(frozen=True)
-class MagnitudeSettings:
-    """What ``magnitudes`` measures (CLI options of the same names).
-
-    Attributes:
-        quantile: T in (0, 1); a task's top set holds the units strictly above the T-quantile
-            of the layer's magnitudes (0.7: about the top 30%, as in MIGU).
-        include_head: also measure the output head (its units are vocabulary entries).
-    """
-
-    quantile: float = 0.7
-    include_head: bool = False
-
-    def __post_init__(self) -> None:
-        check_number("--quantile", self.quantile, low=0, high=1, low_open=True, high_open=True)
 
 
 @dataclass(frozen=True)

@@ -14,85 +14,23 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from forgetdiag.analyses.recovery_result import Example, PointResult, RecoveryResult, outcome, summarise
-from forgetdiag.analyses.verdict import Outcomes, Thresholds, decide
+from forgetdiag.analyses.verdict import Outcomes, decide
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.choices import ChoiceScores, EncodedChoice, score_choices, score_items
-from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
+from forgetdiag.errors import CheckpointError, ProbeError
 from forgetdiag.evaluate import Encoded, Scores, generate_greedy
 from forgetdiag.models import Stops, load_model, shared_tokenizer, tokenize_probe
 from forgetdiag.probes import KIND_NAMES, Probe, recovery_split
 from forgetdiag.results import Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.settings import RecoverySettings
 from forgetdiag.storage import Checkpoint
 from forgetdiag.streaming import check_sequence
 from forgetdiag.training import TrainConfig, train
-from forgetdiag.validate import check_choice, check_number, check_seed, choices
-
-Metric = Literal["exact_match", "first_token", "acc", "acc_norm"]
-
-
-@dataclass(frozen=True)
-class RecoverySettings:
-    """The recovery budget, the split and the verdict thresholds (CLI options of the same names).
-
-    Attributes:
-        shots: rows in the recovery part, taken as whole groups (default: half of the groups).
-        n_eval: cap on the rows of the evaluation part (default: all the rest).
-        epochs: passes over the recovery part.
-        min_steps: at least this many optimiser steps (a few shots need several passes).
-        lr: learning rate (default: by model size, see :func:`default_lr`).
-        batch_size: recovery examples per step.
-        lora: recover through a LoRA adapter (peft) instead of full fine-tuning.
-        lora_rank: rank of that adapter (alpha = 2 x rank, all linear layers).
-        seed: split seed and the first recovery seed.
-        seeds: recoveries per model (seeds ``seed``, ``seed + 1``, ...); their spread goes into
-            the intervals.
-        before_recovery: recover BEFORE too (the reference of the knowledge loss and the
-            spurious fraction); off, BEFORE itself is the reference.
-        allow_overlap: accept recovery and evaluation parts that share examples.
-        metric: what the verdict uses: ``exact_match`` (the paper's) or ``first_token`` for a
-            prompt/answer probe, ``acc`` or ``acc_norm`` for a multiple-choice one; None: the
-            probe's first (``exact_match``, ``acc``).
-        examples: evaluation items whose greedy answers are shown.
-        thresholds: where the verdict's lines are drawn (:class:`Thresholds`).
-    """
-
-    shots: int | None = None
-    n_eval: int | None = None
-    epochs: int = 1
-    min_steps: int = 20
-    lr: float | None = None
-    batch_size: int = 32
-    lora: bool = False
-    lora_rank: int = 16
-    seed: int = 0
-    seeds: int = 1
-    before_recovery: bool = True
-    allow_overlap: bool = False
-    metric: Metric | None = None
-    examples: int = 5
-    thresholds: Thresholds = Thresholds()
-
-    def __post_init__(self) -> None:
-        check_number("--shots", self.shots, low=1, integer=True, optional=True)
-        check_number("--eval", self.n_eval, low=1, integer=True, optional=True)
-        check_number("--epochs", self.epochs, low=1, integer=True)
-        check_number("--min-steps", self.min_steps, low=1, integer=True)
-        check_number("--lr", self.lr, low=0, low_open=True, optional=True)
-        check_number("--recovery-batch", self.batch_size, low=1, integer=True)
-        check_number("--lora-rank", self.lora_rank, low=1, integer=True)
-        check_seed("--seed", self.seed)
-        check_number("--seeds", self.seeds, low=1, high=100, integer=True)
-        if self.metric is not None:
-            check_choice("--metric", self.metric, choices(Metric))
-        check_number("examples", self.examples, low=0, integer=True)
-        if not isinstance(self.thresholds, Thresholds):
-            raise ForgetdiagError(f"thresholds: expected a Thresholds, found {type(self.thresholds).__name__}")
 
 
 def default_lr(n_params: int, *, lora: bool = False) -> float:

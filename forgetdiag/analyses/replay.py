@@ -31,24 +31,7 @@ from forgetdiag.errors import ForgetdiagError
 from forgetdiag.probes import Probe, ProbeItem
 from forgetdiag.results import Result
 from forgetdiag.runtime import ProgressFn, Warn
-from forgetdiag.validate import check_number, check_seed
-
-
-@dataclass(frozen=True)
-class ReplaySettings:
-    """How much old data to mix in (CLI options of the same names).
-
-    Attributes:
-        ratio: the old rows' share of the output, in (0, 1) (0.1: one row in ten is old).
-        seed: the choice of old groups and the order of the output.
-    """
-
-    ratio: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_number("--ratio", self.ratio, low=0, high=1, low_open=True, high_open=True)
-        check_seed("--seed", self.seed)
+from forgetdiag.settings import ReplaySettings
 
 
 @dataclass(frozen=True)

@@ -23,18 +23,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from forgetdiag._version import __version__
-from forgetdiag.analyses.recovery import RecoverySettings, recover
+from forgetdiag.analyses.recovery import recover
 from forgetdiag.analyses.recovery_result import RecoveryResult, summary_text
 from forgetdiag.checkpoints import fingerprint, resolve_checkpoints
-from forgetdiag.errors import ForgetdiagError
 from forgetdiag.models import preload_classes
-from forgetdiag.probes import Probe, ProbeFields, load_probe, split_probe
+from forgetdiag.probes import Probe, load_probe, split_probe
 from forgetdiag.results import Result
 from forgetdiag.runfile import RunSpec, landscape_triple
 from forgetdiag.runtime import ProgressFn, Runtime, Warn, torch_threads
-from forgetdiag.validate import check_number, check_seed
-
-ANALYSES = ("recover", "angles", "landscape", "features")
+from forgetdiag.settings import ReportSettings
 
 ADVICE = {
     "spurious": "Cheap to fix: a few old-task examples re-align the model; during the next "
@@ -46,46 +43,6 @@ ADVICE = {
     "old-task data for what does not come back.",
     "none": "No significant forgetting on the probe: nothing to re-align or replay.",
 }
-
-
-@dataclass(frozen=True)
-class ReportSettings:
-    """What the report computes (CLI options of ``report``).
-
-    Attributes:
-        recovery: the recovery probe's budget and verdict thresholds.
-        grid: points per side of the loss surface.
-        landscape_items: probe items per loss surface (a seeded sample, whole groups).
-        feature_items: probe prompts for the feature shifts (a seeded sample).
-        rank: top-k directions per update in the angles (randomized SVD).
-        skip: analyses not to run (``recover``, ``angles``, ``landscape``, ``features``).
-        seed: seed of the samples.
-        probe_fields: field names of the run's probe files.
-        overlap: on a CPU with two or more cores and a model small enough to run on one
-            thread (:meth:`forgetdiag.runtime.Runtime.auto_threads`), run ``recover`` on one core and the
-            other analyses on another, at the same time. The numbers are the same either way.
-    """
-
-    recovery: RecoverySettings = RecoverySettings()
-    grid: int = 9
-    landscape_items: int = 200
-    feature_items: int = 500
-    rank: int = 16
-    skip: tuple[str, ...] = ()
-    seed: int = 0
-    overlap: bool = True
-    probe_fields: ProbeFields = ProbeFields()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "skip", tuple(self.skip))
-        unknown = sorted(set(self.skip) - set(ANALYSES))
-        if unknown:
-            raise ForgetdiagError(f"--skip {unknown[0]}: expected one of {', '.join(ANALYSES)}")
-        check_number("--grid", self.grid, low=2, integer=True)
-        check_number("--landscape-items", self.landscape_items, low=1, integer=True)
-        check_number("--feature-items", self.feature_items, low=2, integer=True)
-        check_number("rank", self.rank, low=1, integer=True)
-        check_seed("--seed", self.seed)
 
 
 class _Stopped(Exception):

@@ -32,7 +32,7 @@ from forgetdiag.models import load_model, shared_tokenizer, tokenize_probe
 from forgetdiag.probes import KIND_NAMES, Probe, load_probe
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
-from forgetdiag.validate import check_number
+from forgetdiag.settings import ScoreSettings
 
 METRIC_NAMES = {
     "exact_match": "exact match",
@@ -41,20 +41,6 @@ METRIC_NAMES = {
     "acc": "acc",
     "acc_norm": "acc_norm",
 }
-
-
-@dataclass(frozen=True)
-class ScoreSettings:
-    """How the scores are summarised.
-
-    Attributes:
-        confidence: level of every interval (0.95: 95% intervals).
-    """
-
-    confidence: float = 0.95
-
-    def __post_init__(self) -> None:
-        check_number("confidence", self.confidence, low=0, high=1, low_open=True, high_open=True)
 
 
 @dataclass(frozen=True)

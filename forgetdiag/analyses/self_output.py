@@ -29,44 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from forgetdiag.checkpoints import resolve_checkpoints
-from forgetdiag.errors import ForgetdiagError
 from forgetdiag.evaluate import Encoded, batches_by_length, generate_greedy
 from forgetdiag.models import load_model, load_tokenizer, tokenize_probe
 from forgetdiag.probes import Probe, ProbeItem
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.settings import SelfOutputSettings
 from forgetdiag.storage import Checkpoint
-from forgetdiag.validate import check_number
 
 OUTCOMES = ("same", "restated", "target")
-
-
-@dataclass(frozen=True)
-class SelfOutputSettings:
-    """What to do where the old model's answer differs (CLI options of the same names).
-
-    Attributes:
-        rewrite_prompt: a template with ``{answer}`` (the target) and usually ``{prompt}``; the
-            old model's greedy continuation of it is its restatement. None: keep the target.
-        max_new_tokens: generation budget per prompt (default: twice the longest target).
-    """
-
-    rewrite_prompt: str | None = None
-    max_new_tokens: int | None = None
-
-    def __post_init__(self) -> None:
-        check_number("--max-new-tokens", self.max_new_tokens, low=1, integer=True, optional=True)
-        if self.rewrite_prompt is not None and (
-            not isinstance(self.rewrite_prompt, str) or "{answer}" not in self.rewrite_prompt
-        ):
-            raise ForgetdiagError(
-                f"--rewrite-prompt {self.rewrite_prompt!r}: expected a template holding {{answer}} "
-                "(the target to restate) and usually {prompt}"
-            )
-
-    def restate_prompt(self, item: ProbeItem) -> str:
-        """The rewrite template filled in for one row (only ``{prompt}`` and ``{answer}`` are replaced)."""
-        return self.rewrite_prompt.replace("{prompt}", item.prompt).replace("{answer}", item.answer)
 
 
 @dataclass(frozen=True)

@@ -27,26 +27,8 @@ from forgetdiag.models import load_model, load_tokenizer, tokenize_probe
 from forgetdiag.probes import Probe
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
+from forgetdiag.settings import TokenSettings
 from forgetdiag.storage import Checkpoint
-from forgetdiag.validate import check_number
-
-
-@dataclass(frozen=True)
-class TokenSettings:
-    """What ``tokens`` calls hard and how much it lists (CLI options of the same names).
-
-    Attributes:
-        threshold: probability in (0, 1) below which a token is hard (and dropped by the mask);
-            0.01: the old model gives it less than 1%.
-        top: hardest tokens, examples and token strings listed.
-    """
-
-    threshold: float = 0.01
-    top: int = 10
-
-    def __post_init__(self) -> None:
-        check_number("--threshold", self.threshold, low=0, high=1, low_open=True, high_open=True)
-        check_number("--top", self.top, low=1, integer=True)
 
 
 @dataclass(frozen=True)

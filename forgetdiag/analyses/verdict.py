@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from forgetdiag.errors import ForgetdiagError
-from forgetdiag.validate import check_number
+from forgetdiag.settings import Thresholds
 
 Array = np.ndarray
 STATISTICS = (
@@ -45,43 +45,6 @@ STATISTICS = (
     "spurious_fraction",
     "spurious_fraction_uncorrected",
 )
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Where the verdict's lines are drawn (CLI options of the same names).
-
-    Attributes:
-        spurious_min: spurious fraction at or above which forgetting is called spurious.
-        real_max: spurious fraction at or below which it is called real.
-        alpha: significance level of the paired test of the drop (and of the control's gain).
-        min_drop: a drop smaller than this (in accuracy) is too small to matter: ``none``.
-        min_eval: fewest evaluation items that can support a verdict at all.
-        confidence: level of the bootstrap intervals.
-        bootstrap: bootstrap replicates.
-    """
-
-    spurious_min: float = 0.75
-    real_max: float = 0.25
-    alpha: float = 0.05
-    min_drop: float = 0.02
-    min_eval: int = 30
-    confidence: float = 0.95
-    bootstrap: int = 2000
-
-    def __post_init__(self) -> None:
-        check_number("--spurious-min", self.spurious_min, low=0, high=1)
-        check_number("--real-max", self.real_max, low=0, high=1)
-        check_number("--alpha", self.alpha, low=0, high=1, low_open=True, high_open=True)
-        check_number("--min-drop", self.min_drop, low=0, high=1)
-        check_number("--min-eval", self.min_eval, low=1, integer=True)
-        check_number("confidence", self.confidence, low=0, high=1, low_open=True, high_open=True)
-        check_number("bootstrap", self.bootstrap, low=100, integer=True)
-        if not self.real_max < self.spurious_min:
-            raise ForgetdiagError(
-                "thresholds need --real-max < --spurious-min, got "
-                f"real_max={self.real_max}, spurious_min={self.spurious_min}"
-            )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Command-line interface: parse arguments, call an analysis, render its result; nothing else."""
+"""Command-line interface: parse arguments, call an analysis, render its result; nothing else.
+
+Each command checks its options (the settings dataclasses of :mod:`forgetdiag.settings`, free of
+torch) and its output paths (:func:`forgetdiag.render.output.guard_outputs`) first, and imports
+its analysis and renderer after that: bad input is refused before torch is loaded.
+"""
 
 from forgetdiag.cli import (
     advise,  # noqa: F401

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.advise import AdviceSettings, advise
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (
     HtmlOpt,
@@ -22,10 +21,10 @@ from forgetdiag.cli.common import (
 )
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.probes import ProbeFields, load_probe
-from forgetdiag.render.advise import advice_renderable, write_advice_html
 from forgetdiag.render.output import guard_outputs
 from forgetdiag.runfile import find_run_file, resolve_spec, spec_inputs
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import AdviceSettings
 
 Opt = typer.Option
 PathOpt = Path | None
@@ -96,6 +95,9 @@ def advise_cmd(
     guard_outputs(
         {"--json": json_path, "--html": html_path}, [run, *spec_inputs(spec), runtime.base, runtime.tokenizer]
     )
+    from forgetdiag.analyses.advise import advise
+    from forgetdiag.render.advise import advice_renderable, write_advice_html
+
     with progress_bar(quiet) as progress:
         advice = advise(
             spec, load_probe(old, fields=fields), settings=settings, runtime=runtime, progress=progress, warn=warn

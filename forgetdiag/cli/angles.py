@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.angles import AngleSettings, compute_angles
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (
     HtmlOpt,
@@ -20,9 +19,9 @@ from forgetdiag.cli.common import (
     warn,
     with_runtime,
 )
-from forgetdiag.render.angles import angles_table, write_angles_html
 from forgetdiag.render.output import guard_outputs
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import AngleSettings
 
 Opt = typer.Option
 DEFAULTS = AngleSettings()
@@ -102,6 +101,9 @@ def angles_cmd(
         far_deg=far,
     )
     guard_outputs({"--json": json_path, "--html": html_path}, [*paths, runtime.base])
+    from forgetdiag.analyses.angles import compute_angles
+    from forgetdiag.render.angles import angles_table, write_angles_html
+
     with progress_bar(quiet) as progress:
         result = compute_angles(paths, settings=settings, runtime=runtime, progress=progress, warn=warn)
     emit(result, json=json_path, html=html_path, table=angles_table, page=write_angles_html)

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.features import FeatureSettings, feature_shifts, parse_pairs
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (
     HtmlOpt,
@@ -21,9 +20,10 @@ from forgetdiag.cli.common import (
     with_runtime,
 )
 from forgetdiag.probes import ProbeFields, load_probe
-from forgetdiag.render.features import features_table, write_features_html
 from forgetdiag.render.output import guard_outputs
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import FeatureSettings
+from forgetdiag.settings.weights import parse_pairs
 
 Opt = typer.Option
 DEFAULTS = FeatureSettings()
@@ -99,6 +99,9 @@ def features_cmd(
         seed=seed,
     )
     guard_outputs({"--json": json_path, "--html": html_path}, [*checkpoints, probe, runtime.base, runtime.tokenizer])
+    from forgetdiag.analyses.features import feature_shifts
+    from forgetdiag.render.features import features_table, write_features_html
+
     prompts = load_probe(probe, fields=fields)
     with progress_bar(quiet) as progress:
         result = feature_shifts(checkpoints, prompts, settings=settings, runtime=runtime, progress=progress, warn=warn)

@@ -8,14 +8,6 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.gate import (
-    GateThresholds,
-    gate_by_recovery,
-    gate_lm_eval,
-    gate_recovery,
-    probe_names,
-)
-from forgetdiag.analyses.recovery import RecoverySettings
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (
     JsonOpt,
@@ -31,9 +23,9 @@ from forgetdiag.cli.common import (
 from forgetdiag.cli.recover import ControlOpt, EvalOpt, LoraOpt, LrOpt, MetricOpt, RecoveryProbeOpt, ShotsOpt
 from forgetdiag.errors import EXIT_THRESHOLD, ForgetdiagError
 from forgetdiag.probes import ProbeFields, load_probe
-from forgetdiag.render.gate import failure_lines, gate_markdown, gate_table
 from forgetdiag.render.output import guard_outputs, write_atomic
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import GateThresholds, RecoverySettings
 
 Opt = typer.Option
 PathOpt = Path | None
@@ -189,6 +181,9 @@ def gate_cmd(
             runtime.tokenizer,
         ],
     )
+    from forgetdiag.analyses.gate import gate_by_recovery, gate_lm_eval, gate_recovery, probe_names
+    from forgetdiag.render.gate import failure_lines, gate_markdown, gate_table
+
     if lm_eval_before or lm_eval_after:
         _refuse_mixed_sources(limits, checkpoints, probes, from_json)
         if not (lm_eval_before and lm_eval_after) or max_drop is None:

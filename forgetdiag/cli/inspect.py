@@ -7,12 +7,11 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.inspect import InspectSettings, inspect_checkpoints
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import JsonOpt, QuietOpt, command, emit, progress_bar, warn, with_runtime
-from forgetdiag.render.inspect import inspect_table
 from forgetdiag.render.output import guard_outputs
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import InspectSettings
 
 
 @command(app, "inspect")
@@ -37,6 +36,9 @@ def inspect_cmd(
     Run this first: it is how you check that forgetdiag understands your run.
     """
     guard_outputs({"--json": json_path}, [*paths, runtime.base])
+    from forgetdiag.analyses.inspect import inspect_checkpoints
+    from forgetdiag.render.inspect import inspect_table
+
     with progress_bar(quiet) as progress:
         result = inspect_checkpoints(
             paths, settings=InspectSettings(check_values=check_values), runtime=runtime, progress=progress, warn=warn

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from forgetdiag.analyses.landscape import (
-    Directions,
-    LandscapeResult,
-    LandscapeSettings,
-    landscape,
-    read_saved,
-)
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (
     HtmlOpt,
@@ -29,9 +22,12 @@ from forgetdiag.cli.common import (
 )
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.probes import ProbeFields, load_probe
-from forgetdiag.render.landscape import landscape_table, write_landscape_html
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import Directions, LandscapeSettings
+
+if TYPE_CHECKING:
+    from forgetdiag.analyses.landscape import LandscapeResult
 
 Opt = typer.Option
 SAVE_EVERY = 5.0  # seconds between saves of a partial grid
@@ -61,6 +57,8 @@ def parse_range(text: str, option: str) -> tuple[float, float]:
 
 def saved_grid(json_path: Path | None) -> dict | None:
     """The partial grid to resume from ``--json PATH`` (None, with a warning, if not there yet)."""
+    from forgetdiag.analyses.landscape import read_saved
+
     if json_path is None or str(json_path) == STDOUT:
         raise ForgetdiagError("--resume needs --json PATH: the partial grid is saved to, and resumed from, that file")
     saved = read_saved(json_path)
@@ -168,6 +166,9 @@ def landscape_cmd(
         {"--json": json_path, "--html": html_path},
         [origin, x_end, y_end, *trajectory, *probe, runtime.base, runtime.tokenizer],
     )
+    from forgetdiag.analyses.landscape import landscape
+    from forgetdiag.render.landscape import landscape_table, write_landscape_html
+
     saved = saved_grid(json_path) if resume else None
     settings = LandscapeSettings(
         directions=directions,

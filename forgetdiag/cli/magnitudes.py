@@ -7,13 +7,12 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.magnitudes import MagnitudeSettings, magnitude_overlap
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import HtmlOpt, JsonOpt, QuietOpt, command, emit, progress_bar, warn, with_runtime
 from forgetdiag.probes import ProbeFields, load_probe
-from forgetdiag.render.magnitudes import magnitudes_table, write_magnitudes_html
 from forgetdiag.render.output import guard_outputs
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import MagnitudeSettings
 
 Opt = typer.Option
 DEFAULTS = MagnitudeSettings()
@@ -67,6 +66,9 @@ def magnitudes_cmd(
     """
     settings = MagnitudeSettings(quantile=quantile, include_head=include_head)
     guard_outputs({"--json": json_path, "--html": html_path}, [*checkpoints, *probes, runtime.base, runtime.tokenizer])
+    from forgetdiag.analyses.magnitudes import magnitude_overlap
+    from forgetdiag.render.magnitudes import magnitudes_table, write_magnitudes_html
+
     tasks = [load_probe(p, fields=fields) for p in probes]
     with progress_bar(quiet) as progress:
         result = magnitude_overlap(checkpoints, tasks, settings=settings, runtime=runtime, progress=progress, warn=warn)

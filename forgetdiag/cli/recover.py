@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.recovery import Metric, RecoverySettings, recover
-from forgetdiag.analyses.verdict import Thresholds
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (
     HtmlOpt,
@@ -23,8 +21,8 @@ from forgetdiag.cli.common import (
 )
 from forgetdiag.probes import ProbeFields, load_probe
 from forgetdiag.render.output import guard_outputs
-from forgetdiag.render.recover import recover_table, write_recover_html
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import Metric, RecoverySettings, Thresholds
 
 Opt = typer.Option
 DEFAULTS, LIMITS = RecoverySettings(), Thresholds()
@@ -194,6 +192,9 @@ def recover_cmd(
         {"--json": json_path, "--html": html_path},
         [before, *after, control, probe, recovery_probe, runtime.base, runtime.tokenizer],
     )
+    from forgetdiag.analyses.recovery import recover
+    from forgetdiag.render.recover import recover_table, write_recover_html
+
     old = load_probe(probe, fields=fields)
     rec = load_probe(recovery_probe, fields=fields) if recovery_probe else None
     with progress_bar(quiet) as progress:

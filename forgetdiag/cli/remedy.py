@@ -7,15 +7,13 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.replay import ReplaySettings, replay_mix
-from forgetdiag.analyses.self_output import SelfOutputSettings, self_output
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import JsonOpt, QuietOpt, SeedOpt, command, emit, progress_bar, warn, with_runtime
 from forgetdiag.errors import ProbeError
 from forgetdiag.probes import ProbeFields, load_probe
 from forgetdiag.render.output import guard_outputs
-from forgetdiag.render.remedy import replay_table, self_output_table, write_rows
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import ReplaySettings, SelfOutputSettings
 
 Opt = typer.Option
 remedy_app = typer.Typer(
@@ -71,6 +69,9 @@ def replay_cmd(
     settings = ReplaySettings(ratio=ratio, seed=seed)
     fields = ProbeFields(prompt=prompt_field, answer=answer_field, group=group_field)
     guard_outputs({"--out": out, "--json": json_path}, [old, new, exclude])
+    from forgetdiag.analyses.replay import replay_mix
+    from forgetdiag.render.remedy import replay_table, write_rows
+
     old_rows, new_rows = load_probe(old, fields=fields), load_probe(new, fields=fields)
     try:
         evaluation = None if exclude is None else load_probe(exclude, fields=fields)
@@ -122,6 +123,9 @@ def self_output_cmd(
     """
     settings = SelfOutputSettings(rewrite_prompt=rewrite_prompt, max_new_tokens=max_new_tokens)
     guard_outputs({"--out": out, "--json": json_path}, [old, new, runtime.base, runtime.tokenizer])
+    from forgetdiag.analyses.self_output import self_output
+    from forgetdiag.render.remedy import self_output_table, write_rows
+
     rows = load_probe(new, fields=fields)
     with progress_bar(quiet) as progress:
         result = self_output(old, rows, settings=settings, runtime=runtime, progress=progress, warn=warn)

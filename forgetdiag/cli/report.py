@@ -7,8 +7,6 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.recovery import RecoverySettings
-from forgetdiag.analyses.report import ANALYSES, ReportSettings, build_report
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import (
     JsonOpt,
@@ -24,9 +22,9 @@ from forgetdiag.cli.common import (
 from forgetdiag.cli.recover import ControlOpt, LrOpt, MetricOpt, MinStepsOpt, RecoveryProbeOpt, ShotsOpt
 from forgetdiag.probes import ProbeFields
 from forgetdiag.render.output import guard_outputs
-from forgetdiag.render.report import report_summary, write_report_html
 from forgetdiag.runfile import resolve_spec, spec_inputs
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import ANALYSES, RecoverySettings, ReportSettings
 
 Opt = typer.Option
 PathOpt = Path | None
@@ -118,6 +116,9 @@ def report_cmd(
     guard_outputs(
         {"--out": out, "--json": json_path}, [run, *spec_inputs(spec), runtime.base, runtime.tokenizer], derived=derived
     )
+    from forgetdiag.analyses.report import build_report
+    from forgetdiag.render.report import report_summary, write_report_html
+
     with progress_bar(quiet) as progress:
         result = build_report(
             spec, settings=settings, runtime=runtime, command=command_line(ctx), progress=progress, warn=warn

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -15,9 +15,10 @@ from rich.table import Table
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import JsonOpt, QuietOpt, SeedOpt, command, print_renderable, progress_bar, stdout
 from forgetdiag.render.output import STDOUT, guard_outputs, write_json
-from forgetdiag.samples.build import SampleConfig, build_samples
-from forgetdiag.samples.measure import Truth, measure_samples
-from forgetdiag.samples.remedies import REMEDIES
+from forgetdiag.settings import REMEDIES
+
+if TYPE_CHECKING:
+    from forgetdiag.samples.measure import Truth
 
 samples_app = typer.Typer(
     name="samples", no_args_is_help=True, help="The sample checkpoints: runs whose forgetting is known."
@@ -57,6 +58,8 @@ def build_cmd(
     the end; seed 0 gives the shipped sample_checkpoints/. --remedy changes one thing of the
     spurious run's task 1 (the same base, steps and data order otherwise).
     """
+    from forgetdiag.samples.build import SampleConfig, build_samples
+
     start = time.perf_counter()
     config = SampleConfig(seed=seed, remedy=remedy, freeze_layers=freeze)
     with progress_bar(quiet) as progress:
@@ -80,6 +83,8 @@ def measure_cmd(
     every checkpoint's old-task accuracy, its recovery and forgetdiag's verdict with its
     statistics, as the build does."""
     guard_outputs({"--json": json_path}, [root])
+    from forgetdiag.samples.measure import measure_samples
+
     with progress_bar(quiet) as progress:
         truths = measure_samples(root, progress=progress)
     if json_path is not None:

@@ -7,14 +7,12 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.gate import probe_names
-from forgetdiag.analyses.score import ScoreSettings, score_checkpoints
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import HtmlOpt, JsonOpt, QuietOpt, command, emit, progress_bar, warn, with_runtime
 from forgetdiag.probes import ProbeFields, load_probe
 from forgetdiag.render.output import guard_outputs
-from forgetdiag.render.score import score_table, write_score_html
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import ScoreSettings
 
 
 @command(app, "score")
@@ -50,6 +48,10 @@ def score_cmd(
     """
     settings = ScoreSettings()
     guard_outputs({"--json": json_path, "--html": html_path}, [*checkpoints, *probe, runtime.base, runtime.tokenizer])
+    from forgetdiag.analyses.gate import probe_names
+    from forgetdiag.analyses.score import score_checkpoints
+    from forgetdiag.render.score import score_table, write_score_html
+
     loaded = [load_probe(path, fields=fields, name=name) for name, path in zip(probe_names(probe), probe)]
     with progress_bar(quiet) as progress:
         result = score_checkpoints(

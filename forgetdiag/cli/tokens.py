@@ -7,13 +7,12 @@ from typing import Annotated
 
 import typer
 
-from forgetdiag.analyses.tokens import TokenSettings, token_difficulty
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import HtmlOpt, JsonOpt, QuietOpt, command, emit, progress_bar, warn, with_runtime
 from forgetdiag.probes import ProbeFields, load_probe
 from forgetdiag.render.output import guard_outputs
-from forgetdiag.render.tokens import tokens_table, write_mask, write_tokens_html
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import TokenSettings
 
 Opt = typer.Option
 DEFAULTS = TokenSettings()
@@ -65,6 +64,9 @@ def tokens_cmd(
         {"--json": json_path, "--html": html_path, "--write-mask": mask_path},
         [old, data, runtime.base, runtime.tokenizer],
     )
+    from forgetdiag.analyses.tokens import token_difficulty
+    from forgetdiag.render.tokens import tokens_table, write_mask, write_tokens_html
+
     rows = load_probe(data, fields=fields)
     with progress_bar(quiet) as progress:
         result = token_difficulty(old, rows, settings=settings, runtime=runtime, progress=progress, warn=warn)

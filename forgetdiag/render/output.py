@@ -138,7 +138,7 @@ def _check_writable(option: str, out, directory: Path) -> None:
 def checkpoint_roots(path: Path) -> list[Path]:
     """The directories a checkpoint path stands for: itself and the LoRA bases its adapters name
     (an adapter directory, or a Trainer run of adapters)."""
-    from forgetdiag.storage import ADAPTER_CONFIG
+    from forgetdiag.layout import ADAPTER_CONFIG
 
     roots = [path.resolve()]
     configs = [path / ADAPTER_CONFIG, *path.glob(f"checkpoint-*/{ADAPTER_CONFIG}")]

@@ -10,10 +10,11 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from forgetdiag.analyses.report import ANALYSES, ReportResult
+from forgetdiag.analyses.report import ReportResult
 from forgetdiag.render import html
 from forgetdiag.render.fmt import MISSING, human_bytes
 from forgetdiag.render.recover import VERDICT_STYLE, recover_table
+from forgetdiag.settings import ANALYSES
 
 
 def _timing_rows(result: ReportResult) -> list[list[str]]:

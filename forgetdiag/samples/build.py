@@ -34,6 +34,7 @@ import torch
 
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.evaluate import encode
+from forgetdiag.layout import enclosing_checkpoint
 from forgetdiag.models import quiet_transformers
 from forgetdiag.probes import ProbeItem
 from forgetdiag.runtime import torch_threads
@@ -41,7 +42,6 @@ from forgetdiag.samples import world as bio
 from forgetdiag.samples.measure import Truth, measure_samples
 from forgetdiag.samples.remedies import REMEDIES, task1_plan
 from forgetdiag.samples.tokenizer import train_tokenizer
-from forgetdiag.storage import enclosing_checkpoint
 from forgetdiag.training import TrainConfig, train
 from forgetdiag.validate import check_choice, check_number
 

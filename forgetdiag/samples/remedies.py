@@ -26,16 +26,14 @@ import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from forgetdiag.errors import ForgetdiagError
 from forgetdiag.evaluate import Encoded, encode
 from forgetdiag.probes import Probe, ProbeItem
 from forgetdiag.runtime import Runtime
+from forgetdiag.settings import REMEDIES
 from forgetdiag.training import freeze_bottom
-
-Remedy = Literal["none", "freeze", "replay", "self-output", "mask", "lora"]
-REMEDIES: tuple[str, ...] = ("none", "freeze", "replay", "self-output", "mask", "lora")
 
 
 @dataclass
