@@ -16,7 +16,7 @@ from forgetdiag.runtime import Runtime
 
 
 @command(app, "inspect")
-@with_runtime("allow_pickle", "base")
+@with_runtime("allow_pickle", "base", "ray")
 def inspect_cmd(
     paths: Annotated[
         list[Path],
