@@ -15,6 +15,7 @@ order with progress and Ctrl-C as in one process. Ray is an optional extra
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def ray_session(address: str) -> Iterator[Any]:
             address=None if address == "local" else address,
             include_dashboard=False,
             log_to_driver=False,
-            configure_logging=False,
+            logging_level=logging.ERROR,  # the command's own output stays one line per problem
         )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
