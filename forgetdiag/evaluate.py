@@ -174,7 +174,8 @@ def completion_logits(model, batch: Batch) -> torch.Tensor:
     if accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = width + 1  # only the trailing positions are needed
     logits = model(**kwargs, use_cache=False).logits  # (B, T' , vocab)
-    return logits[:, -width - 1 : -1]
+    # across GPUs (--device-map) lm_head may sit on another device than the inputs: come back
+    return logits[:, -width - 1 : -1].to(batch.targets.device)
 
 
 def accepts_logits_to_keep(model) -> bool:

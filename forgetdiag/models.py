@@ -72,6 +72,7 @@ def load_model(checkpoint: Checkpoint, runtime: Runtime | None = None):
                 use_safetensors=source.format == "safetensors",
                 output_loading_info=True,
                 trust_remote_code=runtime.trust_remote_code,
+                **device_map_options(runtime),
             )
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             msg = " ".join(str(exc).split())[:300]
@@ -87,7 +88,22 @@ def load_model(checkpoint: Checkpoint, runtime: Runtime | None = None):
     if checkpoint.base is not None:
         _merge_adapter(model, checkpoint)
     _require_finite_parameters(model, checkpoint)
+    if runtime.device_map is not None:
+        return model.eval()  # accelerate placed every layer: inputs go to the first one's device
     return model.to(runtime.torch_device).eval()
+
+
+def device_map_options(runtime: Runtime) -> dict:
+    """``from_pretrained`` arguments of ``--device-map``: accelerate's big-model loading places
+    the layers over every visible GPU (then CPU RAM) as they are read, so a model larger than
+    one GPU loads without first sitting whole in CPU memory. Nothing without ``--device-map``."""
+    if runtime.device_map is None:
+        return {}
+    try:
+        import accelerate  # noqa: F401 - transformers needs it for any device_map
+    except ImportError:
+        raise CheckpointError("--device-map needs accelerate: pip install 'forgetdiag[accelerate]'") from None
+    return {"device_map": runtime.device_map}
 
 
 def model_class(checkpoint: Checkpoint):
@@ -148,7 +164,7 @@ def _merge_adapter(model, checkpoint: Checkpoint) -> None:
                 f"{checkpoint.path}: adapter updates {name}, which the loaded model has no parameter for"
             )
         # merge in float32, then round once to the compute dtype
-        param.copy_((param.to(torch.float32) + delta).to(param.dtype))
+        param.copy_((param.to(torch.float32) + delta.to(param.device)).to(param.dtype))
 
 
 def load_tokenizer(checkpoint: Checkpoint, runtime: Runtime | None = None):

@@ -13,6 +13,7 @@ its options and refuses bad input before torch is loaded.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,11 +34,15 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # Below this many parameters a forward pass is too small to gain from a second CPU thread
 # (measured in bench/recover_speed.py on the samples: one thread was faster than two).
 SMALL_MODEL_PARAMS = 20_000_000
+RAY_MISSING = "--ray needs Ray, which is not installed here: pip install 'forgetdiag[ray]'"
+# accelerate's placements of a model over the visible GPUs (then CPU RAM): one process
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def _option(default, help: str, **cli):
-    """A Runtime field with the help text (and CLI extras such as ``min``) of its option."""
-    return field(default=default, metadata={"help": help, **cli})
+def _option(default, help: str, *, named_only: bool = False, **cli):
+    """A Runtime field with the help text (and CLI extras such as ``min``) of its option.
+    ``named_only``: a command gets the option only when it names the field (``--ray``)."""
+    return field(default=default, metadata={"help": help, "named_only": named_only, **cli})
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,17 @@ class Runtime:
     trust_remote_code: bool = _option(
         False, "Allow a checkpoint's own Python code (transformers trust_remote_code). Off by default."
     )
+    device_map: str | None = _option(
+        None,
+        "Spread the model over every visible GPU (then CPU RAM) with accelerate: auto, balanced, "
+        "balanced_low_0 or sequential. One process; inputs go to the first layer's device.",
+    )
+    ray: str | None = _option(
+        None,
+        "Run the per-tensor work on Ray: auto (the running cluster, RAY_ADDRESS), local (start one "
+        "here) or an address for ray.init. Needs pip install 'forgetdiag[ray]'.",
+        named_only=True,
+    )
 
     def __post_init__(self) -> None:
         dtype = str(self.dtype).removeprefix("torch.").lower()
@@ -78,6 +94,13 @@ class Runtime:
         check_choice("--dtype", self.dtype, choices(Dtype))
         check_number("--threads", self.threads, low=1, integer=True, optional=True)
         check_number("--batch-size", self.batch_size, low=1, integer=True)
+        if self.device_map is not None:
+            check_choice("--device-map", self.device_map, DEVICE_MAPS)
+        if self.ray is not None:
+            if not isinstance(self.ray, str) or not self.ray.strip():
+                raise ForgetdiagError(f"--ray {self.ray!r}: expected auto, local or a cluster address")
+            if importlib.util.find_spec("ray") is None:
+                raise ForgetdiagError(RAY_MISSING)
         for name in ("tokenizer", "base"):  # paths given as Path objects are kept as text
             value = getattr(self, name)
             if value is not None:

@@ -134,8 +134,9 @@ def require_finite(tensor: torch.Tensor, name: str, checkpoint: Checkpoint) -> t
     if bool(torch.isfinite(tensor).all()):
         return tensor
     kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+    file = getattr(checkpoint.meta.get(name), "file", None)  # the shard, where known
     raise CheckpointError(
-        f"{checkpoint.label}: tensor {name} holds {kind} values ({checkpoint.path}); expected finite weights"
+        f"{checkpoint.label}: tensor {name} holds {kind} values ({file or checkpoint.path}); expected finite weights"
     )
 
 

@@ -26,6 +26,7 @@ import torch
 from forgetdiag.analyses.angle_batch import expert_group_records, group_key
 from forgetdiag.analyses.angle_pairs import PairSpec, Update, parse_pairs
 from forgetdiag.analyses.angle_records import AngleRecord, angle_record, summarize_experts
+from forgetdiag.analyses.weight_tasks import angle_records_on_ray
 from forgetdiag.architectures import GENERIC, component_order
 from forgetdiag.checkpoints import duplicate_notes, resolve_checkpoints, tower_notes
 from forgetdiag.errors import CheckpointError
@@ -147,7 +148,10 @@ def compute_angles(
     torch_device = runtime.torch_device
     pool_size, threads = plan_threads(runtime.threads, torch_device)
     with timings.phase("angles"), torch_threads(threads):
-        records = _run(found, specs, targets, check, settings, torch_device, pool_size, progress)
+        if runtime.ray is not None:  # the same _run per task, on the cluster (--ray)
+            records = angle_records_on_ray(_run, found, specs, targets, check, settings, runtime, progress)
+        else:
+            records = _run(found, specs, targets, check, settings, torch_device, pool_size, progress)
     first = found[0]
     return AnglesResult(
         checkpoints=tuple(c.label for c in found),

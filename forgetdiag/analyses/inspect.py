@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from forgetdiag.analyses.weight_tasks import check_values_on_ray
 from forgetdiag.architectures import GENERIC, component_order
 from forgetdiag.checkpoints import duplicate_notes, duplicates, resolve_checkpoints, tower_notes
 from forgetdiag.parts import matrix_parts
@@ -148,12 +149,15 @@ def inspect_checkpoints(
         total = sum(len(c.names) for c in checkpoints)
         done = 0
         with timings.phase("values"):
-            for c in checkpoints:
-                for name in c.names:
-                    require_finite(c.get(name), name, c)
-                    done += 1
-                    if progress is not None:
-                        progress("checking values", done, total)
+            if runtime.ray is not None:  # the same reads, on the cluster (--ray)
+                check_values_on_ray(checkpoints, runtime, progress)
+            else:
+                for c in checkpoints:
+                    for name in c.names:
+                        require_finite(c.get(name), name, c)
+                        done += 1
+                        if progress is not None:
+                            progress("checking values", done, total)
     pairs = duplicates(checkpoints)
     copies = {j: checkpoints[i].label for i, j in pairs}
     return InspectResult(

@@ -349,6 +349,7 @@ def landscape(
     with runtime.threads_for(anchors[0].n_params):
         start = time.perf_counter()
         model = load_model(anchors[loaded], runtime).requires_grad_(False)
+        device = next(model.parameters()).device  # --device-map: where the first layer sits
         infos, batches = _prepare_probes(anchors, model, probes, runtime, device, warn)
         plane, info, placements, notes = build_plane(
             model, anchors, placed, mode=settings.directions, seed=settings.seed, loaded=loaded, progress=progress

@@ -28,7 +28,7 @@ DEFAULTS = AngleSettings()
 
 
 @command(app, "angles")
-@with_runtime("device", "threads", "allow_pickle", "base")
+@with_runtime("device", "threads", "allow_pickle", "base", "ray")
 def angles_cmd(
     paths: Annotated[
         list[Path],

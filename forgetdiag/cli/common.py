@@ -213,9 +213,10 @@ def _runtime_parameters(names: tuple[str, ...]) -> list[inspect.Parameter]:
     hints = typing.get_type_hints(Runtime)
     out = []
     for f in dataclasses.fields(Runtime):
-        if names and f.name not in names:
-            continue
         meta = dict(f.metadata)
+        named_only = meta.pop("named_only", False)  # --ray: only where a command names it
+        if (names or named_only) and f.name not in names:
+            continue
         help_text = meta.pop("help")
         hint = Path | None if meta.pop("path", False) else hints[f.name]
         out.append(_option_parameter(f.name, hint, f.default, help_text, **meta))

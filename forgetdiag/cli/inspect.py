@@ -15,7 +15,7 @@ from forgetdiag.settings import InspectSettings
 
 
 @command(app, "inspect")
-@with_runtime("allow_pickle", "base")
+@with_runtime("allow_pickle", "base", "ray")
 def inspect_cmd(
     paths: Annotated[
         list[Path],
