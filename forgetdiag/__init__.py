@@ -83,4 +83,15 @@ __all__ = [
     "ReplaySettings",
     "self_output",
     "SelfOutputSettings",
+    "ForgettingCallback",
 ]
+
+
+def __getattr__(name: str):
+    # The Trainer callback subclasses transformers.TrainerCallback: imported on first use, so
+    # that ``import forgetdiag`` stays as light as the rest of the package keeps it.
+    if name == "ForgettingCallback":
+        from forgetdiag.callback import ForgettingCallback
+
+        return ForgettingCallback
+    raise AttributeError(f"module 'forgetdiag' has no attribute {name!r}")
