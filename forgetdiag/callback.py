@@ -17,6 +17,7 @@ without. It writes one file, ``forgetdiag.toml`` at the top of ``output_dir`` (n
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -141,6 +142,7 @@ class ForgettingCallback(TrainerCallback):
             self.tokenizer = load_tokenizer(None, replace(self.runtime, tokenizer=str(tokenizer)))
         self.alarms: list[Alarm] = []
         self.history: list[dict] = []  # every scoring: {"step": N, "forgetdiag/<probe>/<metric>": value...}
+        self.seconds: list[float] = []  # wall time of each scoring (every probe)
         self._pending: dict | None = None
         self._started = False
         self._handler = None
@@ -206,7 +208,7 @@ class ForgettingCallback(TrainerCallback):
 
     def _score(self, model, step: int, args, state) -> dict:
         """Score every probe on ``model`` as it is now; eval mode for the pass, then as it was."""
-        was_training = model.training
+        was_training, start = model.training, time.perf_counter()
         model.eval()
         logs: dict = {}
         try:
@@ -228,6 +230,7 @@ class ForgettingCallback(TrainerCallback):
                         logs[f"{PREFIX}/{name}/alarm"] = alarm.command
         finally:
             model.train(was_training)
+            self.seconds.append(time.perf_counter() - start)
         self.history.append({"step": step, **logs})
         return {"step": step, **logs}
 
@@ -236,7 +239,7 @@ class ForgettingCallback(TrainerCallback):
         p_value, _, _ = mcnemar(w.start, outcome)
         if not (start - now > self.alarm_drop and p_value < self.alpha):
             return None
-        checkpoint = Path(args.output_dir) / f"checkpoint-{saved_step(step, args, state)}"
+        checkpoint = Path(args.output_dir).resolve() / f"checkpoint-{saved_step(step, args, state)}"
         command = recover_command(self.before, checkpoint, w.source)
         w.alarm = Alarm(name, step, w.metric, start, now, p_value, str(checkpoint), command)
         self.alarms.append(w.alarm)
