@@ -152,7 +152,11 @@ class ForgettingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._handler = _move_to_front(self)
+        self._started, self._pending = False, None  # a callback reused for the next task starts afresh
+        for w in self.watched.values():
+            w.start, w.alarm = None, None
         if self.tokenizer is None:
+            processing_class = getattr(processing_class, "tokenizer", processing_class)  # a processor's tokenizer
             if processing_class is None or not hasattr(processing_class, "convert_tokens_to_ids"):
                 raise ForgetdiagError(
                     "ForgettingCallback: the Trainer has no tokenizer (processing_class); "
