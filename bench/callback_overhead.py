@@ -1,17 +1,19 @@
 """What ForgettingCallback costs a Trainer run: the same run with and without it, in one process.
 
 A small llama (4 layers, width 128, made here from a config) is trained by the transformers
-Trainer on generated documents of ``--facts`` facts each (4 by default: 49 tokens; batch 16, 300
-steps, no saving), once bare and once with ``ForgettingCallback`` scoring a 240-item probe every 50 steps (7 scorings: step 0 and six
-more). The two runs alternate, ``--rounds`` times each, and the overhead is
+Trainer on generated documents of ``--facts`` facts each (4 by default: 42 tokens; batch 16,
+300 steps, no saving), once bare and once with ``ForgettingCallback`` scoring a 240-item probe
+every 50 steps (7 scorings: step 0 and six more). The two runs alternate, ``--rounds`` times
+each. Printed:
 
-    (median time with the callback - median time without) / median time without,
+* the overhead as (median with - median without) / median without, both the CPU time of this
+  process around ``trainer.train()`` (wall time on a shared machine moved by a factor of 6
+  between identical rounds; CPU time at one thread measures the work); this difference is
+  within the rounds' noise of several percent, so also
+* the direct figure: the CPU time spent inside the callback's scorings over the training's;
+* one scoring call's CPU and wall time (240 items, one teacher-forced pass per 64).
 
-both the CPU time of this process around ``trainer.train()`` (wall time on a shared machine
-moved by a factor of 6 between rounds; CPU time at one thread measures the work). That
-difference is within the rounds' noise (a few percent), so the script also prints the direct
-figure: the CPU time spent inside the callback's scorings, over the training's. The time of one scoring call (240 items, one
-teacher-forced pass in batches of 64) comes from the callback's own clock. Nothing is downloaded.
+Nothing is downloaded.
 
 Usage::
 
