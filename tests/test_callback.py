@@ -252,3 +252,9 @@ def test_bad_input_fails_at_construction_in_one_line(world, kwargs, fragment):
     with pytest.raises(ForgetdiagError) as info:
         ForgettingCallback(**kwargs)
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_score_without_probe_needs_a_run_file(world):
+    from helpers import assert_bad_input
+
+    assert_bad_input(runner.invoke(app, ["score", str(world[2])]), "no --probe given", "forgetdiag.toml")
