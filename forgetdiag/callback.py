@@ -147,6 +147,7 @@ class ForgettingCallback(TrainerCallback):
         self._started = False
         self._handler = None
         self._live: Checkpoint | None = None
+        self.frozen: list[str] = []  # the parameters freeze_layers froze
 
     # --- Trainer events -------------------------------------------------------------------
 
@@ -171,7 +172,7 @@ class ForgettingCallback(TrainerCallback):
         if self.freeze_layers:
             from forgetdiag.training import freeze_bottom
 
-            frozen = freeze_bottom(model, self.freeze_layers)
+            frozen = self.frozen = freeze_bottom(model, self.freeze_layers)
             logger.info(
                 f"forgetdiag: froze the embedding and {self.freeze_layers} bottom layers ({len(frozen)} tensors)"
             )
@@ -185,8 +186,9 @@ class ForgettingCallback(TrainerCallback):
             return
         self._started = True
         logs = self._score(model, state.global_step, args, state)
-        state.log_history.append({**logs, "step": state.global_step})
+        state.log_history.append(dict(logs))  # as Trainer.log records an entry: the values, then the step
         if self._handler is not None:
+            del logs["step"]  # integrations receive the values; the step comes from the state
             self._handler.on_log(args, state, control, logs)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -99,6 +99,8 @@ class Recorder:
         return lambda *args, **kwargs: None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.received:
+            self.first_keys = set(logs)
         self.received.append({**logs, "step": state.global_step})
 
 
@@ -131,6 +133,7 @@ def test_scores_are_logged_at_the_configured_steps_and_match_forgetdiag_score(fo
         if "forgetdiag/old/exact_match" in e
     }
     assert received == exact  # what a reporting integration gets
+    assert "step" not in callback.recorder.first_keys  # the step-0 entry looks like the Trainer's own
     result = runner.invoke(
         app, ["score", str(out), "--probe", str(world[3]), "--json", str(tmp_path / "s.json"), "--quiet"]
     )
@@ -233,6 +236,7 @@ def test_fixed_subset_and_freeze_layers(world, tmp_path):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     train(world, tmp_path / "run", shift=1, steps=2, model=model, callback=callback)
     after = model.state_dict()
+    assert "model.embed_tokens.weight" in callback.frozen
     assert torch.equal(after["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
     assert torch.equal(after["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
     assert not torch.equal(after["model.layers.1.mlp.up_proj.weight"], start["model.layers.1.mlp.up_proj.weight"])
