@@ -262,3 +262,24 @@ def test_score_without_probe_needs_a_run_file(world):
     from helpers import assert_bad_input
 
     assert_bad_input(runner.invoke(app, ["score", str(world[2])]), "no --probe given", "forgetdiag.toml")
+
+
+def test_a_multiple_choice_probe_logs_acc(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from forgetdiag.choices import encode_choices, score_items
+
+    rows = [{"prompt": i.prompt, "choices": [" c0", " c1", " c2", " c3"], "answer": i.answer} for i in facts(0)[:4]]
+    probe = write_jsonl(tmp_path / "mc.jsonl", rows)
+    callback = ForgettingCallback({"mc": probe}, every_steps=2)
+    model = AutoModelForCausalLM.from_pretrained(world[2])
+    trainer, model = train(world, tmp_path / "run", shift=1, steps=2, model=model, callback=callback)
+    acc = logged(trainer, "forgetdiag/mc/acc")
+    assert sorted(acc) == [0, 2] and acc[0] == 1.0  # the taught facts, before any update
+    assert sorted(logged(trainer, "forgetdiag/mc/acc_norm")) == [0, 2]
+    model.eval()
+    items = [type(i)(i.prompt, i.answer, None, (" c0", " c1", " c2", " c3")) for i in facts(0)[:4]]
+    now = score_items(model, encode_choices(world[1], items), pad_id=0)
+    assert acc[2] == now.value("acc") and logged(trainer, "forgetdiag/mc/answer_loss")[2] == pytest.approx(
+        now.answer_loss, abs=1e-6
+    )
