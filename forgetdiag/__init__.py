@@ -18,6 +18,7 @@ from forgetdiag._version import __version__
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "ForgettingCallback": "forgetdiag.callback",  # subclasses transformers.TrainerCallback
     "AdviceSettings": "forgetdiag.settings",
     "advise": "forgetdiag.analyses.advise",
     "AngleSettings": "forgetdiag.settings",
@@ -85,6 +86,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from forgetdiag.analyses.self_output import self_output
     from forgetdiag.analyses.tokens import token_difficulty
     from forgetdiag.analyses.verdict import decide
+    from forgetdiag.callback import ForgettingCallback
     from forgetdiag.checkpoints import find_checkpoints, find_sequence, resolve_checkpoints
     from forgetdiag.errors import CheckpointError, ForgetdiagError, ProbeError
     from forgetdiag.models import load_model, load_tokenizer
@@ -177,4 +179,5 @@ __all__ = [
     "ReplaySettings",
     "self_output",
     "SelfOutputSettings",
+    "ForgettingCallback",
 ]

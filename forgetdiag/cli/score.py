@@ -9,8 +9,10 @@ import typer
 
 from forgetdiag.cli.app import app
 from forgetdiag.cli.common import HtmlOpt, JsonOpt, QuietOpt, command, emit, progress_bar, warn, with_runtime
+from forgetdiag.errors import ForgetdiagError
 from forgetdiag.probes import ProbeFields, load_probe
 from forgetdiag.render.output import guard_outputs
+from forgetdiag.runfile import find_run_file, load_run
 from forgetdiag.runtime import Runtime
 from forgetdiag.settings import ScoreSettings
 
@@ -26,13 +28,13 @@ def score_cmd(
         ),
     ],
     probe: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
             "--probe",
-            help="A probe: JSONL, JSON or CSV of prompt/answer or multiple-choice rows, or an lm-eval task .yaml (repeatable).",
+            help="A probe: JSONL, JSON or CSV of prompt/answer or multiple-choice rows, or an lm-eval task .yaml (repeatable). Default: the probes of a run directory's forgetdiag.toml.",
             show_default=False,
         ),
-    ],
+    ] = None,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
     quiet: QuietOpt = False,
@@ -47,6 +49,8 @@ def score_cmd(
     modified.
     """
     settings = ScoreSettings()
+    if not probe:
+        checkpoints, probe = from_run_file(checkpoints)
     guard_outputs({"--json": json_path, "--html": html_path}, [*checkpoints, *probe, runtime.base, runtime.tokenizer])
     from forgetdiag.analyses.gate import probe_names
     from forgetdiag.analyses.score import score_checkpoints
@@ -58,3 +62,17 @@ def score_cmd(
             checkpoints, loaded, settings=settings, runtime=runtime, progress=progress, warn=warn
         )
     emit(result, json=json_path, html=html_path, table=score_table, page=write_score_html)
+
+
+def from_run_file(checkpoints: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Without --probe, one RUN with a forgetdiag.toml: its before checkpoint (if any), then its
+    run (or after), scored on its probes."""
+    if len(checkpoints) != 1 or find_run_file(checkpoints[0]) is None:
+        raise ForgetdiagError(
+            "no --probe given; expected --probe FILE, or a single run directory with a forgetdiag.toml"
+        )
+    spec = load_run(checkpoints[0])
+    if not spec.probes:
+        raise ForgetdiagError(f"{spec.path}: no [probes]; expected --probe FILE or probes in the run file")
+    watched = [p for p in (spec.run or spec.after,) if p is not None]
+    return [*([spec.before] if spec.before is not None else []), *watched], list(spec.probes.values())
