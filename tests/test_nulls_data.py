@@ -27,7 +27,7 @@ def _angle(a, b):
 
 def _record(a, b, spectrum):
     part = SimpleNamespace(tensor=SimpleNamespace(name="w"), part=None, component="q", layer=0, expert=None)
-    basis = lambda m: update_basis(torch.from_numpy(m), rank=RANK, energy=None, rtol=1e-6, seed=0, niter=4)  # noqa: E731
+    basis = lambda m: update_basis(torch.from_numpy(m), rank=RANK, energy=None, rtol=1e-6, seed=0, niter=4)
     r = angle_record(part, PairSpec(Update(0, 1), Update(1, 2)), (basis(a), 1.0), (basis(b), 1.0), D)
     null = spectrum.null(N, r.rank_a, r.rank_b)
     return r, null, chance_label(r.angle_deg, null)
