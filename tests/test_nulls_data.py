@@ -62,3 +62,31 @@ def test_independent_updates_at_chance_and_shared_direction_beyond():
     record, null, label = _record(shared_a, shared_b, spectrum)
     assert label == "beyond chance", (record.angle_deg, null)
     assert record.energy_overlap > null.energy_overlap + 0.2
+
+
+def test_cli_probe_and_null_run_add_the_nulls_to_every_record(trainer_run, tokenizer, tmp_path):
+    """``angles RUN --probe P --null-run RUN`` JSON: every covered record has the data-informed
+    null and the energy overlap; o/down (hidden side not an input) have no data null; with the
+    run itself as the null run, the second-run angle equals the angle."""
+    import json
+    import random
+
+    from typer.testing import CliRunner
+
+    from forgetdiag.cli import app
+
+    from helpers import WORDS, write_jsonl
+
+    rng = random.Random(0)
+    rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(6)), "answer": " x"} for _ in range(24)]
+    probe = write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "a.json"
+    args = ["angles", trainer_run, "--probe", probe, "--null-run", trainer_run, "--rank", 4, "--json", out, "-q"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.stderr
+    records = [r for r in json.loads(out.read_text())["records"] if r["status"] == "ok"]
+    covered = [r for r in records if r["component"] in ("q", "k", "v", "gate", "up")]
+    assert covered and all(r["baseline_data_deg"] is not None and r["chance"] for r in covered)
+    assert all(r["baseline_data_deg"] is None for r in records if r["component"] in ("o", "down", "embed"))
+    assert all(0.0 <= r["energy_overlap"] <= 1.0 for r in records)
+    assert all(r["baseline_run_deg"] == r["angle_deg"] for r in records)

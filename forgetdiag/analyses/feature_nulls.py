@@ -21,6 +21,7 @@ import torch
 
 from forgetdiag import linalg
 from forgetdiag.analyses.feature_stats import LayerShift, compare_layer, summarise_layer
+from forgetdiag.runtime import torch_threads
 
 CONFIDENCE = 0.95
 STATISTICS = (
@@ -79,7 +80,15 @@ def split_half_null(x: torch.Tensor, *, k: int, splits: int, seed: int) -> tuple
     if half <= k or splits < 1:
         return math.nan, None
     gen = torch.Generator().manual_seed(seed)
-    values = []
+    with torch_threads(1):
+        values = _splits(x, half, k, splits, gen)
+    if not values:
+        return math.nan, None
+    return float(np.mean(values)), _percentiles(values)
+
+
+def _splits(x: torch.Tensor, half: int, k: int, splits: int, gen: torch.Generator) -> list[float]:
+    n, values = x.shape[0], []
     for _ in range(splits):
         order = torch.randperm(n, generator=gen)
         first, second = x[order[:half]], x[order[half : 2 * half]]
@@ -89,9 +98,7 @@ def split_half_null(x: torch.Tensor, *, k: int, splits: int, seed: int) -> tuple
             continue
         angles = linalg.principal_angles(pf.components[:kk].mT, ps.components[:kk].mT)
         values.append(float(angles.mean()))
-    if not values:
-        return math.nan, None
-    return float(np.mean(values)), _percentiles(values)
+    return values
 
 
 def clears(interval: list[float] | None, null: list[float] | None, value: float, threshold: float) -> bool:
@@ -119,9 +126,11 @@ def with_sampling(
     from dataclasses import replace
 
     value, spread = null
+    with torch_threads(1):  # many small PCAs: one thread each is fastest on shared cores
+        intervals = layer_intervals(s.layer, xb, xa, k=k, replicates=replicates, seed=seed, paired=paired)
     return replace(
         s,
-        intervals=layer_intervals(s.layer, xb, xa, k=k, replicates=replicates, seed=seed, paired=paired),
+        intervals=intervals,
         null_pc_angle_deg=value,
         null_pc_angle_range=None if spread is None else tuple(spread),
     )
