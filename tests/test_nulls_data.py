@@ -9,6 +9,7 @@ from forgetdiag.analyses.angle_pairs import PairSpec, Update
 from forgetdiag.analyses.angle_records import angle_record
 from forgetdiag.linalg import update_basis
 from forgetdiag.nulls import InputSpectrum, baseline_direction_angle, chance_label
+from forgetdiag.runtime import torch_threads
 
 D, N, T, RANK = 64, 128, 400, 8
 
@@ -18,10 +19,19 @@ def _inputs(rng, alpha=1.0):
     return rng.standard_normal((T, D)) * scale  # (T, D)
 
 
+def _update(x, rng):
+    """X^T G for a fresh Gaussian G (T, N): (D, N). Single-threaded matmul (threaded BLAS on
+    small matrices crawls on shared cores)."""
+    with torch_threads(1):
+        return (torch.from_numpy(x).mT @ torch.from_numpy(rng.standard_normal((T, N)))).numpy()
+
+
 def _angle(a, b):
-    """Mean angle of b's top-RANK directions to a's top-RANK subspace, plain numpy (reference)."""
-    qa = np.linalg.svd(a, full_matrices=False)[0][:, :RANK]
-    qb = np.linalg.svd(b, full_matrices=False)[0][:, :RANK]
+    """Mean angle of b's top-RANK directions to a's top-RANK subspace (reference: a direct SVD
+    of each drawn update; one thread, as threaded small SVDs crawl on shared cores)."""
+    with torch_threads(1):
+        qa = torch.linalg.svd(torch.from_numpy(a), full_matrices=False)[0][:, :RANK].numpy()
+        qb = torch.linalg.svd(torch.from_numpy(b), full_matrices=False)[0][:, :RANK].numpy()
     return float(np.degrees(np.arccos(np.clip(np.linalg.norm(qa.T @ qb, axis=0), 0, 1))).mean())
 
 
@@ -39,7 +49,7 @@ def test_data_null_matches_monte_carlo_of_x_transpose_g():
     spectrum = InputSpectrum(torch.from_numpy(x.T @ x))
     null = spectrum.null(N, RANK, RANK, samples=32)
     # independent reference: draw the updates themselves, X^T G with Gaussian G (T, N)
-    direct = [_angle(x.T @ rng.standard_normal((T, N)), x.T @ rng.standard_normal((T, N))) for _ in range(64)]
+    direct = [_angle(_update(x, rng), _update(x, rng)) for _ in range(64)]
     assert abs(null.mean_deg - np.mean(direct)) < 1.0
     iso = baseline_direction_angle(RANK, D)
     assert null.mean_deg < iso - 15  # the isotropic null is far off for such updates
@@ -49,7 +59,7 @@ def test_independent_updates_at_chance_and_shared_direction_beyond():
     rng = np.random.default_rng(2)
     x = _inputs(rng)
     spectrum = InputSpectrum(torch.from_numpy(x.T @ x))
-    a, b = x.T @ rng.standard_normal((T, N)), x.T @ rng.standard_normal((T, N))  # (D, N) each
+    a, b = _update(x, rng), _update(x, rng)  # (D, N) each
     record, null, label = _record(a, b, spectrum)
     assert label == "at chance", (record.angle_deg, null)
     assert record.angle_deg < record.baseline_deg - 10  # the isotropic null would call it aligned

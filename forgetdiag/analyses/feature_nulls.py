@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from forgetdiag import linalg
-from forgetdiag.analyses.feature_stats import LayerShift, compare_layer, summarise_layer
+from forgetdiag.analyses.feature_stats import RANK_RTOL, LayerPCA, LayerShift, compare_layer, summarise_layer
 from forgetdiag.runtime import torch_threads
 
 CONFIDENCE = 0.95
@@ -32,6 +32,25 @@ STATISTICS = (
     "mean_shift_pc1_angle_deg",
     "mean_shift_subspace_angle_deg",
 )
+
+
+def _summary(x: torch.Tensor, *, k: int) -> LayerPCA:
+    """:func:`summarise_layer` for resampled sets: with many more prompts than dimensions, the
+    eigendecomposition of the (d, d) covariance instead of the SVD of the (n, d) features
+    (the same PCs up to sign, ~5x cheaper at n = 1500, d = 128)."""
+    n, d = x.shape
+    if n < 4 * d:
+        return summarise_layer(x, k=k)
+    x = x.to(torch.float64)
+    mean = x.mean(dim=0)  # (d,)
+    centred = x - mean
+    variance, vectors = torch.linalg.eigh(centred.mT @ centred / (n - 1))  # (d,), (d, d) ascending
+    variance, vectors = variance.flip(0).clamp_min(0.0), vectors.flip(1)
+    mean_norm = float(torch.linalg.vector_norm(x, dim=1).mean())
+    rank = int((variance.sqrt() > RANK_RTOL * mean_norm).sum()) if mean_norm > 0 else 0
+    total = float(variance.sum())
+    shares = variance[:k] / total if total > 0 else torch.zeros(k, dtype=torch.float64)
+    return LayerPCA(mean, vectors[:, :k].mT.contiguous(), shares, rank, mean_norm)
 
 
 def _value(s: LayerShift, name: str) -> float:
@@ -62,7 +81,7 @@ def layer_intervals(
         ib = torch.randint(n_b, (n_b,), generator=gen)  # (n,) prompts drawn with replacement
         ia = ib if paired else torch.randint(n_a, (n_a,), generator=gen)
         rb, ra = xb[ib], xa[ia]
-        pb, pa = summarise_layer(rb, k=k), summarise_layer(ra, k=k)
+        pb, pa = _summary(rb, k=k), _summary(ra, k=k)
         if min(pb.rank, pa.rank) == 0:
             continue
         s = compare_layer(layer, rb, ra, pb, pa, k=k, cka=paired)
@@ -92,7 +111,7 @@ def _splits(x: torch.Tensor, half: int, k: int, splits: int, gen: torch.Generato
     for _ in range(splits):
         order = torch.randperm(n, generator=gen)
         first, second = x[order[:half]], x[order[half : 2 * half]]
-        pf, ps = summarise_layer(first, k=k), summarise_layer(second, k=k)
+        pf, ps = _summary(first, k=k), _summary(second, k=k)
         kk = min(k, pf.rank, ps.rank)
         if kk == 0:
             continue
