@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import torch
 
+from forgetdiag.analyses.activations import linear_modules
 from forgetdiag.analyses.angle_pairs import PairSpec, Update
 from forgetdiag.analyses.angle_records import AngleRecord
 from forgetdiag.analyses.input_moments import input_second_moments
@@ -44,6 +45,7 @@ def layer_spectra(
     tokenizer = shared_tokenizer([checkpoint], runtime, warn=warn)
     encoded, _ = tokenize_probe(tokenizer, probe, checkpoint, runtime, warn=warn)
     model = load_model(checkpoint, runtime)
+    wanted = {m for m in linear_modules(model, include_head=True) if any(_same(name, m) for name in names)}
     with runtime.threads_for(checkpoint.n_params):
         moments, n_tokens = input_second_moments(
             model,
@@ -52,17 +54,25 @@ def layer_spectra(
             batch_size=runtime.batch_size,
             progress=progress,
             label=f"layer inputs {checkpoint.label}",
+            only=wanted,
         )
     del model
     spectra: dict[int, InputSpectrum] = {}  # one per shared moment
     out = {}
     for name in names:
-        stem = name.removesuffix(".weight")
-        module = next((m for m in moments if m == stem or stem.endswith("." + m) or m.endswith("." + stem)), None)
-        if module is not None and name.endswith(".weight"):
+        module = next((m for m in moments if _same(name, m)), None)
+        if module is not None:
             moment = moments[module]
             out[name] = spectra.setdefault(id(moment), InputSpectrum(moment))
     return out, n_tokens
+
+
+def _same(tensor: str, module: str) -> bool:
+    """Is stored tensor ``tensor`` the weight of model module ``module`` (up to a prefix)?"""
+    if not tensor.endswith(".weight"):
+        return False
+    stem = tensor.removesuffix(".weight")
+    return module == stem or stem.endswith("." + module) or module.endswith("." + stem)
 
 
 def with_data_null(

@@ -211,7 +211,7 @@ def compute_angles(
     parts = {(p.tensor.name, p.part, p.expert): (p, shape) for _, ps, shape in targets for p in ps}
     if probe is not None:
         with timings.phase("activations"):
-            names = [name for name, _, _ in targets]
+            names = [name for name, ps, _ in targets if any(p.hidden_side == "in" for p in ps)]
             spectra = {i: layer_spectra(found[i], probe, names, runtime, warn=warn)[0] for i in {p.b.i for p in specs}}
         with timings.phase("data_null"):
             records = with_data_null(records, specs, spectra, parts)

@@ -10,7 +10,7 @@ two, not five. The hooks are removed when the pass ends, also on error.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -42,8 +42,8 @@ class _MomentRecorder:
             return
         self._last = (x, name)  # held, so no new tensor can take its place
         self.group.setdefault(name, name)
-        flat = x.detach().to(torch.float64)[self.mask.to(x.device, torch.bool)]  # (tokens, in)
-        moment = flat.mT @ flat  # (in, in)
+        flat = x.detach().float()[self.mask.to(x.device, torch.bool)]  # (tokens, in)
+        moment = (flat.mT @ flat).double()  # (in, in)
         total = self.sums.get(name)
         self.sums[name] = moment.cpu() if total is None else total + moment.cpu()
 
@@ -62,10 +62,15 @@ def input_second_moments(
     batch_size: int = 32,
     progress: ProgressFn | None = None,
     label: str = "layer inputs",
+    only: Collection[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """``{module name: X^T X}`` (in, in) float64 for every linear layer (the output head too),
-    X its inputs at every unpadded token of the items; and the number of tokens."""
-    modules = linear_modules(model, include_head=True)
+    X its inputs at every unpadded token of the items; and the number of tokens.
+
+    ``only``: the module names to record (default all); ``angles`` asks for the layers whose
+    hidden side is their input (a down projection's wide input would cost the most and serve
+    no null). Each batch's product runs in float32 and is summed in float64."""
+    modules = {name: m for name, m in linear_modules(model, include_head=True).items() if only is None or name in only}
     device = next(model.parameters()).device
     extra = {"logits_to_keep": 0} if accepts_logits_to_keep(model) else {}
     groups = batches_by_length(encoded, batch_size)
