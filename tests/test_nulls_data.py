@@ -91,9 +91,25 @@ def test_cli_probe_and_null_run_add_the_nulls_to_every_record(trainer_run, token
     rows = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(6)), "answer": " x"} for _ in range(24)]
     probe = write_jsonl(tmp_path / "p.jsonl", rows)
     out = tmp_path / "a.json"
-    args = ["angles", trainer_run, "--probe", probe, "--null-run", trainer_run, "--rank", 4, "--json", out, "-q"]
+    args = [
+        "angles",
+        trainer_run,
+        "--probe",
+        probe,
+        "--null-run",
+        trainer_run,
+        "--rank",
+        4,
+        "--json",
+        out,
+        "--html",
+        tmp_path / "a.html",
+    ]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())  # the legend, unwrapped
+    assert "the data-informed null" in text and "aligned beyond chance" in text
+    assert "data-informed null" in (tmp_path / "a.html").read_text()
     records = [r for r in json.loads(out.read_text())["records"] if r["status"] == "ok"]
     covered = [r for r in records if r["component"] in ("q", "k", "v", "gate", "up")]
     assert covered and all(r["baseline_data_deg"] is not None and r["chance"] for r in covered)

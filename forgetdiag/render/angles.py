@@ -156,8 +156,9 @@ def legend(result: AnglesResult) -> str:
         f"update's subspace. Row 'null' and (brackets): the mean angle unrelated subspaces of "
         f"those dimensions give, its isotropic null (real updates sit below it by construction). "
         f"[Square brackets]: the data-informed null (--probe), the angle unrelated updates X^T G "
-        f"make where the layer's inputs live; {BELOW} aligned beyond it (by > 3 spreads of the "
-        f"null and 1°), {ABOVE} less aligned than it; without --probe nothing is marked. Bases: {basis}, directions below {s.rtol:g} x the largest "
+        f"make where the layer's inputs live; {BELOW} aligned beyond chance (> 3 spreads of that "
+        f"null and 1° below it), {ABOVE} less aligned than chance; without --probe nothing is "
+        f"marked. Bases: {basis}, directions below {s.rtol:g} x the largest "
         f"singular value dropped{'; updates standardised' if s.standardize else ''}."
     )
 
