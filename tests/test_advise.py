@@ -9,7 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from forgetdiag.analyses.advise import AdviceSettings, advise, decide_freeze, revert_series
+from forgetdiag.analyses.advise import AdviceSettings, advise, decide_freeze
+from forgetdiag.analyses.revert import revert_series, untie_head
 from forgetdiag.checkpoints import find_checkpoints
 from forgetdiag.cli import app
 from forgetdiag.evaluate import encode, score
@@ -129,6 +130,7 @@ def test_revert_series_equals_a_hand_assembled_model(planted):
             k: (sb[k] if "embed_tokens" in k or any(f".layers.{i}." in k for i in range(depth)) else sa[k]) for k in sa
         }
         model = load_model(after)
+        untie_head(model)  # advise reverts the input embedding only (the head keeps after's)
         model.load_state_dict(mixed)
         want = score(model, encoded, pad_id=0)
         assert got.exact_match == want.exact_match
@@ -378,3 +380,37 @@ def test_advice_on_the_shipped_samples():
     assert rows[0].restored >= 0.5 > rows[-1].restored
     real = _advice(samples, "real", skip=("angles", "features"))
     assert not real.advised and "not held by the bottom layers" in real.reason
+
+
+@pytest.mark.planted
+def test_tied_revert_moves_the_input_embedding_only(tmp_path):
+    """With tied embeddings, depth d reverts the input embedding and layers < d, bit for bit,
+    while the output head keeps the after weights (it is no longer the same tensor)."""
+    tok = make_tokenizer(None, NAMES[:8] + CITIES)
+    model = build(llama_config(layers=3, vocab=tok.vocab_size, hidden=32, inter=64), seed=TEST_SEED)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    save(model, tmp_path / "before", tokenizer=tok)
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    save(model, tmp_path / "after", tokenizer=tok)
+    after_state = {k: v.clone() for k, v in model.state_dict().items()}
+    before, after = find_checkpoints(tmp_path / "before")[0], find_checkpoints(tmp_path / "after")[0]
+    seen = {}
+
+    def observe(depth, m):
+        seen[depth] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        seen[depth]["head"] = m.get_output_embeddings().weight.detach().clone()
+
+    revert_series(before, after, encode(tok, ITEMS[:8]), pad_id=0, depths=2, observe=observe)
+    embed = "model.embed_tokens.weight"
+    for depth, state in seen.items():
+        assert torch.equal(state[embed], before_state[embed])
+        assert torch.equal(state["head"], after_state[embed])  # the head did not move
+        for name, value in state.items():
+            if ".layers." in name:
+                layer = int(name.split(".layers.")[1].split(".")[0])
+                want = before_state[name] if layer < depth else after_state[name]
+                assert torch.equal(value, want), (depth, name)

@@ -304,8 +304,18 @@ def test_html_per_layer_curves_have_one_point_per_layer(planted, probe_file, tmp
         "mean shift / feature norm",
     ]
     assert [a["text"] for a in layout["annotations"]] == panels
-    assert data["n_layers"] == 4 and len(traces) == len(panels)
+    nulls = [t for t in traces if t["name"].startswith("split-half null")]
+    traces = [t for t in traces if t not in nulls]
+    assert data["n_layers"] == 4 and len(traces) == len(panels) and len(nulls) == 1
     layers = [r["layer"] for r in data["records"]]
+    assert nulls[0]["y"] == [r["null_pc_angle_deg"] for r in data["records"]]
+    for trace, key in zip(traces, ("pc1_angle_deg", "pc_shift_deg", "cka", "mean_shift_rel")):
+        lows = [r["intervals"].get(key, [None])[0] for r in data["records"]]
+        got = [
+            None if v is None or m is None else round(v - m, 9)
+            for v, m in zip(trace["y"], trace["error_y"]["arrayminus"])
+        ]
+        assert got == [None if x is None else round(x, 9) for x in lows]  # error bars = the JSON's intervals
     assert layers == list(range(data["n_layers"] + 1))
     for trace, key in zip(traces, ("pc1_angle_deg", "pc_shift_deg", "cka", "mean_shift_rel")):
         assert trace["x"] == layers and trace["name"] == "before -> after"
@@ -360,3 +370,30 @@ def test_near_tied_pcs_turn_pc1_but_not_the_start_rule():
     assert layer.pc1_angle_deg > 30 and layer.pc_shift_deg < 1e-6
     assert layer.explained_before[1] > 0.9 * layer.explained_before[0]
     assert shift_start([layer], FeatureSettings(k=2)) is None
+
+
+def test_split_half_same_model_is_no_shift_at_every_layer(llama_dir, tokenizer):
+    """One model, two disjoint halves of its prompts: the raw PC shift passes the 10 deg rule
+    somewhere (sampling alone), but against the split-half null no layer shifts."""
+    from forgetdiag.checkpoints import find_checkpoints
+    from forgetdiag.models import load_model
+
+    prompts = probe_from_pairs([(p, " x") for p in random_prompts(120, seed=3)], name="halves")
+    encoded = encode_prompts(tokenizer, prompts)
+    feats = extract_features(
+        load_model(find_checkpoints(llama_dir)[0]), encoded, pad_id=0, batch_size=16
+    )  # (L + 1, 120, d)
+    settings = FeatureSettings(k=4, bootstrap=100)
+    first, second = feats[:, :60], feats[:, 60:]
+    layers = compare_features(first, second, settings=settings, paired=False, null_from=feats)
+    assert max(s.pc_shift_deg for s in layers if not math.isnan(s.pc_shift_deg)) >= settings.pc_shift_min
+    assert shift_start(layers, settings) is None
+    for s in layers:
+        if s.k:
+            assert set(s.intervals) >= {"pc_shift_deg", "mean_shift_rel"} and "cka" not in s.intervals
+            low, high = s.intervals["pc_shift_deg"]
+            assert low <= s.pc_shift_deg <= high or s.pc_shift_deg == pytest.approx(low)
+            assert s.null_pc_angle_range[0] <= s.null_pc_angle_deg <= s.null_pc_angle_range[1]
+            assert s.mean_shift_baseline_deg == pytest.approx(
+                math.degrees(math.acos(math.sqrt(s.k / feats.shape[2]))), abs=1.0
+            )

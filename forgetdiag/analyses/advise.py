@@ -34,21 +34,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-import torch
-
 from forgetdiag.analyses.freeze_code import code_snippets, frozen_parameters
+from forgetdiag.analyses.revert import restore_intervals, revert_series
 from forgetdiag.analyses.verdict import wilson_interval
-from forgetdiag.binding import bind
 from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import ForgetdiagError, ProbeError
-from forgetdiag.evaluate import score
-from forgetdiag.models import load_model, shared_tokenizer, tokenize_probe
+from forgetdiag.models import shared_tokenizer, tokenize_probe
 from forgetdiag.probes import Probe, split_probe
 from forgetdiag.results import Result, Timings
 from forgetdiag.runfile import RunSpec, landscape_triple
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
 from forgetdiag.settings import AdviceSettings
-from forgetdiag.storage import Checkpoint
 from forgetdiag.streaming import check_sequence
 
 EMBEDDING = -1  # the input embedding's row in the evidence
@@ -66,6 +62,7 @@ class LayerEvidence:
     reverted_accuracy: float | None = None
     reverted_loss: float | None = None
     restored: float | None = None
+    restored_interval: tuple[float, float] | None = None  # 95%, paired bootstrap over items
     angle_deg: float | None = None
     baseline_deg: float | None = None
     departure: float | None = None
@@ -89,6 +86,7 @@ class Advice(Result):
     accuracy_before: float
     accuracy_after: float
     noise_floor: float
+    drop_p_value: float
     evidence: tuple[LayerEvidence, ...]
     reason: str
     shift_start: int | None = None
@@ -132,6 +130,7 @@ class Advice(Result):
             "accuracy_before": self.accuracy_before,
             "accuracy_after": self.accuracy_after,
             "noise_floor": self.noise_floor,
+            "drop_p_value": self.drop_p_value,
             "reason": self.reason,
             "shift_start": self.shift_start,
             "evidence": [asdict(e) for e in self.evidence],
@@ -145,7 +144,8 @@ class Advice(Result):
 
 def noise_floor(acc_before: float, acc_after: float, n: int, confidence: float = 0.95) -> float:
     """Smallest accuracy drop the evaluation set can tell from noise: the Wilson intervals of
-    both accuracies, half-widths combined in quadrature (conservative for paired items)."""
+    both accuracies, half-widths combined in quadrature. Kept for reference in the JSON; the
+    decision uses the paired test of :mod:`.verdict` (:func:`restore_intervals`)."""
     widths = [(high - low) / 2 for low, high in (wilson_interval(a, n, confidence) for a in (acc_before, acc_after))]
     return math.hypot(*widths)
 
@@ -158,17 +158,22 @@ def decide_freeze(
     n_eval: int,
     n_layers: int,
     settings: AdviceSettings = AdviceSettings(),
+    p_value: float | None = None,
+    intervals: Sequence[tuple[float, float]] | None = None,
 ) -> tuple[int | None, str]:
     """``(layers to freeze besides the embedding, or None; reason)`` from the revert test.
 
     Args:
         before, after: the old task's accuracy at the before and after checkpoints.
         reverted: accuracy with the embedding and the bottom d layers reverted, d = 0, 1, ...
-        n_eval: evaluation items (for the noise floor).
+        n_eval: evaluation items (for the noise floor when no ``p_value`` is given).
+        p_value: paired (McNemar) p of the drop; the drop counts when p < 0.05.
+        intervals: 95% interval of each depth's restore share; the advised depth needs its
+            lower end to clear ``restore_min``, else the evidence is too weak to choose one.
     """
     lost = before - after
     floor = noise_floor(before, after, n_eval)
-    if lost <= floor:
+    if (p_value >= 0.05 or lost <= 0) if p_value is not None else lost <= floor:
         return None, (
             f"no advice: the old task did not drop beyond noise ({before:.1%} -> "
             f"{after:.1%}, noise floor {floor:.1%} on {n_eval} items); nothing to prevent"
@@ -177,6 +182,16 @@ def decide_freeze(
     for depth in range(cap + 1):
         share = (reverted[depth] - after) / lost
         if share >= settings.restore_min:
+            low = None if intervals is None else intervals[depth][0]
+            if low is not None and not low >= settings.restore_min:
+                sure = [d for d in range(depth, cap + 1) if intervals[d][0] >= settings.restore_min]
+                return None, (
+                    f"no advice: the evidence is too weak to choose a depth; reverting depth {depth} "
+                    f"restores {share:.0%} of the lost accuracy, but its 95% interval "
+                    f"[{low:.0%}, {intervals[depth][1]:.0%}] reaches below {settings.restore_min:.0%}"
+                    + (f" (the first depth whose interval clears it is {sure[0]})" if sure else "")
+                    + "; score more items (--eval-items) to decide"
+                )
             what = "the input embedding" + (f" and the bottom {depth} of {n_layers} layers" if depth else " only")
             return depth, (
                 f"freeze {what}: putting them back to their before weights restores "
@@ -212,48 +227,6 @@ def angle_evidence(records: Sequence) -> dict[int, tuple[float, float]]:
         ]
         out[layer] = (sum(a for a, _ in pairs) / len(pairs), sum(b for _, b in pairs) / len(pairs))
     return out
-
-
-def revert_series(
-    before: Checkpoint,
-    after: Checkpoint,
-    encoded,
-    *,
-    pad_id: int,
-    depths: int,
-    runtime: Runtime = Runtime(),
-    stops: frozenset[int] = frozenset(),
-    progress: ProgressFn | None = None,
-):
-    """Old-task scores of ``before``, ``after`` and of ``after`` with the input embedding and
-    its bottom d layers set to the before weights, d = 0 .. ``depths``.
-
-    One model in memory: the after model, into which the before tensors are streamed layer by
-    layer (d grows, so each layer is copied once).
-
-    Returns:
-        ``(before Scores, after Scores, [Scores at d = 0, 1, ...])``.
-    """
-    load = lambda c: load_model(c, runtime)
-    run = lambda m: score(m, encoded, pad_id=pad_id, batch_size=runtime.batch_size, stops=stops, progress=progress)
-    before_scores = run(load(before))
-    model = load(after)
-    after_scores = run(model)
-    # by name, a wrapper's prefix or as blocks of fused expert parameters (forgetdiag.binding)
-    targets = bind(model, before.names, {n: m.shape for n, m in before.meta.items()}).targets
-    groups: dict[int, list[str]] = {}
-    for name in targets:
-        tensor = before.parse(name)
-        depth = tensor.layer + 1 if tensor.layer is not None else (0 if tensor.component == "embed" else None)
-        if depth is not None:
-            groups.setdefault(depth, []).append(name)
-    series = []
-    with torch.no_grad():
-        for depth in range(depths + 1):
-            for name in groups.get(depth, []):
-                targets[name].write(before.get(name))
-            series.append(run(model))
-    return before_scores, after_scores, series
 
 
 def advise(
@@ -322,15 +295,33 @@ def advise(
             progress=progress,
         )
     reverted = [s.exact_match for s in series]
+    p_value, intervals = restore_intervals(b.exact, a.exact, [s.exact for s in series], seed=settings.seed)
     depth, reason = decide_freeze(
-        before=b.exact_match, after=a.exact_match, reverted=reverted, n_eval=b.n, n_layers=n_layers, settings=settings
+        before=b.exact_match,
+        after=a.exact_match,
+        reverted=reverted,
+        n_eval=b.n,
+        n_layers=n_layers,
+        settings=settings,
+        p_value=p_value,
+        intervals=intervals,
     )
+    if before.tied_embeddings:
+        notes.append(
+            "tied embeddings: the revert test puts back the input embedding only and keeps the "
+            "output head at the after weights, so the bottom rows measure the input side alone; "
+            "in training, freezing the tied embedding also freezes the head"
+        )
     lost = b.exact_match - a.exact_match
     rows = {EMBEDDING: LayerEvidence(EMBEDDING)} | {k: LayerEvidence(k) for k in range(n_layers)}
     for d, s in enumerate(series):
         restored = (s.exact_match - a.exact_match) / lost if lost > 0 else None
         rows[d - 1] = replace(
-            rows[d - 1], reverted_accuracy=s.exact_match, reverted_loss=s.answer_loss, restored=restored
+            rows[d - 1],
+            reverted_accuracy=s.exact_match,
+            reverted_loss=s.answer_loss,
+            restored=restored,
+            restored_interval=intervals[d] if lost > 0 else None,
         )
     shift_start = None
     if "angles" not in settings.skip:
@@ -391,6 +382,7 @@ def advise(
         accuracy_before=b.exact_match,
         accuracy_after=a.exact_match,
         noise_floor=noise_floor(b.exact_match, a.exact_match, b.n),
+        drop_p_value=p_value,
         evidence=evidence,
         reason=reason,
         shift_start=shift_start,

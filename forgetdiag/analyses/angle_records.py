@@ -59,6 +59,16 @@ class AngleRecord:
     principal_mean_deg: float | None
     principal_baseline_deg: tuple[float, ...] | None
     principal_baseline_mean_deg: float | None
+    # ||P_A dW_B||_F^2 / ||dW_B||_F^2 over B's kept directions (a lower bound when B's basis
+    # keeps less than all of its energy): every direction weighed by its energy
+    energy_overlap: float | None = None
+    # the data-informed null (``--probe``; None for matrices whose hidden side is not a
+    # linear layer's input): mean angle, its spread between draws, energy overlap, verdict
+    baseline_data_deg: float | None = None
+    baseline_data_sd_deg: float | None = None
+    baseline_data_energy_overlap: float | None = None
+    chance: str | None = None
+    baseline_run_deg: float | None = None  # ``--null-run``: B taken from the second run
 
     @property
     def ok(self) -> bool:
@@ -159,7 +169,18 @@ def angle_record(
         principal_mean_deg=float(principal.mean()),
         principal_baseline_deg=tuple(null.tolist()),
         principal_baseline_mean_deg=float(null.mean()),
+        energy_overlap=energy_overlap(directions, basis_b),
     )
+
+
+def energy_overlap(directions_deg: torch.Tensor, basis_b: Basis) -> float | None:
+    """sum_j s_j^2 cos^2(theta_j) / ||dW_B||_F^2: the share of B's energy inside span(A),
+    from B's kept directions (singular values s_j, angles theta_j to span(A))."""
+    if not basis_b.total_energy > 0:
+        return None
+    cos2 = torch.cos(torch.deg2rad(directions_deg.to(torch.float64))) ** 2  # (rb,)
+    s2 = basis_b.singular_values.to(torch.float64).cpu() ** 2  # (rb,)
+    return min(1.0, float((s2 * cos2).sum()) / basis_b.total_energy)
 
 
 def baseline_samples(k: int) -> int:

@@ -24,6 +24,13 @@ from pathlib import Path
 import torch
 
 from forgetdiag.analyses.angle_batch import expert_group_records, group_key
+from forgetdiag.analyses.angle_nulls import (
+    layer_spectra,
+    pair_summary,
+    second_run_records,
+    with_data_null,
+    with_run_null,
+)
 from forgetdiag.analyses.angle_pairs import PairSpec, Update, parse_pairs
 from forgetdiag.analyses.angle_records import AngleRecord, angle_record, summarize_experts
 from forgetdiag.analyses.weight_tasks import angle_records_on_ray
@@ -32,6 +39,7 @@ from forgetdiag.checkpoints import duplicate_notes, resolve_checkpoints, tower_n
 from forgetdiag.errors import CheckpointError
 from forgetdiag.linalg import Basis, update_basis
 from forgetdiag.parts import MatrixPart, matrix_parts
+from forgetdiag.probes import Probe
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn, torch_threads
 from forgetdiag.settings import AngleSettings
@@ -65,21 +73,7 @@ class AnglesResult(Result):
         return [r for r in self.records if r.pair == pair.label]
 
     def summary(self) -> str:
-        parts = []
-        for pair in self.pairs:
-            ok = [r for r in self.for_pair(pair) if r.ok]
-            if not ok:
-                parts.append(f"{pair.label}: no matrix changed in both updates")
-                continue
-            mean = sum(r.angle_deg for r in ok) / len(ok)
-            null = sum(r.baseline_deg for r in ok) / len(ok)
-            far = sum(r.gap_deg > self.settings.far_deg for r in ok)
-            parts.append(
-                f"{pair.label}: mean angle {mean:.1f} deg over {len(ok)} matrices against "
-                f"{null:.1f} deg for unrelated subspaces; {far} sit more than "
-                f"{self.settings.far_deg:g} deg below it"
-            )
-        return "; ".join(parts)
+        return "; ".join(pair_summary(p.label, self.for_pair(p), self.settings.far_deg) for p in self.pairs)
 
     def body(self) -> dict:
         updates = sorted({u for p in self.pairs for u in (p.a, p.b)})
@@ -111,6 +105,8 @@ class AnglesResult(Result):
 def compute_angles(
     checkpoints: Sequence[str | Path | Checkpoint] | str | Path,
     *,
+    probe: Probe | None = None,
+    null_run: Sequence[str | Path | Checkpoint] | str | Path | None = None,
     settings: AngleSettings = AngleSettings(),
     runtime: Runtime = Runtime(),
     progress: ProgressFn | None = None,
@@ -126,7 +122,11 @@ def compute_angles(
         runtime: where the SVDs run (``device``), CPU threads (``threads``, default: every
             core; see :func:`plan_threads`), and how checkpoints are read.
         progress: called as ``progress("computing angles", done, total)`` per matrix part.
-        warn: unused (notes are in the result's ``warnings``).
+        probe: items whose tokens give each layer's inputs for the data-informed null
+            (``baseline_data_deg``; one forward pass per checkpoint where an update B starts).
+        null_run: checkpoints of a second run of the same shapes: ``baseline_run_deg`` is the
+            angle of each pair with update B taken from that run (the same indices).
+        warn: receives tokenization warnings of the probe (other notes are in ``warnings``).
 
     Returns:
         :class:`AnglesResult` with one :class:`AngleRecord` per (pair, parameter, part).
@@ -134,10 +134,6 @@ def compute_angles(
     Raises:
         ForgetdiagError: bad pairs or settings; CheckpointError: unreadable or incompatible
             checkpoints, NaN/Inf in a weight (named), nothing comparable.
-
-    Example:
-        >>> r = compute_angles(["runs/t0/final", "runs/t1/checkpoint-150", "runs/t1/final"])  # doctest: +SKIP
-        >>> [(x.layer, x.component, round(x.angle_deg)) for x in r.records][:2]  # doctest: +SKIP
     """
     timings = Timings()
     found = resolve_checkpoints(checkpoints, runtime)
@@ -152,6 +148,23 @@ def compute_angles(
             records = angle_records_on_ray(_run, found, specs, targets, check, settings, runtime, progress)
         else:
             records = _run(found, specs, targets, check, settings, torch_device, pool_size, progress)
+    parts = {(p.tensor.name, p.part, p.expert): (p, shape) for _, ps, shape in targets for p in ps}
+    if probe is not None:
+        with timings.phase("activations"):
+            names = [name for name, ps, _ in targets if any(p.hidden_side == "in" for p in ps)]
+            spectra = {i: layer_spectra(found[i], probe, names, runtime, warn=warn)[0] for i in {p.b.i for p in specs}}
+        with timings.phase("data_null"):
+            records = with_data_null(records, specs, spectra, parts)
+    if null_run is not None:
+        with timings.phase("null_run"), torch_threads(threads):
+            run = second_run_records(
+                found,
+                specs,
+                null_run,
+                runtime,
+                lambda cs, ps: _run(cs, ps, targets, check_sequence(cs), settings, torch_device, pool_size, None),
+            )
+        records = with_run_null(records, run)
     first = found[0]
     return AnglesResult(
         checkpoints=tuple(c.label for c in found),

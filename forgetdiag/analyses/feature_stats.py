@@ -7,13 +7,14 @@ decides where a shift starts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from forgetdiag import linalg
 from forgetdiag.errors import ProbeError
+from forgetdiag.nulls import baseline_direction_angle
 
 # A principal direction whose standard deviation is below this share of the mean feature norm
 # is float32 rounding, not structure (features are stored in float32: ~6e-8 relative error).
@@ -39,6 +40,13 @@ class LayerShift:
     explained_before: tuple[float, ...]  # (k,) variance shares of the top PCs
     explained_after: tuple[float, ...]
     shift_vs_previous_deg: float = math.nan  # 0..180 to the previous chained pair's shift
+    # sampling (.feature_nulls): 95% bootstrap intervals {statistic: [low, high]}; the
+    # split-half PC shift of the before model and its 95% range over splits; the mean angle of
+    # a random direction to the before top-k subspace (the mean-shift angle's baseline)
+    intervals: dict = field(default_factory=dict)
+    null_pc_angle_deg: float = math.nan
+    null_pc_angle_range: tuple[float, float] | None = None
+    mean_shift_baseline_deg: float = math.nan
 
     @property
     def pc1_angle_deg(self) -> float:
@@ -87,8 +95,11 @@ def summarise_layer(x: torch.Tensor, *, k: int) -> LayerPCA:
     return LayerPCA(mean, components[:k].clone(), shares, rank, mean_norm)
 
 
-def compare_layer(layer: int, xb: torch.Tensor, xa: torch.Tensor, pb: LayerPCA, pa: LayerPCA, *, k: int) -> LayerShift:
-    """The shift of one layer from before (xb, pb) to after (xa, pa); xb, xa are (n, d)."""
+def compare_layer(
+    layer: int, xb: torch.Tensor, xa: torch.Tensor, pb: LayerPCA, pa: LayerPCA, *, k: int, cka: bool = True
+) -> LayerShift:
+    """The shift of one layer from before (xb, pb) to after (xa, pa); xb, xa are (n, d) (the
+    same prompts; ``cka=False`` for different prompts, where CKA means nothing: NaN)."""
     k = min(k, pb.rank, pa.rank)
     qb, qa = pb.components[:k].mT, pa.components[:k].mT  # (d, k) orthonormal columns
     pc_angles = tuple(linalg.axis_angle(qb[:, i], qa[:, i]) for i in range(k))
@@ -105,11 +116,12 @@ def compare_layer(layer: int, xb: torch.Tensor, xa: torch.Tensor, pb: LayerPCA, 
         mean_shift_rel=norm / pb.mean_norm if pb.mean_norm > 0 else math.nan,
         mean_shift_pc1_angle_deg=linalg.axis_angle(shift, qb[:, 0]) if moved else math.nan,
         mean_shift_subspace_angle_deg=(float(linalg.direction_angles(qb, shift[:, None])[0]) if moved else math.nan),
-        cka=linalg.linear_cka(xb, xa) if pb.rank and pa.rank else math.nan,
+        cka=linalg.linear_cka(xb, xa) if cka and pb.rank and pa.rank else math.nan,
         rank_before=pb.rank,
         rank_after=pa.rank,
         explained_before=tuple(pb.explained[:k].tolist()),
         explained_after=tuple(pa.explained[:k].tolist()),
+        mean_shift_baseline_deg=baseline_direction_angle(k, int(shift.shape[0])) if k else math.nan,
     )
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from forgetdiag import linalg
+from forgetdiag.analyses.feature_nulls import clears, split_half_null, with_sampling
 from forgetdiag.analyses.feature_stats import (
     LayerShift,
     Projection,
@@ -115,7 +116,10 @@ class FeaturesResult(Result):
 def summary_text(result: FeaturesResult, pair: PairShift) -> str:
     """Where the shift of one pair starts, in words, with the numbers behind it."""
     s = result.settings
-    rule = f"top-{s.k} PC subspace turns >= {s.pc_shift_min:g} deg or CKA drops >= {s.cka_drop_min:g}"
+    rule = (
+        f"top-{s.k} PC subspace turns >= {s.pc_shift_min:g} deg beyond the split-half null's range, "
+        f"or CKA drops >= {s.cka_drop_min:g}, at the 95% interval's cautious end"
+    )
     if pair.shift_start is None:
         return f"{pair.before} -> {pair.after}: no layer shifts ({rule} nowhere)"
     at = pair.layers[pair.shift_start]
@@ -128,38 +132,57 @@ def summary_text(result: FeaturesResult, pair: PairShift) -> str:
 
 
 def shift_start(layers: Sequence[LayerShift], settings: FeatureSettings) -> int | None:
-    """The lowest layer whose PC shift or CKA drop clears its threshold (NaN never does)."""
+    """The lowest layer whose PC shift reaches ``pc_shift_min`` with its interval above the
+    split-half null's range, or whose CKA drop reaches ``cka_drop_min`` at the interval's
+    upper CKA end (NaN never counts; without intervals the point values decide)."""
     for s in layers:
-        if s.pc_shift_deg >= settings.pc_shift_min or 1.0 - s.cka >= settings.cka_drop_min:
+        pc = clears(s.intervals.get("pc_shift_deg"), s.null_pc_angle_range, s.pc_shift_deg, settings.pc_shift_min)
+        cka_high = s.intervals.get("cka", [s.cka, s.cka])[1]
+        if pc or (1.0 - s.cka >= settings.cka_drop_min and 1.0 - cka_high >= settings.cka_drop_min):
             return s.layer
     return None
 
 
 def compare_features(
-    before: torch.Tensor, after: torch.Tensor, *, settings: FeatureSettings = FeatureSettings()
+    before: torch.Tensor,
+    after: torch.Tensor,
+    *,
+    settings: FeatureSettings = FeatureSettings(),
+    paired: bool = True,
+    null_from: torch.Tensor | None = None,
 ) -> tuple[LayerShift, ...]:
-    """Per-layer shifts between two feature sets of the same prompts (e.g. your own states).
+    """Per-layer shifts between two feature sets (e.g. your own states), with bootstrap
+    intervals and the split-half null; :func:`shift_start` reads them.
 
     Args:
-        before, after: (n_layers + 1, n, d) from :func:`extract_features`.
+        before, after: (n_layers + 1, n, d) from :func:`extract_features`, the same prompts
+            (``paired=False``: different prompts of one size, e.g. two halves; no CKA).
+        null_from: (n_layers + 1, m, d) features whose split halves give the null (default
+            ``before``).
 
     Returns:
         One :class:`LayerShift` per hidden-state index.
     """
+    null_from = before if null_from is None else null_from
     if before.shape != after.shape or before.ndim != 3:
         raise ForgetdiagError(
             f"features must be two (layers, n, d) tensors of one shape, got "
             f"{tuple(before.shape)} and {tuple(after.shape)}"
         )
     check_k(before.shape[1], before.shape[2], settings.k, "the features")
+    k, reps, seed = settings.k, settings.bootstrap, settings.seed
     return tuple(
-        compare_layer(
-            l,
+        with_sampling(
+            compare_layer(
+                l, before[l], after[l], summarise_layer(before[l], k=k), summarise_layer(after[l], k=k), k=k, cka=paired
+            ),
             before[l],
             after[l],
-            summarise_layer(before[l], k=settings.k),
-            summarise_layer(after[l], k=settings.k),
-            k=settings.k,
+            split_half_null(null_from[l], k=k, splits=settings.splits, seed=seed + l),
+            k=k,
+            replicates=reps,
+            seed=seed,
+            paired=paired,
         )
         for l in range(before.shape[0])
     )
@@ -235,12 +258,18 @@ def _pair(
     cks: Sequence[Checkpoint],
     settings: FeatureSettings,
     previous: tuple[int, int] | None,
+    nulls: dict,
 ) -> PairShift:
     sample = torch.randperm(feats[i].shape[1], generator=torch.Generator().manual_seed(settings.seed))
     sample = sample[: settings.max_points].sort().values  # (m,) prompts shown in the scatter
     layers, projections = [], []
     for l, (pb, pa) in enumerate(zip(pcas[i], pcas[j])):
         s = compare_layer(l, feats[i][l], feats[j][l], pb, pa, k=settings.k)
+        if (i, l) not in nulls:
+            nulls[(i, l)] = split_half_null(feats[i][l], k=settings.k, splits=settings.splits, seed=settings.seed + l)
+        s = with_sampling(
+            s, feats[i][l], feats[j][l], nulls[(i, l)], k=settings.k, replicates=settings.bootstrap, seed=settings.seed
+        )
         if previous is not None:  # ~180 deg: this shift undoes the previous one
             before_shift = pcas[previous[1]][l].mean - pcas[previous[0]][l].mean
             if s.mean_shift_norm > 0 and float(torch.linalg.vector_norm(before_shift)) > 0:
@@ -325,7 +354,7 @@ def feature_shifts(
     check_sequence([cks[k] for k in used])
     prompts, pad_id = _prompts([cks[k] for k in used], probe, runtime, warn)
     check_k(len(prompts), cks[used[0]].hidden_size, settings.k, f"probe {probe.name}")
-    feats, pcas, done, timings = {}, {}, {}, Timings()
+    feats, pcas, done, timings, nulls = {}, {}, {}, Timings(), {}
     with runtime.threads_for(cks[used[0]].n_params):
         for c in used:
             with timings.phase("hidden_states"):
@@ -335,7 +364,7 @@ def feature_shifts(
                 for p, (i, j) in enumerate(pairs):
                     if i in feats and j in feats and p not in done:
                         chained = p > 0 and pairs[p - 1][1] == i  # compare with the previous shift
-                        done[p] = _pair(i, j, feats, pcas, cks, settings, pairs[p - 1] if chained else None)
+                        done[p] = _pair(i, j, feats, pcas, cks, settings, pairs[p - 1] if chained else None, nulls)
                 waiting = {k for p, pair in enumerate(pairs) if p not in done for k in pair}
                 feats = {k: v for k, v in feats.items() if k in waiting}  # drop what no pair needs
     results = tuple(done[p] for p in range(len(pairs)))

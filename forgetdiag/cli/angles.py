@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +20,7 @@ from forgetdiag.cli.common import (
     warn,
     with_runtime,
 )
+from forgetdiag.probes import ProbeFields, load_probe
 from forgetdiag.render.output import guard_outputs
 from forgetdiag.runtime import Runtime
 from forgetdiag.settings import AngleSettings
@@ -28,7 +30,7 @@ DEFAULTS = AngleSettings()
 
 
 @command(app, "angles")
-@with_runtime("device", "threads", "allow_pickle", "base", "ray")
+@with_runtime(*(f.name for f in dataclasses.fields(Runtime)), probe_fields=True)  # --ray too
 def angles_cmd(
     paths: Annotated[
         list[Path],
@@ -76,19 +78,37 @@ def angles_cmd(
     far: Annotated[
         float, Opt("--far", help="Mark mean angles further than this many degrees from their null baseline.")
     ] = DEFAULTS.far_deg,
+    probe: Annotated[
+        Path | None,
+        Opt(
+            "--probe",
+            help="Probe (JSONL, JSON or CSV with prompt, answer) whose tokens give each layer's inputs: adds the data-informed null, the angle unrelated updates X^T G make in the subspace the inputs occupy (one forward pass per checkpoint where an update B starts).",
+            show_default=False,
+        ),
+    ] = None,
+    null_run: Annotated[
+        list[Path] | None,
+        Opt(
+            "--null-run",
+            help="Checkpoints of a second run (another seed or data) of the same model: adds the angle of each pair with update B taken from that run. Repeat for several paths.",
+            show_default=False,
+        ),
+    ] = None,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
     seed: SeedOpt = DEFAULTS.seed,
     quiet: QuietOpt = False,
     runtime: Runtime = None,
+    fields: ProbeFields = None,
 ) -> None:
     """Which directions did two weight updates share? Subspace angles per layer and component.
 
     Update i is C(i+1) - C(i). For every weight matrix (true q/k/v parts, MLP, embedding,
     lm_head unless tied) it compares the hidden-side singular subspaces of two updates: the
     paper's angle of each direction of the later update to the earlier update's subspace, and
-    the principal angles, each next to the angle unrelated subspaces already give. Near 90:
-    the updates moved different directions; far below the baseline: they share directions.
+    the principal angles, each next to the angle unrelated subspaces already give. Updates of
+    a layer live where its inputs do, so random subspaces are far apart by construction: with
+    --probe each angle also gets the data-informed null, and only that null calls alignment.
     """
     settings = AngleSettings(
         compare=compare,
@@ -100,10 +120,20 @@ def angles_cmd(
         seed=seed,
         far_deg=far,
     )
-    guard_outputs({"--json": json_path, "--html": html_path}, [*paths, runtime.base])
+    inputs = [*paths, *(null_run or []), probe, runtime.base, runtime.tokenizer]
+    guard_outputs({"--json": json_path, "--html": html_path}, [p for p in inputs if p is not None])
     from forgetdiag.analyses.angles import compute_angles
     from forgetdiag.render.angles import angles_table, write_angles_html
 
+    items = None if probe is None else load_probe(probe, fields=fields)
     with progress_bar(quiet) as progress:
-        result = compute_angles(paths, settings=settings, runtime=runtime, progress=progress, warn=warn)
+        result = compute_angles(
+            paths,
+            probe=items,
+            null_run=null_run or None,
+            settings=settings,
+            runtime=runtime,
+            progress=progress,
+            warn=warn,
+        )
     emit(result, json=json_path, html=html_path, table=angles_table, page=write_angles_html)

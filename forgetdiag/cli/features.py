@@ -75,6 +75,14 @@ def features_cmd(
     max_points: Annotated[
         int, Opt("--max-points", min=0, help="Prompts per checkpoint in the HTML scatter (a seeded sample).")
     ] = DEFAULTS.max_points,
+    bootstrap: Annotated[
+        int,
+        Opt(
+            "--bootstrap",
+            min=0,
+            help="Bootstrap replicates over prompts for every statistic's 95% interval (0: none). A shift counts only where its interval clears the split-half null's.",
+        ),
+    ] = DEFAULTS.bootstrap,
     seed: SeedOpt = 0,
     json_path: JsonOpt = None,
     html_path: HtmlOpt = None,
@@ -88,7 +96,8 @@ def features_cmd(
     token of the embedding output and every layer, and compares consecutive checkpoints (or
     --pairs) layer by layer: angles between matching top PCs, principal angles between the
     top-k PC subspaces, the mean shift and its angle to the old PC1, and linear CKA. Reports the
-    lowest layer where the shift starts. Checkpoints on disk are never modified.
+    lowest layer where the shift starts beyond sampling noise (bootstrap intervals over prompts
+    against the split-half null of the before model). Checkpoints on disk are never modified.
     """
     settings = FeatureSettings(
         pairs=parse_pairs(pairs) if pairs else None,
@@ -97,6 +106,7 @@ def features_cmd(
         cka_drop_min=cka_drop_min,
         max_points=max_points,
         seed=seed,
+        bootstrap=bootstrap,
     )
     guard_outputs({"--json": json_path, "--html": html_path}, [*checkpoints, probe, runtime.base, runtime.tokenizer])
     from forgetdiag.analyses.features import feature_shifts

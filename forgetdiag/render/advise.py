@@ -17,8 +17,8 @@ from forgetdiag.render.fmt import num
 COLUMNS = [
     "depth",
     "reverted up to it: old-task acc.",
-    "share of loss restored",
-    "early/late angle ÷ chance",
+    "share of loss restored [95%]",
+    "early/late angle ÷ isotropic null",
     "feature PC shift (°)",
     "CKA",
     "freeze",
@@ -36,7 +36,8 @@ def evidence_rows(advice: Advice) -> list[list[str]]:
         [
             "input embedding" if e.layer == EMBEDDING else f"layer {e.layer}",
             num(e.reverted_accuracy, ".1%"),
-            num(e.restored, ".0%"),
+            num(e.restored, ".0%")
+            + ("" if e.restored_interval is None else f" [{e.restored_interval[0]:.0%}, {e.restored_interval[1]:.0%}]"),
             num(e.departure, ".2f"),
             num(e.pc_shift_deg, ".1f"),
             num(e.cka, ".2f"),

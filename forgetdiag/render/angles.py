@@ -27,10 +27,12 @@ _NO_UPDATE = {"no_update": "no update", "no_update_a": "no upd. A", "no_update_b
 
 
 def marker(record: AngleRecord, far_deg: float) -> str:
-    """``▼`` more aligned than chance by more than ``far_deg``, ``▲`` more orthogonal, else ''."""
-    if not record.ok or abs(record.gap_deg) <= far_deg:
+    """``▼`` aligned beyond chance, ``▲`` less aligned than chance, else ''. Only the
+    data-informed null (``--probe``) calls it: real updates sit below the isotropic null by
+    construction, so without it no cell is marked (``far_deg`` is kept for callers)."""
+    if not record.ok or record.chance is None:
         return ""
-    return BELOW if record.gap_deg > 0 else ABOVE
+    return {"beyond chance": BELOW, "less aligned than chance": ABOVE}.get(record.chance, "")
 
 
 def cell_text(record: AngleRecord | None, far_deg: float, *, shown_baseline: float | None = None) -> Text:
@@ -42,9 +44,11 @@ def cell_text(record: AngleRecord | None, far_deg: float, *, shown_baseline: flo
         return Text(_NO_UPDATE[record.status], style="dim")
     mark = marker(record, far_deg)
     own = shown_baseline is None or abs(record.baseline_deg - shown_baseline) > 0.05
+    data = "" if record.baseline_data_deg is None else f" [{record.baseline_data_deg:.1f}]"
     return Text.assemble(
         f"{record.angle_deg:.1f}",
         (f" ({record.baseline_deg:.1f})" if own else "", "dim"),
+        (data, "dim"),
         (mark, "bold cyan" if mark == BELOW else "bold magenta"),
     )
 
@@ -150,9 +154,11 @@ def legend(result: AnglesResult) -> str:
     return (
         f"Cells: mean angle (deg) of each kept direction of the later update to the earlier "
         f"update's subspace. Row 'null' and (brackets): the mean angle unrelated subspaces of "
-        f"those dimensions give, its null baseline. "
-        f"{BELOW} more aligned than chance by > {s.far_deg:g}°, {ABOVE} more orthogonal by "
-        f"> {s.far_deg:g}°. Bases: {basis}, directions below {s.rtol:g} x the largest "
+        f"those dimensions give, its isotropic null (real updates sit below it by construction). "
+        f"[Square brackets]: the data-informed null (--probe), the angle unrelated updates X^T G "
+        f"make where the layer's inputs live; {BELOW} aligned beyond chance (> 3 spreads of that "
+        f"null and 1° below it), {ABOVE} less aligned than chance; without --probe nothing is "
+        f"marked. Bases: {basis}, directions below {s.rtol:g} x the largest "
         f"singular value dropped{'; updates standardised' if s.standardize else ''}."
     )
 
@@ -192,7 +198,8 @@ def _hover(r: AngleRecord | None) -> str:
         return f"{r.param}{'[' + r.part + ']' if r.part else ''}: {_NO_UPDATE[r.status]}"
     return (
         f"{r.param}{'[' + r.part + ']' if r.part else ''}<br>mean angle {r.angle_deg:.1f}° "
-        f"(baseline {r.baseline_deg:.1f}°)<br>principal mean {r.principal_mean_deg:.1f}° "
+        f"(isotropic {r.baseline_deg:.1f}°{_data_hover(r)})<br>energy overlap {_share(r.energy_overlap)}"
+        f"<br>principal mean {r.principal_mean_deg:.1f}° "
         f"(baseline {r.principal_baseline_mean_deg:.1f}°)<br>ranks {r.rank_a} / {r.rank_b}, "
         f"energy {100 * r.energy_a:.0f}% / {100 * r.energy_b:.0f}%"
     )
@@ -297,6 +304,16 @@ def principal_curve(result: AnglesResult, pair: PairSpec):
     return fig
 
 
+def _share(x: float | None) -> str:
+    return MISSING if x is None else f"{100 * x:.0f}%"
+
+
+def _data_hover(r: AngleRecord) -> str:
+    if r.baseline_data_deg is None:
+        return ""
+    return f", data-informed {r.baseline_data_deg:.1f}° ± {r.baseline_data_sd_deg:.1f}: {r.chance}"
+
+
 def _rows(records: list[AngleRecord]) -> list[list]:
     def f(x):
         return None if x is None else round(x, 2)
@@ -313,6 +330,11 @@ def _rows(records: list[AngleRecord]) -> list[list]:
             None if r.energy_b is None else f"{100 * r.energy_b:.1f}%",
             f(r.angle_deg),
             f(r.baseline_deg),
+            f(r.baseline_data_deg),
+            r.chance or MISSING,
+            f(r.energy_overlap),
+            f(r.baseline_data_energy_overlap),
+            f(r.baseline_run_deg),
             f(r.principal_mean_deg),
             f(r.principal_baseline_mean_deg),
         ]
@@ -333,7 +355,12 @@ def angles_sections(result: AnglesResult) -> list[html.Section]:
         "energy A",
         "energy B",
         "mean angle",
-        "baseline",
+        "isotropic null",
+        "data-informed null",
+        "against it",
+        "energy overlap",
+        "its null",
+        "second-run null",
         "principal mean",
         "principal baseline",
     ]

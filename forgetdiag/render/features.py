@@ -16,13 +16,20 @@ from forgetdiag.render import html
 from forgetdiag.render.fmt import MISSING, deg, num
 
 _COLORS = ("#2f6fb0", "#d64545", "#57ae5b", "#e6a700", "#7b5ea7", "#3e4c59", "#c2577a")
-COLUMNS = ("layer", "PC1", "PCk avg", "PCk max", "shift", "s∠PC1", "s∠PCk", "CKA", "k")
+COLUMNS = ("layer", "PC1", "PCk avg", "95%", "null", "PCk max", "shift", "s∠PC1", "s∠PCk", "CKA", "k")
 LEGEND = (
     "Angles in degrees. PC1: before vs after PC1 (|cos|, 0-90). PCk avg/max: principal angles "
     "between the before and after top-k PC subspaces. shift: ||mean after - mean before|| "
     "over the mean feature norm; s∠PC1, s∠PCk: its angle to the before PC1 and top-k "
-    "subspace; s∠prev: to the previous pair's shift (~180: it undoes it). k: PCs compared."
+    "subspace (a random direction's is in brackets); s∠prev: to the previous pair's shift "
+    "(~180: it undoes it). k: PCs compared. 95%: bootstrap interval of PCk avg over prompts; "
+    "null: PCk avg between two random halves of the before model's prompts (its 95% range): a "
+    "shift counts only where its interval clears that range."
 )
+
+
+def _range(values) -> str:
+    return MISSING if not values else f"{values[0]:.1f}-{values[1]:.1f}"
 
 
 def layer_name(layer: int, n_layers: int) -> str:
@@ -38,10 +45,13 @@ def layer_row(s: LayerShift, n_layers: int) -> list[str]:
         layer_name(s.layer, n_layers),
         deg(s.pc1_angle_deg),
         mean,
+        _range(s.intervals.get("pc_shift_deg")),
+        MISSING if math.isnan(s.null_pc_angle_deg) else f"{s.null_pc_angle_deg:.1f} ({_range(s.null_pc_angle_range)})",
         top,
         num(s.mean_shift_rel),
         deg(s.mean_shift_pc1_angle_deg),
-        deg(s.mean_shift_subspace_angle_deg),
+        deg(s.mean_shift_subspace_angle_deg)
+        + ("" if math.isnan(s.mean_shift_baseline_deg) else f" [{s.mean_shift_baseline_deg:.0f}]"),
         num(s.cka, ".3f"),
         str(s.k),
     ]
@@ -102,10 +112,10 @@ def _curves(result: FeaturesResult):
     from plotly.subplots import make_subplots
 
     panels = (
-        ("PC1 angle (deg)", lambda s: s.pc1_angle_deg),
-        ("PC shift: mean principal angle of the top-k PCs (deg)", lambda s: s.pc_shift_deg),
-        ("linear CKA", lambda s: s.cka),
-        ("mean shift / feature norm", lambda s: s.mean_shift_rel),
+        ("PC1 angle (deg)", lambda s: s.pc1_angle_deg, "pc1_angle_deg"),
+        ("PC shift: mean principal angle of the top-k PCs (deg)", lambda s: s.pc_shift_deg, "pc_shift_deg"),
+        ("linear CKA", lambda s: s.cka, "cka"),
+        ("mean shift / feature norm", lambda s: s.mean_shift_rel, "mean_shift_rel"),
     )
     fig = make_subplots(
         rows=2, cols=2, subplot_titles=[p[0] for p in panels], horizontal_spacing=0.09, vertical_spacing=0.14
@@ -113,11 +123,18 @@ def _curves(result: FeaturesResult):
     for k, pair in enumerate(result.pairs):
         color = _COLORS[k % len(_COLORS)]
         x = [s.layer for s in pair.layers]
-        for n, (_, value) in enumerate(panels):
+        for n, (_, value, key) in enumerate(panels):
             y = [_none(value(s)) for s in pair.layers]
+            bars = [s.intervals.get(key) for s in pair.layers]  # 95% bootstrap intervals
             fig.add_scatter(
                 x=x,
                 y=y,
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [None if b is None or v is None else b[1] - v for b, v in zip(bars, y)],
+                    "arrayminus": [None if b is None or v is None else v - b[0] for b, v in zip(bars, y)],
+                },
                 mode="lines+markers",
                 name=f"{pair.before} -> {pair.after}",
                 legendgroup=str(k),
@@ -125,6 +142,17 @@ def _curves(result: FeaturesResult):
                 line={"color": color},
                 row=n // 2 + 1,
                 col=n % 2 + 1,
+            )
+        nulls = [_none(s.null_pc_angle_deg) for s in pair.layers]
+        if any(v is not None for v in nulls):
+            fig.add_scatter(
+                x=x,
+                y=nulls,
+                mode="lines",
+                name=f"split-half null ({pair.before})",
+                line={"color": color, "dash": "dash"},
+                row=1,
+                col=2,
             )
         if pair.shift_start is not None:
             for n in range(4):

@@ -177,6 +177,9 @@ class FeatureSettings:
         seed: seed of that sample.
         method: ``hooks`` (last token only, the default) or ``output_hidden_states``
             (transformers' own output: every token of every layer; for checks and benchmarks).
+        bootstrap: bootstrap replicates over prompts for every statistic's 95% interval (0:
+            none; the split-half null is then compared without intervals).
+        splits: random half splits of the before model's prompts for the split-half null.
     """
 
     pairs: tuple[tuple[int, int], ...] | None = None
@@ -186,6 +189,8 @@ class FeatureSettings:
     max_points: int = 500
     seed: int = 0
     method: Method = "hooks"
+    bootstrap: int = 200
+    splits: int = 50
 
     def __post_init__(self) -> None:
         if self.pairs is not None:
@@ -198,6 +203,8 @@ class FeatureSettings:
         check_number("--pc-shift-min", self.pc_shift_min, low=0, high=90, low_open=True)
         check_number("--cka-drop-min", self.cka_drop_min, low=0, high=1, low_open=True)
         check_seed("--seed", self.seed)
+        check_number("--bootstrap", self.bootstrap, low=0, integer=True)
+        check_number("splits", self.splits, low=1, integer=True)
         check_choice("method", self.method, choices(Method))
 
 
