@@ -234,10 +234,10 @@ def test_lora_trains_only_adapter_weights_and_merges_them_back(world):
 
 @pytest.mark.slow
 def test_samples_build_cli_takes_a_remedy(tmp_path, monkeypatch):
-    import forgetdiag.cli.samples as cli_samples
+    import forgetdiag.samples.build as build  # the command imports it when it runs
     from forgetdiag.cli import app
 
-    monkeypatch.setattr(cli_samples, "SampleConfig", SampleConfig.miniature)
+    monkeypatch.setattr(build, "SampleConfig", SampleConfig.miniature)
     runner = CliRunner()
     out = tmp_path / "masked"
     result = runner.invoke(app, ["samples", "build", "--out", str(out), "--remedy", "mask", "--quiet"])
