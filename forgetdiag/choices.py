@@ -24,7 +24,16 @@ import numpy as np
 import torch
 
 from forgetdiag.errors import ProbeError
-from forgetdiag.evaluate import IGNORE, Encoded, Scores, batches_by_length, collate, completion_logits, encode
+from forgetdiag.evaluate import (
+    IGNORE,
+    Encoded,
+    ItemScores,
+    Scores,
+    batches_by_length,
+    collate,
+    completion_logits,
+    encode,
+)
 from forgetdiag.probes import ProbeItem
 
 
@@ -86,7 +95,7 @@ def encode_choices(
 
 
 @dataclass(frozen=True)
-class ChoiceScores:
+class ChoiceScores(ItemScores):
     """Per-item results of :func:`score_choices`.
 
     Attributes:
@@ -102,23 +111,7 @@ class ChoiceScores:
     nll: np.ndarray
     n_tokens: np.ndarray
     loglik: tuple[np.ndarray, ...] = ()
-    metrics: ClassVar[tuple[str, ...]] = ("acc", "acc_norm")
-
-    @property
-    def n(self) -> int:
-        return int(self.acc.shape[0])
-
-    def per_item(self, metric: str) -> np.ndarray:
-        """(n,) right (True) or wrong per item under ``acc`` or ``acc_norm``."""
-        return {"acc": self.acc, "acc_norm": self.acc_norm}[metric]
-
-    def value(self, metric: str) -> float:
-        return float(self.per_item(metric).mean()) if self.n else float("nan")
-
-    @property
-    def answer_loss(self) -> float:
-        """Mean cross-entropy of the right choices' tokens (nats, token-weighted)."""
-        return float(self.nll.sum() / self.n_tokens.sum()) if self.n else float("nan")
+    columns: ClassVar[dict[str, str]] = {"acc": "acc", "acc_norm": "acc_norm"}
 
 
 @torch.inference_mode()

@@ -186,8 +186,37 @@ def accepts_logits_to_keep(model) -> bool:
         return False
 
 
+class ItemScores:
+    """What per-item scores share: ``columns`` maps each metric to the (n,) array of right (True)
+    or wrong items; ``nll`` and ``n_tokens`` give the token-weighted answer loss."""
+
+    columns: ClassVar[dict[str, str]] = {}  # metric -> attribute holding its (n,) array
+    nll: np.ndarray
+    n_tokens: np.ndarray
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(self.columns)
+
+    @property
+    def n(self) -> int:
+        return int(self.nll.shape[0])
+
+    def per_item(self, metric: str) -> np.ndarray:
+        """(n,) right (True) or wrong per item under ``metric`` (one of :attr:`metrics`)."""
+        return getattr(self, self.columns[metric])
+
+    def value(self, metric: str) -> float:
+        return float(self.per_item(metric).mean()) if self.n else float("nan")
+
+    @property
+    def answer_loss(self) -> float:
+        """Mean answer-token cross-entropy over all tokens of all items (nats, token-weighted)."""
+        return float(self.nll.sum() / self.n_tokens.sum()) if self.n else float("nan")
+
+
 @dataclass(frozen=True)
-class Scores:
+class Scores(ItemScores):
     """Per-item results of :func:`score`, with the summary numbers as properties.
 
     Attributes:
@@ -201,18 +230,7 @@ class Scores:
     first_token: np.ndarray
     nll: np.ndarray
     n_tokens: np.ndarray
-    metrics: ClassVar[tuple[str, ...]] = ("exact_match", "first_token")
-
-    @property
-    def n(self) -> int:
-        return int(self.exact.shape[0])
-
-    def per_item(self, metric: str) -> np.ndarray:
-        """(n,) right (True) or wrong per item under ``exact_match`` or ``first_token``."""
-        return {"exact_match": self.exact, "first_token": self.first_token}[metric]
-
-    def value(self, metric: str) -> float:
-        return float(self.per_item(metric).mean()) if self.n else float("nan")
+    columns: ClassVar[dict[str, str]] = {"exact_match": "exact", "first_token": "first_token"}
 
     @property
     def exact_match(self) -> float:
@@ -221,11 +239,6 @@ class Scores:
     @property
     def first_token_accuracy(self) -> float:
         return float(self.first_token.mean()) if self.n else float("nan")
-
-    @property
-    def answer_loss(self) -> float:
-        """Mean completion-token cross-entropy over all tokens of all items (nats)."""
-        return float(self.nll.sum() / self.n_tokens.sum()) if self.n else float("nan")
 
     def to_dict(self) -> dict[str, float | int]:
         return {

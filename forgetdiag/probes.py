@@ -121,6 +121,20 @@ def load_probe(path: str | Path, *, fields: ProbeFields = ProbeFields(), name: s
     return Probe(name or path.stem, items, str(path), stop_strings=stop_strings)
 
 
+def distinct_names(probes: Sequence[Probe]) -> list[Probe]:
+    """Probes with distinct names (a repeated name, such as two files with one stem, gets ``-2``,
+    ``-3``...), so that results keyed by probe name keep every probe."""
+    out, seen = [], set()
+    for probe in probes:
+        name, k = probe.name, 1
+        while name in seen:
+            k += 1
+            name = f"{probe.name}-{k}"
+        seen.add(name)
+        out.append(probe if name == probe.name else replace(probe, name=name))
+    return out
+
+
 def split_probe(
     probe: Probe, *, n_recovery: int | None = None, n_eval: int | None = None, seed: int = 0
 ) -> tuple[Probe, Probe]:

@@ -18,7 +18,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.errors import ForgetdiagError, ProbeError
 from forgetdiag.evaluate import answer_loss, collate_batches
 from forgetdiag.models import load_model, shared_tokenizer, tokenize_probe
-from forgetdiag.probes import Probe, load_probe
+from forgetdiag.probes import Probe, distinct_names, load_probe
 from forgetdiag.results import Result
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
 from forgetdiag.settings import LandscapeSettings
@@ -197,19 +197,6 @@ class _Frame:
         )
 
 
-def _unique_names(probes: Sequence[Probe]) -> list[Probe]:
-    """Probes with distinct names (a repeated file stem gets ``-2``, ``-3``...)."""
-    out, seen = [], set()
-    for probe in probes:
-        name, k = probe.name, 1
-        while name in seen:
-            k += 1
-            name = f"{probe.name}-{k}"
-        seen.add(name)
-        out.append(probe if name == probe.name else replace(probe, name=name))
-    return out
-
-
 def _prepare_probes(
     anchors: Sequence[Checkpoint], model, probes: Sequence[Probe], runtime: Runtime, device, warn: Warn
 ) -> tuple[list[ProbeInfo], list[list]]:
@@ -340,7 +327,7 @@ def landscape(
     """
     warn = warn or (lambda message: None)
     anchors, points, placed = _anchors(origin, x_end, y_end, trajectory, settings, runtime)
-    probes = _unique_names([p if isinstance(p, Probe) else load_probe(p) for p in probes])
+    probes = distinct_names([p if isinstance(p, Probe) else load_probe(p) for p in probes])
     if not probes:
         raise ProbeError("no probe given; expected at least one probe file (--probe)")
     check_sequence([*anchors, *placed])  # different architectures fail before anything loads

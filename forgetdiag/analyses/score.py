@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from forgetdiag.checkpoints import resolve_checkpoints
 from forgetdiag.choices import score_items
 from forgetdiag.errors import ProbeError
 from forgetdiag.models import load_model, shared_tokenizer, tokenize_probe
-from forgetdiag.probes import KIND_NAMES, Probe, load_probe
+from forgetdiag.probes import KIND_NAMES, Probe, distinct_names, load_probe
 from forgetdiag.results import Result, Timings
 from forgetdiag.runtime import ProgressFn, Runtime, Warn
 from forgetdiag.settings import ScoreSettings
@@ -140,19 +140,6 @@ def loss_interval(nll: np.ndarray, n_tokens: np.ndarray, confidence: float = 0.9
     return (float(ratio - z * se), float(ratio + z * se))
 
 
-def _unique(probes: Sequence[Probe]) -> list[Probe]:
-    """Probes with distinct names (a repeated name gets ``-2``, ``-3``...)."""
-    out, seen = [], set()
-    for probe in probes:
-        name, k = probe.name, 1
-        while name in seen:
-            k += 1
-            name = f"{probe.name}-{k}"
-        seen.add(name)
-        out.append(probe if name == probe.name else replace(probe, name=name))
-    return out
-
-
 def score_checkpoints(
     checkpoints,
     probes: Sequence[Probe | str | Path],
@@ -184,7 +171,7 @@ def score_checkpoints(
     cks = resolve_checkpoints(checkpoints, runtime)
     if not cks:
         raise ProbeError("no checkpoint given; expected at least one checkpoint or run directory")
-    probes = _unique([p if isinstance(p, Probe) else load_probe(p) for p in probes])
+    probes = distinct_names([p if isinstance(p, Probe) else load_probe(p) for p in probes])
     if not probes:
         raise ProbeError("no probe given; expected at least one probe file (--probe)")
     timings, notes = Timings(), []
