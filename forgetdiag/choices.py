@@ -27,7 +27,6 @@ from forgetdiag.errors import ProbeError
 from forgetdiag.evaluate import (
     IGNORE,
     Encoded,
-    ItemScores,
     Scores,
     batches_by_length,
     collate,
@@ -35,6 +34,7 @@ from forgetdiag.evaluate import (
     encode,
 )
 from forgetdiag.probes import ProbeItem
+from forgetdiag.scores import ItemScores
 
 
 @dataclass(frozen=True)
