@@ -380,12 +380,27 @@ def test_csv_quoted_fields_keep_their_newlines_and_commas(tmp_path):
 
 
 def test_a_prompt_too_long_is_one_line_without_library_warnings(world):
+    """In a fresh process, as a user runs it: transformers is imported inside the command there,
+    after the CLI set up its logging (in this test process it is loaded already)."""
+    import subprocess
+    import sys
+
+    for name in ("before", "after"):  # a tokenizer that knows its length: it warns past it
+        config = json.loads((world / name / "tokenizer_config.json").read_text())
+        (world / name / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
     write_jsonl(world / "old.jsonl", ROWS + [{"prompt": " ".join(["alice"] * 200), "answer": " paris", "group": "z"}])
-    _checked(
-        world,
-        ["recover", world / "before", world / "after", "--probe", world / "old.jsonl"],
-        "more than the model's context",
+    digest = tree_digest(world)
+    args = ["recover", world / "before", world / "after", "--probe", world / "old.jsonl", "--quiet"]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "forgetdiag", *map(str, args)],
+        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
     )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "more than the model's context" in proc.stderr, proc.stderr
+    assert tree_digest(world) == digest
 
 
 def test_markup_in_a_directory_name_is_shown_as_written(world):

@@ -87,6 +87,11 @@ def command_context() -> Iterator[None]:
     import threading
     import warnings
 
+    # transformers may be imported only now, inside the command: its logger then takes its level
+    # from TRANSFORMERS_VERBOSITY (a level set beforehand is reset); if it is loaded already, the
+    # logger's own level counts.
+    verbosity = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     transformers_log = logging.getLogger("transformers")
     level = transformers_log.level
     transformers_log.setLevel(logging.ERROR)
@@ -104,6 +109,10 @@ def command_context() -> Iterator[None]:
             yield
     finally:
         transformers_log.setLevel(level)
+        if verbosity is None:
+            os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = verbosity
         if in_main:
             signal.signal(signal.SIGTERM, previous)
 
