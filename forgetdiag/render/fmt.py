@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rich import box
+from rich.table import Table
+
 MISSING = "–"
 
 
@@ -54,3 +57,14 @@ def human_count(n: int) -> str:
         if n >= div:
             return f"{n / div:.2f}{unit}"
     return str(n)
+
+
+def simple_table(title: str, columns: list[str], rows: list[list[str]], *, left: int = 1) -> Table:
+    """A terminal table: the first ``left`` columns left-aligned, the rest right-aligned (numbers);
+    long cells wrap, never cut."""
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
+    for k, column in enumerate(columns):
+        table.add_column(column, justify="left" if k < left else "right", overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table

@@ -6,14 +6,12 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from rich import box
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
 from forgetdiag.analyses.replay import ReplayResult
 from forgetdiag.analyses.self_output import SelfOutputResult
-from forgetdiag.render.fmt import pct
+from forgetdiag.render.fmt import pct, simple_table
 from forgetdiag.render.output import write_atomic
 
 EXAMPLES = 5
@@ -22,15 +20,6 @@ EXAMPLES = 5
 def write_rows(path: str | Path, rows: Iterable) -> Path:
     """Rows (each with ``to_dict()``) as JSONL, one object per line, written atomically."""
     return write_atomic(path, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rows))
-
-
-def _table(title: str, columns: list[str], rows: list[list[str]], *, left: int = 1) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
-    for k, column in enumerate(columns):
-        table.add_column(column, justify="left" if k < left else "right", overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    return table
 
 
 def _notes(result) -> list[Text]:
@@ -47,7 +36,7 @@ def replay_table(result: ReplayResult) -> Group:
         ["rows written", str(len(result.rows))],
         ["old share of the output", f"{pct(result.share, 2)} (--ratio {result.settings.ratio:g})"],
     ]
-    return Group(Text(result.summary(), style="bold"), _table("Replay mix", ["", "rows"], rows), *_notes(result))
+    return Group(Text(result.summary(), style="bold"), simple_table("Replay mix", ["", "rows"], rows), *_notes(result))
 
 
 def self_output_table(result: SelfOutputResult) -> Group:
@@ -63,9 +52,9 @@ def self_output_table(result: SelfOutputResult) -> Group:
     examples = [[r.prompt, r.target, r.self_output, r.answer] for r in differ]
     parts = [
         Text(result.summary(), style="bold"),
-        _table(f"Rows of {result.data} ({len(result.rows)})", ["", "rows"], counts),
+        simple_table(f"Rows of {result.data} ({len(result.rows)})", ["", "rows"], counts),
     ]
     if examples:
         columns = ["prompt", "target", "old model says", "trained on"]
-        parts.append(_table("Rows where the old model says something else", columns, examples, left=4))
+        parts.append(simple_table("Rows where the old model says something else", columns, examples, left=4))
     return Group(*parts, *_notes(result))

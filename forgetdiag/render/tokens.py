@@ -6,14 +6,12 @@ import json
 import math
 from pathlib import Path
 
-from rich import box
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
 from forgetdiag.analyses.tokens import TokensResult, mask_records, summary_text
 from forgetdiag.render import html
-from forgetdiag.render.fmt import num, pct
+from forgetdiag.render.fmt import num, pct, simple_table
 from forgetdiag.render.output import write_atomic
 
 
@@ -73,15 +71,6 @@ def frequent_rows(result: TokensResult) -> list[list[str]]:
     ]
 
 
-def _table(title: str, columns: list[str], rows: list[list[str]], *, left: int = 1) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
-    for k, column in enumerate(columns):
-        table.add_column(column, justify="left" if k < left else "right", overflow="fold")
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
 TOKEN_COLUMNS = ["row", "position", "token", "old model expected", "log-prob", "p"]
 EXAMPLE_COLUMNS = ["row", "prompt", "answer", "old model says", "mean log-prob", "hard tokens"]
 FREQUENT_COLUMNS = ["token", "times hard", "occurrences", "mean log-prob"]
@@ -91,12 +80,12 @@ def tokens_table(result: TokensResult) -> Group:
     """The summary, the hardest tokens, the hardest examples and the most often hard tokens."""
     parts = [
         Text(summary_text(result), style="bold"),
-        _table("Summary", ["", "value"], summary_rows(result)),
-        _table("Hardest tokens", TOKEN_COLUMNS, token_rows(result), left=4),
-        _table("Hardest examples (lowest mean log-prob)", EXAMPLE_COLUMNS, example_rows(result), left=4),
+        simple_table("Summary", ["", "value"], summary_rows(result)),
+        simple_table("Hardest tokens", TOKEN_COLUMNS, token_rows(result), left=4),
+        simple_table("Hardest examples (lowest mean log-prob)", EXAMPLE_COLUMNS, example_rows(result), left=4),
     ]
     if frequent := frequent_rows(result):
-        parts.append(_table(f"Tokens most often below p = {result.threshold:g}", FREQUENT_COLUMNS, frequent))
+        parts.append(simple_table(f"Tokens most often below p = {result.threshold:g}", FREQUENT_COLUMNS, frequent))
     parts.append(
         Text(
             "Teacher forced: each token is scored after the true prefix; 'old model "
