@@ -192,11 +192,11 @@ def _randomized_svd(
 
 def _orthonormalize(u: torch.Tensor) -> torch.Tensor:
     """Orthonormalize nearly orthonormal columns to float64 precision; with R's diagonal made
-    positive each column stays (almost) where it was, so column i is still the i-th vector."""
-    q, r = torch.linalg.qr(u)  # (d, r), (r, r)
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1.0
-    return q * signs
+    positive each column stays (almost) where it was, so column i is still the i-th vector.
+    ``u`` is (d, r) or a batch (..., d, r)."""
+    q, r = torch.linalg.qr(u)  # (..., d, r), (..., r, r)
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))  # (..., r)
+    return q * torch.where(signs == 0, 1.0, signs).unsqueeze(-2)
 
 
 def _as_basis(q: torch.Tensor, name: str, *, check: bool = True) -> torch.Tensor:

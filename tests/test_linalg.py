@@ -420,3 +420,76 @@ def test_linear_cka():
         linear_cka(tx, ty[:-1])
     with pytest.raises(ValueError, match="constant"):
         linear_cka(tx, torch.ones(40, 3))
+
+
+def _expert_stack(generator, d, n, ranks):
+    """One (d, n) update per rank in ``ranks``: None for unchanged, 0 for all zeros, else a
+    matrix of that rank with singular values spread over 3.5 decades (just above rtol: there
+    u = X v / s is orthonormal to ~1e-9 only, and the re-orthonormalisation shows)."""
+    out = []
+    for r in ranks:
+        if r is None or r == 0:
+            out.append(None if r is None else torch.zeros(d, n))
+            continue
+        u = torch.linalg.qr(torch.randn(d, r, generator=generator, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(n, r, generator=generator, dtype=torch.float64))[0]
+        s = torch.logspace(0, -3.5, r, dtype=torch.float64)
+        out.append(((u * s) @ v.mT).to(torch.float32))
+    return out
+
+
+@pytest.mark.parametrize(("d", "n"), [(24, 12), (12, 24)])  # u from X v / s (Cholesky QR), u from eigh
+@pytest.mark.parametrize("energy", [None, 0.9])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_batched_expert_bases_and_angles_equal_one_matrix_at_a_time(d, n, energy, device, monkeypatch):
+    """angle_batch's bases and angles equal update_basis, direction_angles, principal_angles
+    and summarize run matrix by matrix, on experts of mixed ranks (full, low, zero, unchanged),
+    so that ranks differ inside a batch and the Cholesky QR masks the dropped columns (its
+    Householder fallback is disabled for the batch)."""
+    from forgetdiag.analyses.angle_batch import _batched_angles, batched_bases
+    from forgetdiag.analyses.angle_records import pair_angles
+
+    g = torch.Generator().manual_seed(5)
+    full = min(d, n)
+    ranks_a = [full, 3, full, None, 0, 7, full, 3]
+    ranks_b = [full, full, 2, full, full, None, 7, 3]
+    kwargs = dict(rank=None if energy else 10, energy=energy, rtol=1e-4)
+    inputs = {"a": _expert_stack(g, d, n, ranks_a), "b": _expert_stack(g, d, n, ranks_b)}
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.linalg, "qr", None)
+        on_device = {key: [None if t is None else t.to(device) for t in ts] for key, ts in inputs.items()}
+        stacks = {key: (inputs[key], batched_bases(ts, **kwargs, min_update=0.0)) for key, ts in on_device.items()}
+        angles = _batched_angles(stacks["a"][1], stacks["b"][1])
+    both = 0
+    for k in range(len(ranks_a)):
+        single = {}
+        for key, (deltas, batched) in stacks.items():
+            basis, norm = batched.bases[k]
+            one = None if deltas[k] is None or not deltas[k].any() else update_basis(deltas[k], **kwargs)
+            assert (basis is None) == (one is None), (key, k)
+            assert norm == pytest.approx(0.0 if deltas[k] is None else float(deltas[k].double().norm()), rel=1e-12)
+            if one is None:
+                continue
+            assert (basis.rank, basis.method) == (one.rank, "exact")
+            assert basis.energy == pytest.approx(one.energy, rel=1e-12)
+            assert basis.total_energy == pytest.approx(one.total_energy, rel=1e-7)  # one: ~1e-8 (_squared_norm)
+            q = basis.q.cpu()
+            np.testing.assert_allclose(basis.singular_values.cpu(), one.singular_values, rtol=1e-10)
+            np.testing.assert_allclose(q.mT @ q, np.eye(basis.rank), atol=1e-12)
+            np.testing.assert_allclose(q, one.q, atol=1e-9)  # same vectors, same signs
+            single[key] = one
+        if len(single) < 2:
+            assert k not in angles
+            continue
+        both += 1
+        expected = pair_angles(single["a"], single["b"])
+        got = angles[k]
+        np.testing.assert_allclose(got.direction_deg, expected.direction_deg, atol=1e-9)
+        np.testing.assert_allclose(got.principal_deg, expected.principal_deg, atol=1e-9)
+        assert got.direction == pytest.approx(expected.direction, abs=1e-9)
+        assert got.principal_mean_deg == pytest.approx(expected.principal_mean_deg, abs=1e-9)
+        assert got.energy_overlap == pytest.approx(expected.energy_overlap, rel=1e-7)  # total energy as above
+    assert both == 5

@@ -3,21 +3,24 @@ component.
 
 A 64-expert layer holds 192 small matrices where a dense layer holds 3 big ones, and computing
 one exact basis per small matrix is mostly per-call overhead (bench/angles_moe.py). Stacked into
-one ``(experts, d, n)`` tensor, the float64 Gram matrices, their eigendecompositions and the
-orthonormalisation are one batched call each. The numbers are those of
-:func:`forgetdiag.linalg.update_basis` in exact mode (the mode it takes for small matrices):
-the same Gram eigendecomposition, rank rule and sign convention, tested against it.
+one ``(experts, d, n)`` tensor, the float64 Gram matrices, their eigendecompositions, the
+orthonormalisation and the angles are one batched call each, and the records are assembled from
+a few Python lists. The numbers are those of :func:`forgetdiag.linalg.update_basis` in exact
+mode (the mode it takes for small matrices) and of :func:`~forgetdiag.linalg.direction_angles`
+and :func:`~forgetdiag.linalg.principal_angles`: the same Gram eigendecomposition, rank rule and
+sign convention, tested against them to 1e-9 degrees.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from forgetdiag.analyses.angle_pairs import PairSpec
-from forgetdiag.analyses.angle_records import AngleRecord, angle_record
-from forgetdiag.linalg import _RANDOMIZED_MAX_SHARE, Basis
+from forgetdiag.analyses.angle_records import AngleRecord, PairAngles, angle_record
+from forgetdiag.linalg import _RANDOMIZED_MAX_SHARE, Basis, _orthonormalize
 from forgetdiag.parts import MatrixPart
 
 
@@ -32,6 +35,22 @@ def batchable(d: int, n: int, *, rank: int | None, oversample: int | None, stand
     return rank + oversample > _RANDOMIZED_MAX_SHARE * min(d, n)
 
 
+@dataclass(frozen=True)
+class BatchedBases:
+    """The bases of one update of a group of same-shape matrices.
+
+    Attributes:
+        bases: per matrix, (basis or None for "no update", Frobenius norm), as
+            :func:`forgetdiag.analyses.angles.update_basis_of` gives them one by one.
+        row: per matrix, its row in ``q`` (None without a basis).
+        q: (L, d, r_max) float64: row k's first ``bases[...].rank`` columns are its basis.
+    """
+
+    bases: list[tuple[Basis | None, float]]
+    row: list[int | None]
+    q: torch.Tensor | None
+
+
 def batched_bases(
     deltas: Sequence[torch.Tensor | None],
     *,
@@ -39,23 +58,23 @@ def batched_bases(
     energy: float | None,
     rtol: float,
     min_update: float,
-) -> list[tuple[Basis | None, float]]:
-    """(basis or None for "no update", Frobenius norm) of each oriented (d, n) update, all of
-    one shape (None: unchanged), as :func:`forgetdiag.analyses.angles.update_basis_of` gives
-    them one by one without standardization."""
-    out: list[tuple[Basis | None, float]] = [(None, 0.0)] * len(deltas)
+) -> BatchedBases:
+    """The bases of oriented (d, n) updates, all of one shape (None: unchanged), computed in
+    batch: exact mode of :func:`forgetdiag.linalg.update_basis`, without standardization."""
+    bases: list[tuple[Basis | None, float]] = [(None, 0.0)] * len(deltas)
+    rows: list[int | None] = [None] * len(deltas)
     present = [i for i, t in enumerate(deltas) if t is not None]
     if not present:
-        return out
+        return BatchedBases(bases, rows, None)
     x = torch.stack([deltas[i] for i in present]).to(torch.float64)  # (E, d, n)
     _, d, n = x.shape
     energies = x.square().sum(dim=(-2, -1))  # (E,) ||dW||_F^2
     norms = energies.sqrt()
     for i, norm in zip(present, norms.tolist()):
-        out[i] = (None, norm)
+        bases[i] = (None, norm)
     live = (energies > 0) & (norms / (d * n) ** 0.5 > min_update)  # (E,)
     if not bool(live.any()):
-        return out
+        return BatchedBases(bases, rows, None)
     x, energies = x[live], energies[live]
     if d <= n:
         lam, u = torch.linalg.eigh(x @ x.mT)  # (E, d), (E, d, d) ascending
@@ -68,31 +87,47 @@ def batched_bases(
         u = (x @ v) / torch.where(s > 0, s, 1.0).unsqueeze(-2)  # (E, d, n); s = 0 columns dropped below
     m = s.shape[-1]
     if rank is not None:
-        r = torch.full((s.shape[0],), min(rank, m), dtype=torch.long)
+        r = torch.full((s.shape[0],), min(rank, m), dtype=torch.long, device=s.device)
     else:
         cum = torch.cumsum(s**2, dim=-1)  # (E, m)
         r = (torch.searchsorted(cum, energy * cum[:, -1:]).squeeze(-1) + 1).clamp_max(m)
     r = torch.minimum(r, (s > rtol * s[:, :1]).sum(dim=-1))  # (E,) s descending: a prefix is kept
     r_max = int(r.max())
-    # Householder QR: the first r columns of Q depend on the first r columns of u only, so one
-    # QR of the widest prefix orthonormalises every expert's kept columns at once.
-    q, rr = torch.linalg.qr(u[..., :r_max])  # (E, d, r_max), (E, r_max, r_max)
-    signs = torch.sign(torch.diagonal(rr, dim1=-2, dim2=-1))  # (E, r_max)
-    q = q * torch.where(signs == 0, 1.0, signs).unsqueeze(-2)
-    full = (s**2).sum(dim=-1)  # (E,)
-    for k, i in enumerate(j for j, alive in zip(present, live.tolist()) if alive):
-        ri = int(r[k])
-        kept = float((s[k, :ri] ** 2).sum() / full[k])
+    u = u[..., :r_max]
+    # eigh's own vectors are orthonormal to float64 precision (the per-matrix path's QR leaves
+    # them where they are, to ~1e-15); u = X v / s is re-orthonormalised as that QR would.
+    q = u if d <= n else _orthonormalize_prefixes(u, r)
+    kept = torch.arange(m, device=s.device) < r.unsqueeze(-1)  # (E, m)
+    s2 = s**2
+    shares = ((s2 * kept).sum(-1) / s2.sum(-1)).clamp_max(1.0)  # (E,) energy of the kept directions
+    alive = [i for i, ok in zip(present, live.tolist()) if ok]
+    for k, (i, ri, share, total) in enumerate(zip(alive, r.tolist(), shares.tolist(), energies.tolist())):
         basis = Basis(
-            q=q[k, :, :ri].contiguous(),
-            singular_values=s[k, :ri].clone(),
-            rank=ri,
-            energy=min(kept, 1.0),
-            total_energy=float(energies[k]),
-            method="exact",
+            q=q[k, :, :ri], singular_values=s[k, :ri], rank=ri, energy=share, total_energy=total, method="exact"
         )
-        out[i] = (basis, out[i][1])
-    return out
+        bases[i] = (basis, bases[i][1])
+        rows[i] = k
+    return BatchedBases(bases, rows, q)
+
+
+def _orthonormalize_prefixes(u: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Orthonormalise the first r[k] columns of each u[k] (nearly orthonormal already), as
+    :func:`forgetdiag.linalg._orthonormalize` does with a QR whose R has a positive diagonal.
+
+    Cholesky QR: u = Q R with R^T R = u^T u; for columns this close to orthonormal (condition
+    ~1) it is as accurate as Householder QR and a tenth of its cost on small matrices. The
+    columns after r[k] (dropped directions, possibly zero) are replaced by unit ones in the Gram
+    matrix so the factorisation exists; column j of Q depends on columns <= j only.
+    """
+    r_max = u.shape[-1]
+    keep = torch.arange(r_max, device=u.device) < r.unsqueeze(-1)  # (E, r_max)
+    both = keep.unsqueeze(-1) & keep.unsqueeze(-2)  # (E, r_max, r_max)
+    eye = torch.eye(r_max, dtype=u.dtype, device=u.device)
+    gram = torch.where(both, u.mT @ u, eye)
+    lower, info = torch.linalg.cholesky_ex(gram)  # gram = L L^T: R = L^T
+    if bool((info != 0).any()):  # never for kept columns (s > rtol s_max); Householder then
+        return _orthonormalize(u)
+    return torch.linalg.solve_triangular(lower, u.mT, upper=False).mT  # u R^-1
 
 
 def group_key(part: MatrixPart, shape: tuple[int, ...], settings) -> tuple | None:
@@ -123,43 +158,48 @@ def expert_group_records(group, pairs: Sequence[PairSpec], settings) -> list[Ang
     for pair in pairs:
         a, b = bases[pair.a], bases[pair.b]
         angles = _batched_angles(a, b)
-        records.append([angle_record(part, pair, a[k], b[k], d, angles.get(k)) for k, (part, _, _) in enumerate(group)])
+        records.append(
+            [angle_record(part, pair, a.bases[k], b.bases[k], d, angles.get(k)) for k, (part, _, _) in enumerate(group)]
+        )
     return [r for k in range(len(group)) for r in (per_pair[k] for per_pair in records)]
 
 
-def _batched_angles(a, b) -> dict[int, tuple]:
-    """Per expert with both bases: (direction angles, principal angles, their summary), as
-    :func:`forgetdiag.linalg.direction_angles`, :func:`~forgetdiag.linalg.principal_angles`
-    and :func:`~forgetdiag.linalg.summarize` give them, computed for each (ra, rb) in batch."""
+def _batched_angles(a: BatchedBases, b: BatchedBases) -> dict[int, PairAngles]:
+    """Per matrix with both bases: its :class:`PairAngles`, as :func:`angle_record` computes
+    them one by one (the same formulas, SVDs included), computed for each (ra, rb) in batch."""
     by_ranks: dict[tuple[int, int], list[int]] = {}
-    for k, ((basis_a, _), (basis_b, _)) in enumerate(zip(a, b)):
+    for k, ((basis_a, _), (basis_b, _)) in enumerate(zip(a.bases, b.bases)):
         if basis_a is not None and basis_b is not None:
             by_ranks.setdefault((basis_a.rank, basis_b.rank), []).append(k)
     out = {}
     for (ra, rb), ks in by_ranks.items():
-        qa = torch.stack([a[k][0].q for k in ks])  # (E, d, ra)
-        qb = torch.stack([b[k][0].q for k in ks])  # (E, d, rb)
+        qa = a.q[[a.row[k] for k in ks], :, :ra]  # (E, d, ra)
+        qb = b.q[[b.row[k] for k in ks], :, :rb]  # (E, d, rb)
         coords = qa.mT @ qb  # (E, ra, rb): B's directions in A's basis
         residual = qb - qa @ coords  # (E, d, rb): their parts outside span(A)
-        directions = torch.rad2deg(
-            torch.atan2(torch.linalg.vector_norm(residual, dim=-2), torch.linalg.vector_norm(coords, dim=-2))
-        )  # (E, rb)
+        sin_part = torch.linalg.vector_norm(residual, dim=-2)  # (E, rb)
+        cos_part = torch.linalg.vector_norm(coords, dim=-2)  # (E, rb)
+        directions = torch.rad2deg(torch.atan2(sin_part, cos_part))  # (E, rb)
         big, small = (qa, qb) if ra >= rb else (qb, qa)  # principal angles: the smaller basis second
         m = big.mT @ small  # (E, max, min)
         cos = torch.linalg.svdvals(m)  # (E, min) descending
         sin = torch.linalg.svdvals(small - big @ m).flip(-1)  # (E, min) ascending
         principal = torch.rad2deg(torch.atan2(sin, cos))  # (E, min)
-        q1, median, q3 = torch.quantile(directions, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=-1)
-        stats = {
-            "mean": directions.mean(-1),
-            "median": median,
-            "q1": q1,
-            "q3": q3,
-            "min": directions.amin(-1),
-            "max": directions.amax(-1),
+        s2 = torch.stack([b.bases[k][0].singular_values for k in ks]) ** 2  # (E, rb)
+        totals = torch.tensor([b.bases[k][0].total_energy for k in ks], dtype=torch.float64, device=s2.device)
+        overlap = ((s2 * (cos_part / torch.hypot(sin_part, cos_part)) ** 2).sum(-1) / totals).clamp_max(1.0)
+        levels = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=directions.device)
+        q1, median, q3 = torch.quantile(directions, levels, dim=-1)
+        columns = {
+            "mean": directions.mean(-1).tolist(),
+            "median": median.tolist(),
+            "q1": q1.tolist(),
+            "q3": q3.tolist(),
+            "min": directions.amin(-1).tolist(),
+            "max": directions.amax(-1).tolist(),
         }
-        columns = {key: value.tolist() for key, value in stats.items()}
-        for row, k in enumerate(ks):
-            summary = {key: float(values[row]) for key, values in columns.items()}
-            out[k] = (directions[row], principal[row], summary)
+        rows = zip(ks, directions.tolist(), principal.tolist(), principal.mean(-1).tolist(), overlap.tolist())
+        for row, (k, dirs, princ, princ_mean, over) in enumerate(rows):
+            summary = {key: values[row] for key, values in columns.items()}
+            out[k] = PairAngles(tuple(dirs), tuple(princ), princ_mean, summary, over)
     return out

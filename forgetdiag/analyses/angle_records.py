@@ -8,8 +8,10 @@ subspaces of the same dimensions in R^d already give.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -87,13 +89,41 @@ class AngleRecord:
         return out
 
 
+class PairAngles(NamedTuple):
+    """The angles of one (pair, matrix part) whose two updates both have a basis.
+
+    ``direction_deg``: each kept direction of B to span(A); ``direction``: their summary
+    (:func:`forgetdiag.linalg.summarize`); ``principal_deg``: the principal angles, ascending;
+    ``energy_overlap``: see :attr:`AngleRecord.energy_overlap`.
+    """
+
+    direction_deg: tuple[float, ...]
+    principal_deg: tuple[float, ...]
+    principal_mean_deg: float
+    direction: dict[str, float]
+    energy_overlap: float | None
+
+
+def pair_angles(basis_a: Basis, basis_b: Basis) -> PairAngles:
+    """The angles between the bases of updates A and B of one matrix."""
+    directions = direction_angles(basis_a.q, basis_b.q).cpu()  # (rb,) B's directions to span(A)
+    principal = principal_angles(basis_a.q, basis_b.q).cpu()  # (min(ra, rb),)
+    return PairAngles(
+        direction_deg=tuple(directions.tolist()),
+        principal_deg=tuple(principal.tolist()),
+        principal_mean_deg=float(principal.mean()),
+        direction=summarize(directions),
+        energy_overlap=energy_overlap(directions, basis_b),
+    )
+
+
 def angle_record(
     part: MatrixPart,
     pair: PairSpec,
     a: tuple[Basis | None, float],
     b: tuple[Basis | None, float],
     d: int,
-    angles: tuple[torch.Tensor, torch.Tensor, dict[str, float]] | None = None,
+    angles: PairAngles | None = None,
 ) -> AngleRecord:
     """The record of ``part`` for ``pair``.
 
@@ -102,8 +132,8 @@ def angle_record(
         pair: the two updates compared.
         a, b: (basis or None for "no update", Frobenius norm of the update) of A and B.
         d: the hidden size, the dimension of the space the bases live in.
-        angles: (direction angles, principal angles, their summary) when already computed
-            (in a batch of experts, :mod:`.angle_batch`); else computed here.
+        angles: the angles when already computed (in a batch of experts, :mod:`.angle_batch`);
+            else :func:`pair_angles` computes them here.
 
     Returns:
         An :class:`AngleRecord`; all angles None unless both updates exist.
@@ -145,13 +175,8 @@ def angle_record(
             principal_baseline_mean_deg=None,
         )
     ra, rb = basis_a.rank, basis_b.rank
-    if angles is None:
-        directions = direction_angles(basis_a.q, basis_b.q).cpu()  # (rb,) B's directions to span(A)
-        principal = principal_angles(basis_a.q, basis_b.q).cpu()  # (min(ra, rb),)
-        stats = summarize(directions)
-    else:
-        directions, principal, stats = angles
-    null = baseline_principal_angles(ra, rb, d, samples=baseline_samples(min(ra, rb)))
+    angles = pair_angles(basis_a, basis_b) if angles is None else angles
+    null, null_mean = _principal_null(ra, rb, d)
     return AngleRecord(
         **common,
         status="ok",
@@ -161,16 +186,23 @@ def angle_record(
         method_b=basis_b.method,
         energy_a=basis_a.energy,
         energy_b=basis_b.energy,
-        angle_deg=stats["mean"],
+        angle_deg=angles.direction["mean"],
         baseline_deg=baseline_direction_angle(ra, d),
-        direction=stats,
-        direction_deg=tuple(directions.tolist()),
-        principal_deg=tuple(principal.tolist()),
-        principal_mean_deg=float(principal.mean()),
-        principal_baseline_deg=tuple(null.tolist()),
-        principal_baseline_mean_deg=float(null.mean()),
-        energy_overlap=energy_overlap(directions, basis_b),
+        direction=dict(angles.direction),
+        direction_deg=angles.direction_deg,
+        principal_deg=angles.principal_deg,
+        principal_mean_deg=angles.principal_mean_deg,
+        principal_baseline_deg=null,
+        principal_baseline_mean_deg=null_mean,
+        energy_overlap=angles.energy_overlap,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _principal_null(ra: int, rb: int, d: int) -> tuple[tuple[float, ...], float]:
+    """The principal-angle baseline of (ra, rb, d) and its mean, as records hold them."""
+    null = baseline_principal_angles(ra, rb, d, samples=baseline_samples(min(ra, rb)))
+    return tuple(null.tolist()), float(null.mean())
 
 
 def energy_overlap(directions_deg: torch.Tensor, basis_b: Basis) -> float | None:
