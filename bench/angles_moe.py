@@ -20,9 +20,10 @@ MoE / dense (target: at most 1, i.e. the experts cost no more per parameter than
 
 The two default sizes sit on either side of the switch between exact and randomized bases
 (``forgetdiag.linalg.update_basis``: exact when rank + oversample > min(d, n) / 8). At 64:32
-every expert is exact: one float64 eigendecomposition of its 32 x 32 Gram matrix, which the
-dense matrices (64 x 2048, one 64 x 64 Gram each) do not need; the script times those
-eigendecompositions alone (a batched ``torch.linalg.eigh``) as that configuration's floor. At
+every expert is exact: one float64 eigendecomposition of its 32 x 32 Gram matrix per update,
+where a dense 64 x 2048 matrix needs one 64 x 64 for all its columns; the script times the
+LAPACK calls those exact bases and their angles need, and nothing else, as that configuration's
+floor (:func:`lapack_floor`). At
 512:512 the experts, like those of released MoE models (OLMoE 2048 x 1024, Qwen3-MoE 2048 x 768,
 Mixtral 4096 x 14336), take the randomized path.
 

@@ -278,9 +278,24 @@ def summarize(angles: torch.Tensor) -> dict[str, float]:
     a = angles.detach().to(torch.float64).flatten().cpu()
     if a.numel() == 0:
         raise ValueError("no angles to summarize")
-    q1, median, q3 = torch.quantile(a, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    stats = {"mean": a.mean(), "median": median, "q1": q1, "q3": q3, "min": a.min(), "max": a.max()}
-    return {key: float(value) for key, value in stats.items()}
+    return summarize_rows(a.unsqueeze(0))[0]
+
+
+def summarize_rows(angles: torch.Tensor) -> list[dict[str, float]]:
+    """:func:`summarize` of each row of ``angles`` (E, r), r >= 1, in one batched pass."""
+    a = angles.detach().to(torch.float64)
+    levels = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=a.device)
+    q1, median, q3 = torch.quantile(a, levels, dim=-1)  # (E,) each
+    columns = {
+        "mean": a.mean(-1),
+        "median": median,
+        "q1": q1,
+        "q3": q3,
+        "min": a.amin(-1),
+        "max": a.amax(-1),
+    }
+    values = {key: column.tolist() for key, column in columns.items()}
+    return [{key: column[row] for key, column in values.items()} for row in range(a.shape[0])]
 
 
 def pca(x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

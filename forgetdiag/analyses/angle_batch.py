@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from forgetdiag.analyses.angle_pairs import PairSpec
-from forgetdiag.analyses.angle_records import AngleRecord, PairAngles, angle_record
-from forgetdiag.linalg import _RANDOMIZED_MAX_SHARE, Basis, _orthonormalize
+from forgetdiag.analyses.angle_records import AngleRecord, PairAngles, angle_record, energy_overlaps
+from forgetdiag.linalg import _RANDOMIZED_MAX_SHARE, Basis, _orthonormalize, summarize_rows
 from forgetdiag.parts import MatrixPart
 
 
@@ -177,29 +177,24 @@ def _batched_angles(a: BatchedBases, b: BatchedBases) -> dict[int, PairAngles]:
         qb = b.q[[b.row[k] for k in ks], :, :rb]  # (E, d, rb)
         coords = qa.mT @ qb  # (E, ra, rb): B's directions in A's basis
         residual = qb - qa @ coords  # (E, d, rb): their parts outside span(A)
-        sin_part = torch.linalg.vector_norm(residual, dim=-2)  # (E, rb)
-        cos_part = torch.linalg.vector_norm(coords, dim=-2)  # (E, rb)
-        directions = torch.rad2deg(torch.atan2(sin_part, cos_part))  # (E, rb)
+        directions = torch.rad2deg(
+            torch.atan2(torch.linalg.vector_norm(residual, dim=-2), torch.linalg.vector_norm(coords, dim=-2))
+        )  # (E, rb)
         big, small = (qa, qb) if ra >= rb else (qb, qa)  # principal angles: the smaller basis second
         m = big.mT @ small  # (E, max, min)
         cos = torch.linalg.svdvals(m)  # (E, min) descending
         sin = torch.linalg.svdvals(small - big @ m).flip(-1)  # (E, min) ascending
         principal = torch.rad2deg(torch.atan2(sin, cos))  # (E, min)
-        s2 = torch.stack([b.bases[k][0].singular_values for k in ks]) ** 2  # (E, rb)
-        totals = torch.tensor([b.bases[k][0].total_energy for k in ks], dtype=torch.float64, device=s2.device)
-        overlap = ((s2 * (cos_part / torch.hypot(sin_part, cos_part)) ** 2).sum(-1) / totals).clamp_max(1.0)
-        levels = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=directions.device)
-        q1, median, q3 = torch.quantile(directions, levels, dim=-1)
-        columns = {
-            "mean": directions.mean(-1).tolist(),
-            "median": median.tolist(),
-            "q1": q1.tolist(),
-            "q3": q3.tolist(),
-            "min": directions.amin(-1).tolist(),
-            "max": directions.amax(-1).tolist(),
-        }
-        rows = zip(ks, directions.tolist(), principal.tolist(), principal.mean(-1).tolist(), overlap.tolist())
-        for row, (k, dirs, princ, princ_mean, over) in enumerate(rows):
-            summary = {key: values[row] for key, values in columns.items()}
-            out[k] = PairAngles(tuple(dirs), tuple(princ), princ_mean, summary, over)
+        s_b = torch.stack([b.bases[k][0].singular_values for k in ks])  # (E, rb)
+        totals = torch.tensor([b.bases[k][0].total_energy for k in ks], dtype=torch.float64, device=s_b.device)
+        rows = zip(
+            ks,
+            directions.tolist(),
+            principal.tolist(),
+            principal.mean(-1).tolist(),
+            summarize_rows(directions),
+            energy_overlaps(directions, s_b, totals).tolist(),
+        )
+        for k, dirs, princ, princ_mean, summary, overlap in rows:
+            out[k] = PairAngles(tuple(dirs), tuple(princ), princ_mean, summary, overlap)
     return out

@@ -188,7 +188,7 @@ def angle_record(
         energy_b=basis_b.energy,
         angle_deg=angles.direction["mean"],
         baseline_deg=baseline_direction_angle(ra, d),
-        direction=dict(angles.direction),
+        direction=angles.direction,
         direction_deg=angles.direction_deg,
         principal_deg=angles.principal_deg,
         principal_mean_deg=angles.principal_mean_deg,
@@ -210,9 +210,16 @@ def energy_overlap(directions_deg: torch.Tensor, basis_b: Basis) -> float | None
     from B's kept directions (singular values s_j, angles theta_j to span(A))."""
     if not basis_b.total_energy > 0:
         return None
-    cos2 = torch.cos(torch.deg2rad(directions_deg.to(torch.float64))) ** 2  # (rb,)
-    s2 = basis_b.singular_values.to(torch.float64).cpu() ** 2  # (rb,)
-    return min(1.0, float((s2 * cos2).sum()) / basis_b.total_energy)
+    total = torch.tensor(basis_b.total_energy, dtype=torch.float64)
+    return float(energy_overlaps(directions_deg.cpu(), basis_b.singular_values.cpu(), total))
+
+
+def energy_overlaps(directions_deg: torch.Tensor, singular_values: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+    """:func:`energy_overlap` of a batch: directions and singular values (..., rb), the updates'
+    ||dW_B||_F^2 (...,), all positive; capped at 1 (rounding)."""
+    cos2 = torch.cos(torch.deg2rad(directions_deg.to(torch.float64))) ** 2  # (..., rb)
+    s2 = singular_values.to(torch.float64) ** 2  # (..., rb)
+    return ((s2 * cos2).sum(-1) / totals).clamp_max(1.0)
 
 
 def baseline_samples(k: int) -> int:
