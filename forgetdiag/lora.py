@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from forgetdiag.errors import CheckpointError
+from forgetdiag.layout import ADAPTER_PICKLE, ADAPTER_SAFETENSORS
 from forgetdiag.storage import (
     ADAPTER_CONFIG,
     Checkpoint,
@@ -30,8 +31,6 @@ from forgetdiag.storage import (
     safetensors_names,
 )
 
-ADAPTER_SAFETENSORS = "adapter_model.safetensors"
-ADAPTER_PICKLE = "adapter_model.bin"
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$|"

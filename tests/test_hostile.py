@@ -115,10 +115,49 @@ def _checked(world: Path, args: list, *fragments) -> None:
             "inside the checkpoint directory",
         ),
         (lambda w: ["samples", "build", "--out", w / "before" / "new"], "inside the checkpoint directory"),
+        # commands that read no checkpoint: the path itself lies in one
+        (
+            lambda w: [
+                "remedy",
+                "replay",
+                "--old",
+                w / "old.jsonl",
+                "--new",
+                w / "old.jsonl",
+                "--out",
+                w / "after" / "m.jsonl",
+            ],
+            "inside the checkpoint directory",
+        ),
+        (
+            lambda w: [
+                "remedy",
+                "replay",
+                "--old",
+                w / "old.jsonl",
+                "--new",
+                w / "old.jsonl",
+                "--out",
+                w / "adapter" / "m.jsonl",
+            ],
+            "inside the checkpoint directory",
+        ),
     ],
 )
 def test_never_writes_into_a_checkpoint(world, args, fragment):
     _checked(world, args(world), fragment)
+
+
+def test_a_config_json_alone_does_not_make_a_checkpoint(world, tmp_path):
+    """A project directory with a config.json of its own (no weights) is not a checkpoint: the
+    output is written there."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"name": "my project"}')
+    out = project / "mix.jsonl"
+    result = run("remedy", "replay", "--old", world / "old.jsonl", "--new", world / "old.jsonl", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert len(out.read_text().splitlines()) >= len(ROWS)
 
 
 def test_a_base_directory_named_by_its_parent_is_a_directory_not_a_file(world):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from forgetdiag.errors import ForgetdiagError
+from forgetdiag.layout import ADAPTER_CONFIG, enclosing_checkpoint
 
 STDOUT = "-"
 
@@ -104,13 +105,16 @@ def guard_outputs(
             raise ForgetdiagError(
                 f"{option} {out}: is an input of this command; refusing to overwrite it, choose another output path"
             )
-        for root in roots:
-            if target == root or root in target.parents:
-                raise ForgetdiagError(
-                    f"{option} {out}: refusing to write inside the checkpoint "
-                    f"directory {root}; forgetdiag never writes into checkpoints, "
-                    "choose another output path"
-                )
+        # the inputs' checkpoints (however they look), and any checkpoint the path lies in: a
+        # command whose inputs are all files (remedy, tokens) must not write into one either
+        inside = next((root for root in roots if target == root or root in target.parents), None)
+        inside = inside or enclosing_checkpoint(target.parent)
+        if inside is not None:
+            raise ForgetdiagError(
+                f"{option} {out}: refusing to write inside the checkpoint "
+                f"directory {inside}; forgetdiag never writes into checkpoints, "
+                "choose another output path"
+            )
         if option in derived and target.parent != cwd:
             raise ForgetdiagError(
                 f"{option} {out}: made from the run file's name, it would be written "
@@ -138,8 +142,6 @@ def _check_writable(option: str, out, directory: Path) -> None:
 def checkpoint_roots(path: Path) -> list[Path]:
     """The directories a checkpoint path stands for: itself and the LoRA bases its adapters name
     (an adapter directory, or a Trainer run of adapters)."""
-    from forgetdiag.layout import ADAPTER_CONFIG
-
     roots = [path.resolve()]
     configs = [path / ADAPTER_CONFIG, *path.glob(f"checkpoint-*/{ADAPTER_CONFIG}")]
     for config in configs:
