@@ -62,6 +62,12 @@ def _checked(world: Path, args: list, *fragments) -> None:
 # --- 1. writes into checkpoint directories ---------------------------------------------------
 
 
+def _replay_into(world: Path, directory: Path) -> list:
+    """``remedy replay`` of the world's probe, written to ``directory``/mix.jsonl."""
+    probe = world / "old.jsonl"
+    return ["remedy", "replay", "--old", probe, "--new", probe, "--out", directory / "mix.jsonl"]
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -115,33 +121,9 @@ def _checked(world: Path, args: list, *fragments) -> None:
             "inside the checkpoint directory",
         ),
         (lambda w: ["samples", "build", "--out", w / "before" / "new"], "inside the checkpoint directory"),
-        # commands that read no checkpoint: the path itself lies in one
-        (
-            lambda w: [
-                "remedy",
-                "replay",
-                "--old",
-                w / "old.jsonl",
-                "--new",
-                w / "old.jsonl",
-                "--out",
-                w / "after" / "m.jsonl",
-            ],
-            "inside the checkpoint directory",
-        ),
-        (
-            lambda w: [
-                "remedy",
-                "replay",
-                "--old",
-                w / "old.jsonl",
-                "--new",
-                w / "old.jsonl",
-                "--out",
-                w / "adapter" / "m.jsonl",
-            ],
-            "inside the checkpoint directory",
-        ),
+        # a command that reads no checkpoint: the path itself lies in one (a model, an adapter)
+        (lambda w: _replay_into(w, w / "after"), "inside the checkpoint directory"),
+        (lambda w: _replay_into(w, w / "adapter"), "inside the checkpoint directory"),
     ],
 )
 def test_never_writes_into_a_checkpoint(world, args, fragment):
@@ -154,10 +136,9 @@ def test_a_config_json_alone_does_not_make_a_checkpoint(world, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     (project / "config.json").write_text('{"name": "my project"}')
-    out = project / "mix.jsonl"
-    result = run("remedy", "replay", "--old", world / "old.jsonl", "--new", world / "old.jsonl", "--out", out)
+    result = run(*_replay_into(world, project))
     assert result.exit_code == 0, result.output
-    assert len(out.read_text().splitlines()) >= len(ROWS)
+    assert len((project / "mix.jsonl").read_text().splitlines()) >= len(ROWS)
 
 
 def test_a_base_directory_named_by_its_parent_is_a_directory_not_a_file(world):
