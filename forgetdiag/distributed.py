@@ -162,6 +162,8 @@ def _raise(failure: Failure) -> None:
     raise (cls if isinstance(cls, type) and issubclass(cls, ForgetdiagError) else ForgetdiagError)(failure.message)
 
 
+_CANCEL_WAIT_S = 30.0  # at most this long for cancelled tasks to end after a failure
+
 # Each submitted task's arguments, kept when a caller asks (tests count their bytes).
 SUBMITTED: list[tuple[Any, ...]] | None = None
 
@@ -179,8 +181,9 @@ def run_tasks(
     """Run ``fn(*args)`` for every ``args`` of ``tasks(cpus)`` on Ray; the results in task order.
 
     ``tasks`` is called with the cluster's CPU count once connected. Each task uses one CPU.
-    ``progress(description, done, total)`` advances by ``size(result)`` as tasks finish. Ctrl-C
-    cancels every task still queued or running, then propagates.
+    ``progress(description, done, total)`` advances by ``size(result)`` as tasks finish. A
+    failure or Ctrl-C cancels every task still queued or running, waits (at most 30 s) until the
+    cancellations have landed, then propagates.
     """
     with ray_session(address) as ray:
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -207,5 +210,11 @@ def run_tasks(
             for ref in waiting:
                 with contextlib.suppress(Exception):
                     ray.cancel(ref, force=True)
+            # Wait until every cancellation has landed: a force-cancel ends the worker process
+            # whenever the worker gets to it, and a worker that a later call was given in the
+            # meantime would take that call's task down with it (seen: WorkerCrashedError in
+            # the next command of one session).
+            with contextlib.suppress(Exception):
+                ray.wait(waiting, num_returns=len(waiting), timeout=_CANCEL_WAIT_S)
             raise
         return results

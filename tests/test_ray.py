@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -153,6 +154,28 @@ def test_bad_input_on_a_worker_is_one_line(ray_cluster, runs, copy_tree, monkeyp
     with pytest.raises(CheckpointError) as caught:
         compute_angles(found, runtime=Runtime(ray="local"))
     assert str(shard) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_failure_returns_only_once_the_other_tasks_are_cancelled(ray_cluster, monkeypatch):
+    """After one task fails, the others are force-cancelled and run_tasks returns only when
+    every cancellation has landed: a worker still to be killed could otherwise be given the
+    next command's task and take it down (a WorkerCrashedError seen in CI)."""
+
+    def fail_first(k: int) -> int:  # defined here: Ray ships it by value (tests/ is no package)
+        if k == 0:
+            raise CheckpointError("bad tensor")
+        time.sleep(3.0)
+        return k
+
+    cancelled = []
+    cancel = ray_cluster.cancel
+    monkeypatch.setattr(ray_cluster, "cancel", lambda ref, **kw: (cancelled.append(ref), cancel(ref, **kw)))
+    with pytest.raises(CheckpointError, match="bad tensor"):
+        distributed.run_tasks("local", fail_first, lambda cpus: [(0,), (1,), (2,), (3,)])
+    assert cancelled
+    _, unfinished = ray_cluster.wait(cancelled, num_returns=len(cancelled), timeout=0)
+    assert unfinished == []
+    assert distributed.run_tasks("local", fail_first, lambda cpus: [(1,), (2,)]) == [1, 2]
 
 
 def test_ray_missing_is_one_line_with_the_install_command(llama_dir, monkeypatch):
